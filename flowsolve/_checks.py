@@ -1,0 +1,67 @@
+"""Input validation and broadcasting helpers shared by the public modules (private).
+
+Checks that need the value of a tensor (a range test) are done only where they cost no
+host synchronisation: on CPU tensors. On an accelerator they are skipped, so that a
+check never stalls a solver's step loop (STYLE.md, convention 12).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _on_host(t: Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def check_unit_interval(t: Tensor, name: str = "t") -> None:
+    """Raise ValueError if any entry of ``t`` lies outside [0, 1] (CPU tensors only)."""
+    if _on_host(t) and t.numel() > 0:
+        bad = (t < 0) | (t > 1) | torch.isnan(t)
+        if bool(bad.any()):
+            value = t[bad].flatten()[0].item()
+            raise ValueError(
+                f"{name} must lie in [0, 1] (0 = source/noise, 1 = data); got {value!r}"
+            )
+
+
+def as_time(t: Tensor | float, x: Tensor, name: str = "t") -> Tensor:
+    """Return ``t`` as a tensor on ``x``'s device and dtype, 0-d or ``(B,)``.
+
+    Accepts a Python number, a 0-d tensor, a ``(B,)`` tensor or a ``(B, 1, ...)`` tensor
+    (trailing singleton dims are dropped). Anything else raises a ValueError naming the
+    shapes.
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"x must be shaped (B, *event_shape); got a 0-d tensor")
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    t = torch.as_tensor(t, device=x.device, dtype=dtype)
+    if t.dim() > 1 and all(s == 1 for s in t.shape[1:]):
+        t = t.reshape(t.shape[0])
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, x.shape[0])):
+        raise ValueError(
+            f"{name} must be a scalar or shaped (B,) = ({x.shape[0]},) to match x of shape "
+            f"{tuple(x.shape)}; got {name} of shape {tuple(t.shape)}"
+        )
+    if t.dim() == 1 and t.shape[0] == 1 and x.shape[0] != 1:
+        t = t.reshape(())
+    check_unit_interval(t, name)
+    return t
+
+
+def per_sample(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a 0-d or ``(B,)`` coefficient so that it broadcasts against ``x`` (B, ...)."""
+    if c.dim() == 0:
+        return c
+    return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape; got {name_a} {tuple(a.shape)} "
+            f"and {name_b} {tuple(b.shape)}"
+        )

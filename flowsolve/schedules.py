@@ -1,0 +1,305 @@
+r"""Schedulers of affine Gaussian probability paths.
+
+An affine path is ``x_t = alpha_t * x1 + sigma_t * x0`` with ``x0 ~ N(0, I)`` the source
+(noise) sample and ``x1`` the data sample; time runs from t = 0 (source) to t = 1 (data).
+A scheduler gives ``alpha_t`` (multiplies data), ``sigma_t`` (multiplies noise), their time
+derivatives, the signal-to-noise ratio ``snr(t) = alpha_t / sigma_t`` (increasing in t) and
+its inverse.
+
+Every scheduler evaluates elementwise on a tensor ``t`` of any shape; ``t`` outside [0, 1]
+is a ValueError (checked on CPU tensors, where it costs no device synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import check_unit_interval
+
+__all__ = [
+    "ScheduleValues",
+    "Scheduler",
+    "CondOTScheduler",
+    "PolynomialScheduler",
+    "CosineScheduler",
+    "LinearVPScheduler",
+    "VEScheduler",
+    "SCHEDULERS",
+    "get_scheduler",
+]
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    """``alpha_t``, ``sigma_t`` and their time derivatives at one ``t`` (same shape as t)."""
+
+    alpha_t: Tensor
+    sigma_t: Tensor
+    d_alpha_t: Tensor
+    d_sigma_t: Tensor
+
+
+def _as_float_tensor(t: Tensor | float) -> Tensor:
+    t = torch.as_tensor(t)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+class Scheduler(ABC):
+    """Base class: subclasses implement :meth:`_values` (and, where one exists, a closed-form
+    :meth:`snr_inverse`).
+
+    Attributes:
+        source_std: standard deviation of the Gaussian the flow starts from,
+            ``p_0 = N(0, source_std^2 I)`` (exact when ``alpha_0 = 0``; for VE and linear-beta
+            VP it is the usual approximation, since ``alpha_0 > 0`` there).
+    """
+
+    source_std: float = 1.0
+
+    @abstractmethod
+    def _values(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(alpha_t, sigma_t, d_alpha_t, d_sigma_t) with no input checks."""
+
+    def __call__(self, t: Tensor | float) -> ScheduleValues:
+        """Evaluate the scheduler at ``t`` in [0, 1]."""
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        return ScheduleValues(*self._values(t))
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self(t).alpha_t
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self(t).sigma_t
+
+    def sigma_d_sigma(self, t: Tensor | float) -> Tensor:
+        """``sigma_t * d sigma_t / dt = (1/2) d(sigma_t^2)/dt``: finite even where
+        ``d_sigma_t`` is not (the linear-beta VP schedule at t = 1)."""
+        v = self(t)
+        return v.sigma_t * v.d_sigma_t
+
+    def snr(self, t: Tensor | float) -> Tensor:
+        """Signal-to-noise ratio ``rho(t) = alpha_t / sigma_t`` (``inf`` where sigma_t = 0)."""
+        v = self(t)
+        return v.alpha_t / v.sigma_t
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """``log rho(t) = log alpha_t - log sigma_t`` (``-inf`` / ``inf`` at the ends)."""
+        v = self(t)
+        return torch.log(v.alpha_t) - torch.log(v.sigma_t)
+
+    def snr_inverse(self, snr: Tensor | float) -> Tensor:
+        """``t = rho^{-1}(snr)``. Default: bisection on ``log_snr`` in float64 (64 halvings,
+        to machine precision, no host synchronisation). Subclasses with a closed form
+        override it."""
+        return self._snr_inverse_numeric(snr)
+
+    def _snr_inverse_numeric(self, snr: Tensor | float) -> Tensor:
+        snr = _as_float_tensor(snr)
+        target = torch.log(snr.to(torch.float64))
+        self._check_snr_range(target)
+        lo = torch.zeros_like(target)
+        hi = torch.ones_like(target)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            below = self.log_snr(mid) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(snr.dtype)
+
+    def _check_snr_range(self, log_snr: Tensor) -> None:
+        if log_snr.device.type != "cpu" or log_snr.numel() == 0:
+            return
+        ends = self.log_snr(torch.tensor([0.0, 1.0], dtype=torch.float64))
+        slack = 1e-12 * (1 + ends.abs().nan_to_num(posinf=0.0, neginf=0.0))
+        bad = (log_snr < ends[0] - slack[0]) | (log_snr > ends[1] + slack[1]) | log_snr.isnan()
+        if bool(bad.any()):
+            value = log_snr[bad].exp().flatten()[0].item()
+            lo, hi = ends.exp().tolist()
+            raise ValueError(
+                f"snr={value!r} is outside the range of {self!r}: [{lo:.6g}, {hi:.6g}]"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CondOTScheduler(Scheduler):
+    r"""Conditional optimal transport (rectified flow): ``alpha_t = t``, ``sigma_t = 1 - t``.
+
+    ``rho(t) = t / (1 - t)``, ``rho^{-1}(r) = r / (1 + r)``. Lipman et al. (2023).
+    """
+
+    def _values(self, t):
+        one = torch.ones_like(t)
+        return t, 1 - t, one, -one
+
+    def snr_inverse(self, snr):
+        snr = _as_float_tensor(snr)
+        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        return 1 / (1 + 1 / snr)
+
+
+class PolynomialScheduler(Scheduler):
+    r"""``alpha_t = t^n``, ``sigma_t = 1 - t^n`` (n > 0; n = 1 is CondOT).
+
+    ``d alpha_t = n t^{n-1}`` is infinite at t = 0 when n < 1.
+    ``rho^{-1}(r) = (r / (1 + r))^{1/n}``.
+    """
+
+    def __init__(self, n: float = 2.0):
+        if not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+            raise ValueError(f"PolynomialScheduler: n must be a finite number > 0; got {n!r}")
+        self.n = float(n)
+
+    def _values(self, t):
+        tn1 = torch.pow(t, self.n - 1)
+        tn = tn1 * t
+        return tn, 1 - tn, self.n * tn1, -self.n * tn1
+
+    def snr_inverse(self, snr):
+        snr = _as_float_tensor(snr)
+        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        return torch.pow(1 / (1 + 1 / snr), 1 / self.n)
+
+    def __repr__(self):
+        return f"PolynomialScheduler(n={self.n:g})"
+
+
+class CosineScheduler(Scheduler):
+    r"""Cosine / trigonometric VP: ``alpha_t = sin(pi t / 2)``, ``sigma_t = cos(pi t / 2)``.
+
+    ``sigma_t`` is evaluated as ``sin(pi (1 - t) / 2)`` so that it is exactly 0 at t = 1
+    in every dtype. ``rho(t) = tan(pi t / 2)``, ``rho^{-1}(r) = (2 / pi) atan(r)``.
+    """
+
+    def _values(self, t):
+        h = math.pi / 2
+        a, s = torch.sin(h * t), torch.sin(h * (1 - t))
+        return a, s, h * s, -h * a
+
+    def snr_inverse(self, snr):
+        snr = _as_float_tensor(snr)
+        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        return torch.atan(snr) * (2 / math.pi)
+
+
+class LinearVPScheduler(Scheduler):
+    r"""The linear-beta variance-preserving schedule of DDPM / score-SDE, in flow time.
+
+    With diffusion time ``s = 1 - t``, ``beta(s) = beta_min + s (beta_max - beta_min)`` and
+    ``T(t) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2``:
+    ``alpha_t = exp(-T/2)``, ``sigma_t = sqrt(1 - exp(-T))``,
+    ``d alpha_t = beta(s) alpha_t / 2``, ``d sigma_t = -beta(s) exp(-T) / (2 sigma_t)``
+    (infinite at t = 1; use :meth:`sigma_d_sigma`, which is finite).
+    ``rho^2 = 1 / expm1(T)``, so ``rho^{-1}`` solves a quadratic in s:
+    ``T = log1p(rho^{-2})``, ``s = 2 T / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) T))``.
+    Song et al. (2021), Ho et al. (2020).
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not (0 < beta_min <= beta_max and math.isfinite(beta_max)):
+            raise ValueError(
+                "LinearVPScheduler needs 0 < beta_min <= beta_max < inf; got "
+                f"beta_min={beta_min!r}, beta_max={beta_max!r}"
+            )
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def _integral(self, t):
+        s = 1 - t
+        beta = self.beta_min + s * (self.beta_max - self.beta_min)
+        big_t = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s * s
+        return big_t, beta
+
+    def _values(self, t):
+        big_t, beta = self._integral(t)
+        alpha = torch.exp(-0.5 * big_t)
+        sigma = torch.sqrt(-torch.expm1(-big_t))
+        return alpha, sigma, 0.5 * beta * alpha, -0.5 * beta * torch.exp(-big_t) / sigma
+
+    def sigma_d_sigma(self, t):
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        big_t, beta = self._integral(t)
+        return -0.5 * beta * torch.exp(-big_t)
+
+    def log_snr(self, t):
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        big_t, _ = self._integral(t)
+        return -0.5 * torch.log(torch.expm1(big_t))
+
+    def snr_inverse(self, snr):
+        snr = _as_float_tensor(snr)
+        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        big_t = torch.log1p(snr**-2)
+        b, db = self.beta_min, self.beta_max - self.beta_min
+        s = 2 * big_t / (b + torch.sqrt(b * b + 2 * db * big_t))
+        return 1 - s
+
+    def __repr__(self):
+        return f"LinearVPScheduler(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
+
+
+class VEScheduler(Scheduler):
+    r"""Variance-exploding: ``alpha_t = 1``, ``sigma_t = sigma_max^{1-t} sigma_min^t``.
+
+    The source is ``N(0, sigma_max^2 I)`` (``source_std = sigma_max``).
+    ``d sigma_t = sigma_t log(sigma_min / sigma_max)``; ``rho = 1 / sigma_t``, so
+    ``rho^{-1}(r) = (log sigma_max + log r) / (log sigma_max - log sigma_min)``.
+    Song & Ermon (2019), Song et al. (2021).
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+            raise ValueError(
+                "VEScheduler needs 0 < sigma_min < sigma_max < inf; got "
+                f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
+            )
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.source_std = self.sigma_max
+
+    def _values(self, t):
+        rate = math.log(self.sigma_min / self.sigma_max)
+        sigma = self.sigma_max * torch.exp(rate * t)
+        return torch.ones_like(t), sigma, torch.zeros_like(t), rate * sigma
+
+    def log_snr(self, t):
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        return -(math.log(self.sigma_max) + math.log(self.sigma_min / self.sigma_max) * t)
+
+    def snr_inverse(self, snr):
+        snr = _as_float_tensor(snr)
+        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        log_max = math.log(self.sigma_max)
+        return (log_max + torch.log(snr)) / (log_max - math.log(self.sigma_min))
+
+    def __repr__(self):
+        return f"VEScheduler(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g})"
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "condot": CondOTScheduler,
+    "polynomial": PolynomialScheduler,
+    "cosine": CosineScheduler,
+    "linear_vp": LinearVPScheduler,
+    "ve": VEScheduler,
+}
+
+
+def get_scheduler(name: str, **kwargs) -> Scheduler:
+    """Build a scheduler by registry name (``condot``, ``polynomial``, ``cosine``,
+    ``linear_vp``, ``ve``); keyword arguments go to its constructor."""
+    try:
+        cls = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scheduler {name!r}; accepted: {', '.join(sorted(SCHEDULERS))}"
+        ) from None
+    return cls(**kwargs)

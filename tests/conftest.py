@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("default", deadline=None, max_examples=60, derandomize=True)
+settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator: tests take randomness only through it."""
+    return torch.Generator().manual_seed(1234)
