@@ -1,0 +1,62 @@
+"""Solver registry: names with their declared facts (STYLE.md conventions 1 and 2).
+
+The ODE and SDE front doors each build a :class:`SolverRegistry`; studies enumerate them.
+Unknown names raise a ValueError that lists the accepted ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+__all__ = ["SolverInfo", "SolverRegistry"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """Declared facts about one solver.
+
+    Attributes:
+        name: the name users pass (``solver="rk4"``).
+        kind: ``"ode"`` or ``"sde"``.
+        adaptive: step size chosen by error control (takes ``rtol`` / ``atol``) rather
+            than a fixed grid (takes ``steps``).
+        order: global order of convergence (strong order for SDE solvers), ``None`` if
+            not a fixed number (e.g. variable-order multistep methods).
+        library: who implements it (``"torchdiffeq"``, ``"torchsde"``, ``"scipy"``,
+            ``"flowsolve"``).
+        method: the name the library knows it by.
+    """
+
+    name: str
+    kind: str
+    adaptive: bool
+    order: float | None
+    library: str
+    method: str
+
+
+class SolverRegistry(Mapping[str, SolverInfo]):
+    """A read-only ``{name: SolverInfo}`` mapping whose lookups fail helpfully."""
+
+    def __init__(self, infos: list[SolverInfo], what: str = "solver"):
+        self._infos = {info.name: info for info in infos}
+        self._what = what
+
+    def __getitem__(self, name: str) -> SolverInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown {self._what} {name!r}; accepted: {', '.join(sorted(self._infos))}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def names(self, *, adaptive: bool | None = None) -> list[str]:
+        """Registered names, optionally only the adaptive (or only the fixed-step) ones."""
+        return [n for n, i in self._infos.items() if adaptive is None or i.adaptive == adaptive]
