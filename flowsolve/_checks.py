@@ -36,7 +36,7 @@ def as_time(t: Tensor | float, x: Tensor, name: str = "t") -> Tensor:
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
-        raise ValueError(f"x must be shaped (B, *event_shape); got a 0-d tensor")
+        raise ValueError("x must be shaped (B, *event_shape); got a 0-d tensor")
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     t = torch.as_tensor(t, device=x.device, dtype=dtype)
     if t.dim() > 1 and all(s == 1 for s in t.shape[1:]):

@@ -13,7 +13,9 @@ class CountingField:
 
     def __init__(self, field: Callable[..., Tensor]):
         if not callable(field):
-            raise TypeError(f"a field must be callable (x, t) -> Tensor; got {type(field).__name__}")
+            raise TypeError(
+                f"a field must be callable (x, t) -> Tensor; got {type(field).__name__}"
+            )
         self.field = field
         self.nfe = 0
 

@@ -153,7 +153,7 @@ class GaussianMixture:
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)``, ``(B,)``."""
         one = torch.ones((), dtype=x.dtype, device=x.device)
-        return _MixtureAtTime(self, x, alpha=one, sigma=0 * one).log_prob()
+        return _MixtureAtTime(self, x, alpha=one, sigma_sq=0 * one).log_prob()
 
 
 class Gaussian(GaussianMixture):
@@ -185,9 +185,9 @@ def source_distribution(path: AffineGaussianPath | Scheduler, dim: int) -> Stand
 
 class _MixtureAtTime:
     """Per-component quantities of ``p_t`` at points ``x`` (B, d) for path coefficients
-    alpha, sigma (0-d or (B,)). Works in rotated coordinates ``z_k = V_k^T (x - alpha mu_k)``."""
+    alpha, sigma^2 (0-d or (B,)). Works in rotated coordinates ``z_k = V_k^T (x - alpha mu_k)``."""
 
-    def __init__(self, mix: GaussianMixture, x: Tensor, alpha: Tensor, sigma: Tensor):
+    def __init__(self, mix: GaussianMixture, x: Tensor, alpha: Tensor, sigma_sq: Tensor):
         if x.dim() < 2 or x[0].numel() != mix.dim:
             raise ValueError(
                 f"x must be shaped (B, {mix.dim}) (or (B, ...) with {mix.dim} entries per "
@@ -200,10 +200,10 @@ class _MixtureAtTime:
         self.lam = mix.eigvals.to(**like)
         self.vecs = None if mix.eigvecs is None else mix.eigvecs.to(**like)
         self.alpha = alpha.reshape(-1, 1, 1) if alpha.dim() else alpha
-        sigma = sigma.reshape(-1, 1, 1) if sigma.dim() else sigma
+        sigma_sq = sigma_sq.reshape(-1, 1, 1) if sigma_sq.dim() else sigma_sq
         diff = x[:, None, :] - self.alpha * self.mu  # (B, K, d)
         self.z = diff if self.vecs is None else torch.einsum("bkd,kde->bke", diff, self.vecs)
-        self.c = self.alpha**2 * self.lam + sigma**2  # eigenvalues of C_k, (B, K, d)
+        self.c = self.alpha**2 * self.lam + sigma_sq  # eigenvalues of C_k, (B, K, d)
         self.log_joint = (
             torch.log(mix.weights.to(**like))
             - 0.5 * torch.log(2 * math.pi * self.c).sum(-1)
@@ -242,7 +242,7 @@ class _MarginalField:
         t = as_time(t, x)
         sched = self.path.scheduler
         v = sched(t)
-        at = _MixtureAtTime(self.data, x, v.alpha_t, v.sigma_t)
+        at = _MixtureAtTime(self.data, x, v.alpha_t, sched.sigma_squared(t))
         if self.what == "log_prob":
             return at.log_prob()
         if self.what == "score":

@@ -77,6 +77,11 @@ class Scheduler(ABC):
     def sigma(self, t: Tensor | float) -> Tensor:
         return self(t).sigma_t
 
+    def sigma_squared(self, t: Tensor | float) -> Tensor:
+        """``sigma_t^2``, written so that its autograd derivative in t is finite wherever
+        ``d(sigma_t^2)/dt`` is (the linear-beta VP schedule at t = 1)."""
+        return self(t).sigma_t ** 2
+
     def sigma_d_sigma(self, t: Tensor | float) -> Tensor:
         """``sigma_t * d sigma_t / dt = (1/2) d(sigma_t^2)/dt``: finite even where
         ``d_sigma_t`` is not (the linear-beta VP schedule at t = 1)."""
@@ -198,7 +203,8 @@ class LinearVPScheduler(Scheduler):
     ``d alpha_t = beta(s) alpha_t / 2``, ``d sigma_t = -beta(s) exp(-T) / (2 sigma_t)``
     (infinite at t = 1; use :meth:`sigma_d_sigma`, which is finite).
     ``rho^2 = 1 / expm1(T)``, so ``rho^{-1}`` solves a quadratic in s:
-    ``T = log1p(rho^{-2})``, ``s = 2 T / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) T))``.
+    ``T = log1p(rho^{-2})``,
+    ``s = 2 T / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) T))``.
     Song et al. (2021), Ho et al. (2020).
     """
 
@@ -221,6 +227,11 @@ class LinearVPScheduler(Scheduler):
         alpha = torch.exp(-0.5 * big_t)
         sigma = torch.sqrt(-torch.expm1(-big_t))
         return alpha, sigma, 0.5 * beta * alpha, -0.5 * beta * torch.exp(-big_t) / sigma
+
+    def sigma_squared(self, t):
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        return -torch.expm1(-self._integral(t)[0])
 
     def sigma_d_sigma(self, t):
         t = _as_float_tensor(t)

@@ -1,0 +1,58 @@
+"""The import direction of DESIGN.md: a lower module never imports a higher one."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "flowsolve"
+
+# module -> the flowsolve modules it may import (transitively closed by layer)
+LAYERS = {
+    "_checks": 0, "registry": 0, "_counting": 0,
+    "schedules": 1,
+    "paths": 2,
+    "analytic": 3, "losses": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
+    "data": 3,
+    "fields": 4,
+    "dynamics": 5, "sde": 5, "brownian": 5,
+    "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "cli": 9, "__main__": 10,
+    "__init__": 10,
+}
+THIRD_PARTY_OWNERS = {
+    "ot": {"couplings", "metrics"},
+    "torchdiffeq": {"dynamics", "solve"},
+    "torchsde": {"sde", "brownian"},
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module is None:
+                names.update(a.name for a in node.names)
+            elif node.level == 1:
+                names.add(node.module.split(".")[0])
+            elif node.module:
+                names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+    return names
+
+
+MODULES = sorted(p for p in PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])
+def test_imports_flow_downwards(path):
+    me = path.stem
+    assert me in LAYERS, f"flowsolve/{me}.py is not placed in a layer in {__file__}"
+    for name in imports_of(path):
+        if name in LAYERS and name != me and me != "__init__":
+            assert LAYERS[name] < LAYERS[me] or (LAYERS[name] == LAYERS[me] == 0), (
+                f"{me} (layer {LAYERS[me]}) imports {name} (layer {LAYERS[name]})"
+            )
+        if name in THIRD_PARTY_OWNERS:
+            assert me in THIRD_PARTY_OWNERS[name], f"only {THIRD_PARTY_OWNERS[name]} import {name}"
