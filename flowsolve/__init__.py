@@ -1,7 +1,13 @@
-"""flowsolve: the dynamics of flow-matching and diffusion models."""
+"""flowsolve: the dynamics of flow-matching and diffusion models.
+
+Time runs from t = 0 (source / noise) to t = 1 (data); an affine path is
+``x_t = alpha_t x1 + sigma_t x0``; a field is any callable ``(x, t) -> Tensor``.
+"""
+
 from . import analytic
 from .analytic import Gaussian, GaussianMixture, StandardNormal
 from .paths import PREDICTIONS, AffineGaussianPath, PathSample
+from .registry import SolverInfo, SolverRegistry
 from .schedules import (
     SCHEDULERS,
     CondOTScheduler,
@@ -13,3 +19,29 @@ from .schedules import (
     VEScheduler,
     get_scheduler,
 )
+from .transfer import TransferredField, transfer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analytic",
+    "Gaussian",
+    "GaussianMixture",
+    "StandardNormal",
+    "PREDICTIONS",
+    "AffineGaussianPath",
+    "PathSample",
+    "SolverInfo",
+    "SolverRegistry",
+    "SCHEDULERS",
+    "CondOTScheduler",
+    "CosineScheduler",
+    "LinearVPScheduler",
+    "PolynomialScheduler",
+    "Scheduler",
+    "ScheduleValues",
+    "VEScheduler",
+    "get_scheduler",
+    "TransferredField",
+    "transfer",
+]

@@ -16,6 +16,7 @@ LAYERS = {
     "data": 3,
     "fields": 4,
     "dynamics": 5, "sde": 5, "brownian": 5,
+    "transfer": 4,
     "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "cli": 9, "__main__": 10,
     "__init__": 10,
 }
