@@ -1,0 +1,139 @@
+"""Evaluate a per-sample function over a whole data set: batched, resumable, with a progress
+line, and sharded across torch.distributed ranks (each rank a contiguous slice, results
+gathered in data-set order on every rank).
+
+The function receives a batch and the data-set index of the batch's first sample (seed
+randomness from it: a resumed run then repeats the same draws; with randomness, results are
+reproducible for a fixed batch size and number of ranks) and returns a dict of per-sample
+``(b,)`` tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["evaluate_dataset", "shard_bounds"]
+
+BatchFn = Callable[[Tensor, int], dict[str, Tensor]]  # (batch, offset) -> {name: (b,)}
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, end)`` of rank's contiguous slice of ``n`` items (sizes differ by <= 1)."""
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank must lie in [0, world_size={world_size}); got {rank}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _get_item(data: Tensor | Sequence, i: int) -> Tensor:
+    item = data[i]
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _batch(data: Tensor | Sequence, start: int, end: int) -> Tensor:
+    if torch.is_tensor(data):
+        return data[start:end]
+    return torch.stack([_get_item(data, i) for i in range(start, end)])
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.total, self.enabled, self.label = total, enabled, label
+        self.start = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        end = "\n" if done >= self.total else ""
+        sys.stderr.write(f"\r{self.label}: {done}/{self.total} samples, "
+                         f"{rate:.1f}/s, eta {eta:.0f}s   {end}")
+        sys.stderr.flush()
+
+
+def evaluate_dataset(
+    fn: BatchFn,
+    data: Tensor | Sequence,
+    *,
+    batch_size: int = 256,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    label: str = "evaluating",
+) -> dict[str, Tensor]:
+    """Apply ``fn(batch, offset)`` over ``data`` and concatenate its per-sample outputs.
+
+    Args:
+        fn: returns a dict of ``(b,)`` tensors for a batch of ``b`` samples whose first
+            sample has data-set index ``offset``.
+        data: a tensor ``(N, ...)`` or an indexable data set whose items are tensors or
+            ``(tensor, label, ...)`` tuples (the first element is used).
+        batch_size: samples per call of ``fn``.
+        checkpoint: a file path; partial results are saved there atomically after every
+            batch (one file per rank, suffixed ``.rankR`` when distributed) and a later call
+            with the same arguments resumes from it. The file is removed when done.
+        progress: print a progress line to stderr (rank 0 only).
+
+    Returns:
+        ``{name: (N,) tensor}`` in data-set order. When torch.distributed is initialised
+        each rank evaluates its slice and every rank returns the gathered whole.
+    """
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(data)
+    start, end = shard_bounds(n, rank, world)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if distributed:
+            ckpt = ckpt.with_name(f"{ckpt.name}.rank{rank}")
+    state = {"next": start, "results": {}, "n": n, "batch_size": batch_size}
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved["n"] != n or saved["batch_size"] != batch_size:
+            raise ValueError(
+                f"checkpoint {ckpt} was written for {saved['n']} samples in batches of "
+                f"{saved['batch_size']}; this call has {n} and {batch_size}. Remove it or "
+                "pass the same data and batch_size to resume"
+            )
+        state = saved
+    bar = _Progress(end - start, progress and rank == 0, label)
+    while state["next"] < end:
+        lo = state["next"]
+        hi = min(lo + batch_size, end)
+        out = fn(_batch(data, lo, hi), lo)
+        for key, value in out.items():
+            if value.shape[:1] != (hi - lo,):
+                raise ValueError(f"fn returned {key!r} of shape {tuple(value.shape)}; "
+                                 f"expected ({hi - lo},) for a batch of {hi - lo}")
+            state["results"].setdefault(key, []).append(value.detach().cpu())
+        state["next"] = hi
+        if ckpt is not None:
+            _save_atomically(state, ckpt)
+        bar.update(hi - start)
+    local = {k: torch.cat(v) for k, v in state["results"].items()}
+    if distributed:
+        gathered: list[dict[str, Tensor] | None] = [None] * world
+        dist.all_gather_object(gathered, local)
+        local = {k: torch.cat([g[k] for g in gathered]) for k in local}
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return local
