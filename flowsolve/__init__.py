@@ -6,6 +6,15 @@ Time runs from t = 0 (source / noise) to t = 1 (data); an affine path is
 
 from . import analytic
 from .analytic import Gaussian, GaussianMixture, StandardNormal
+from .losses import (
+    denoising_score_matching_loss,
+    epsilon_loss,
+    flow_matching_loss,
+    label_dropout,
+    regression_loss,
+    sample_time,
+)
+from .nets import MLP, SinusoidalTimeEmbedding
 from .paths import PREDICTIONS, AffineGaussianPath, PathSample
 from .registry import SolverInfo, SolverRegistry
 from .schedules import (
@@ -28,6 +37,14 @@ __all__ = [
     "Gaussian",
     "GaussianMixture",
     "StandardNormal",
+    "denoising_score_matching_loss",
+    "epsilon_loss",
+    "flow_matching_loss",
+    "label_dropout",
+    "regression_loss",
+    "sample_time",
+    "MLP",
+    "SinusoidalTimeEmbedding",
     "PREDICTIONS",
     "AffineGaussianPath",
     "PathSample",

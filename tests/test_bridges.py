@@ -1,0 +1,55 @@
+"""Gaussian bridges (I-CFM / OT-CFM / SB-CFM paths)."""
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.bridges import GaussianBridge, bridge_matching_loss
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("bridge", [GaussianBridge(0.0), GaussianBridge(0.3),
+                                    GaussianBridge(0.5, "brownian")], ids=repr)
+def test_velocity_is_time_derivative_of_the_sample(bridge, gen):
+    x0, x1, eps = (torch.randn(16, 3, generator=gen, dtype=F64) for _ in range(3))
+    t = (0.01 + 0.98 * torch.rand(16, generator=gen, dtype=F64)).requires_grad_(True)
+    s = bridge.sample(x0, x1, t, noise=eps)
+    dxdt = torch.stack([torch.autograd.grad(s.x_t[:, i].sum(), t, retain_graph=True)[0]
+                        for i in range(3)], dim=1)
+    torch.testing.assert_close(s.dx_t, dxdt, rtol=1e-12, atol=1e-12)
+
+
+def test_brownian_bridge_variance_and_sb_target(gen):
+    bridge = GaussianBridge(0.7, "brownian")
+    x0, x1 = torch.zeros(200_000, 1, dtype=F64), torch.ones(200_000, 1, dtype=F64)
+    s = bridge.sample(x0, x1, 0.3, generator=gen)
+    var = 0.49 * 0.3 * 0.7
+    assert abs(s.x_t.var().item() - var) < 5 * var * (2 / 200_000) ** 0.5
+    # SB-CFM's target written with x_t: (1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + x1 - x0
+    mu = 0.7 * x0 + 0.3 * x1
+    torch.testing.assert_close(s.dx_t, (1 - 0.6) / (2 * 0.21) * (s.x_t - mu) + x1 - x0)
+    with pytest.raises(ValueError, match="infinite at t = 0 and 1"):
+        bridge.sample(x0[:2], x1[:2], 1.0, generator=gen)
+
+
+def test_zero_noise_bridge_is_the_condot_path_and_loss(gen):
+    data = fs.GaussianMixture.ring(4, radius=2.0, std=0.3)
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    u = fs.analytic.marginal_velocity(data, path)
+    x0 = torch.randn(512, 2, generator=gen, dtype=F64)
+    x1 = data.sample(512, generator=gen, dtype=F64)
+    t = torch.rand(512, generator=gen, dtype=F64)
+    a = bridge_matching_loss(u, GaussianBridge(0.0), x0, x1, t, reduction="none")
+    b = fs.flow_matching_loss(u, path, x0, x1, t, reduction="none")
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianBridge(-1.0)
+    with pytest.raises(ValueError, match="accepted: constant, brownian"):
+        GaussianBridge(0.1, "linear")
+    with pytest.raises(ValueError, match="reduction"):
+        bridge_matching_loss(lambda x, t: x, GaussianBridge(), torch.zeros(2, 1),
+                             torch.zeros(2, 1), reduction="sum")
