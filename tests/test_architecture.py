@@ -15,7 +15,7 @@ LAYERS = {
     "analytic": 3, "losses": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
     "data": 3, "evaluate": 0, "bridges": 4,
     "fields": 4,
-    "dynamics": 5, "sde": 5, "brownian": 5,
+    "dynamics": 5, "sde": 5, "brownian": 4, "diffusions": 4,
     "transfer": 4,
     "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "cli": 9, "__main__": 10,
     "__init__": 10,
