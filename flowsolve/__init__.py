@@ -6,6 +6,8 @@ Time runs from t = 0 (source / noise) to t = 1 (data); an affine path is
 
 from . import analytic
 from .analytic import Gaussian, GaussianMixture, StandardNormal
+from .brownian import GridBrownian
+from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
 from .losses import (
     denoising_score_matching_loss,
     epsilon_loss,
@@ -28,6 +30,7 @@ from .schedules import (
     VEScheduler,
     get_scheduler,
 )
+from .sde import SDE_SOLVERS, SDESolution, langevin, sample_sde
 from .transfer import TransferredField, transfer
 
 __version__ = "0.1.0"
@@ -59,6 +62,14 @@ __all__ = [
     "ScheduleValues",
     "VEScheduler",
     "get_scheduler",
+    "GridBrownian",
+    "DIFFUSIONS",
+    "DiffusionSchedule",
+    "diffusion_schedule",
+    "SDE_SOLVERS",
+    "SDESolution",
+    "langevin",
+    "sample_sde",
     "TransferredField",
     "transfer",
 ]

@@ -1,0 +1,126 @@
+r"""Discrete data and continuous densities: uniform dequantisation and bits per dimension.
+
+Integer data ``k in {0, ..., n_bins - 1}^D`` is modelled through ``z = k + u``,
+``u ~ U[0, 1)^D``, mapped affinely to the model's space ``y = low + (high - low) z / n_bins``.
+Jensen's inequality gives the bound used by every published CNF figure,
+
+    log P(k) >= E_u[log p_z(k + u)],   log p_z(z) = log p_y(y) + D log((high - low) / n_bins),
+
+and ``K`` draws give the tighter importance-weighted bound (in expectation over the draws)
+
+    log P(k) >= E[log (1/K) sum_k p_z(k + u_k)].
+
+Bits per dimension: ``bpd = -log P / (D ln 2)``. For 8-bit data in ``[-1, 1]`` this is
+``-log p_y(y) / (D ln 2) + 7``. Published CIFAR-10 numbers mix the two estimators
+(Score SDE: the mean of K = 1 draws; Flow Matching: the K = 50 bound), about 0.1 bit/dim
+apart: :class:`BitsPerDim` always says which one it holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BitsPerDim", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
+
+
+@dataclass(frozen=True)
+class BitsPerDim:
+    """Per-sample bits/dim (``(B,)``) with the estimator that produced them.
+
+    Attributes:
+        bpd: bits per dimension, ``(B,)``.
+        nll_nats: ``-log P(k)`` bound in nats, ``(B,)``.
+        estimator: ``"uniform dequantisation, mean of K=1"`` or
+            ``"uniform dequantisation, importance-weighted K=..."``.
+        draws: the number K of dequantisation draws.
+    """
+
+    bpd: Tensor
+    nll_nats: Tensor
+    estimator: str
+    draws: int
+
+
+def _check_range(n_bins: int, low: float, high: float) -> None:
+    if not (isinstance(n_bins, int) and n_bins >= 2):
+        raise ValueError(f"n_bins must be an int >= 2; got {n_bins!r}")
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"need finite low < high; got low={low!r}, high={high!r}")
+
+
+def dequantize(
+    k: Tensor,
+    *,
+    n_bins: int = 256,
+    low: float = -1.0,
+    high: float = 1.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``y = low + (high - low) (k + u) / n_bins`` with ``u ~ U[0, 1)`` from ``generator``.
+
+    ``k`` holds integers in ``[0, n_bins)`` (any integer or float dtype); anything else
+    raises ValueError (checked on CPU tensors).
+    """
+    _check_range(n_bins, low, high)
+    if k.device.type == "cpu" and k.numel():
+        bad = (k < 0) | (k >= n_bins) | (k != torch.floor(k.double()).to(k.dtype))
+        if bool(bad.any()):
+            raise ValueError(f"k must hold integers in [0, {n_bins}); got {k[bad][0].item()!r}")
+    dtype = dtype or torch.get_default_dtype()
+    dev = generator.device if generator is not None else k.device
+    u = torch.rand(k.shape, generator=generator, dtype=dtype, device=dev).to(k.device)
+    return low + (high - low) * (k.to(dtype) + u) / n_bins
+
+
+def bits_per_dim(
+    log_prob: Tensor, dim: int, *, n_bins: int = 256, low: float = -1.0, high: float = 1.0
+) -> Tensor:
+    """``-(log p_y(y) + D log((high - low) / n_bins)) / (D ln 2)`` for a density ``log p_y``
+    of dequantised data of ``D = dim`` entries in ``[low, high)``."""
+    _check_range(n_bins, low, high)
+    log_pz = log_prob + dim * math.log((high - low) / n_bins)
+    return -log_pz / (dim * math.log(2.0))
+
+
+def discrete_bits_per_dim(
+    log_prob_fn: Callable[[Tensor], Tensor],
+    k: Tensor,
+    *,
+    draws: int = 1,
+    importance_weighted: bool = False,
+    n_bins: int = 256,
+    low: float = -1.0,
+    high: float = 1.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> BitsPerDim:
+    """Bits/dim of integer data ``k`` (B, ...) under a continuous model ``log_prob_fn(y)``
+    -> (B,), from ``draws`` uniform dequantisations.
+
+    ``importance_weighted=False`` averages the K single-draw bounds (the Score SDE
+    convention); ``True`` takes ``log (1/K) sum exp`` of them, the tighter importance-weighted
+    bound (the Flow Matching convention).
+    """
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+    dim = k[0].numel()
+    log_pz = torch.stack([
+        log_prob_fn(dequantize(k, n_bins=n_bins, low=low, high=high, generator=generator,
+                               dtype=dtype))
+        + dim * math.log((high - low) / n_bins)
+        for _ in range(draws)
+    ])  # (K, B)
+    if importance_weighted:
+        bound = torch.logsumexp(log_pz, dim=0) - math.log(draws)
+        estimator = f"uniform dequantisation, importance-weighted K={draws}"
+    else:
+        bound = log_pz.mean(0)
+        estimator = f"uniform dequantisation, mean of K=1 (over {draws} draws)"
+    return BitsPerDim(bpd=-bound / (dim * math.log(2.0)), nll_nats=-bound,
+                      estimator=estimator, draws=draws)
