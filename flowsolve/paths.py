@@ -60,6 +60,22 @@ def _homogeneous(kind: str, v: ScheduleValues) -> tuple[Tensor, Tensor, Tensor]:
     return one, -v.sigma_t, v.alpha_t  # v-prediction
 
 
+def _score_basis(kind: str, v: ScheduleValues, sigma_d_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(P1, P2) with ``prediction = P1 * x1_hat + P2 * s_hat`` where ``s_hat = -eps_hat / sigma_t``
+    (so ``x = alpha_t x1_hat - sigma_t^2 s_hat``); the velocity's ``P2 = -sigma_t sigma'_t`` is
+    finite where sigma'_t is not."""
+    one, zero = torch.ones_like(v.alpha_t), torch.zeros_like(v.alpha_t)
+    if kind == "velocity":
+        return v.d_alpha_t, -sigma_d_sigma
+    if kind == "score":
+        return zero, one
+    if kind == "epsilon":
+        return zero, -v.sigma_t
+    if kind == "x1":
+        return one, zero
+    return -v.sigma_t, -v.alpha_t * v.sigma_t  # v-prediction
+
+
 @dataclass(frozen=True)
 class PathSample:
     """A draw from the path: ``x_t = alpha_t x1 + sigma_t x0`` and its conditional velocity
@@ -151,7 +167,7 @@ class AffineGaussianPath:
         _, v = self._schedule(x, t)
         self._check_noise(v, "density")
         a, s = per_sample(v.alpha_t, x), per_sample(v.sigma_t, x)
-        z = ((x - a * x1) / s).flatten(1)
+        z = ((x - a * x1) / s).reshape(x.shape[0], x.shape[1:].numel())  # event () too
         d = z.shape[1]
         log_s = torch.log(v.sigma_t).expand(x.shape[0])
         return -0.5 * (z * z).sum(1) - d * log_s - 0.5 * d * torch.log(2 * x.new_tensor(torch.pi))
@@ -170,8 +186,14 @@ class AffineGaussianPath:
         sigma' sigma) s``. Score and epsilon are proportional, ``eps = -sigma_t s``, and are
         converted directly (finite at alpha_t = 0). Other conversions are singular where
         ``D_p n_q = 0``: from ``epsilon``/``score`` where alpha_t = 0, from ``x1`` where
-        sigma_t = 0, to ``score`` where sigma_t = 0, and anything involving ``velocity``
-        where sigma'_t is infinite (linear-beta VP at t = 1).
+        sigma_t = 0, to ``score`` where sigma_t = 0 (unless sigma_t sigma'_t != 0, below).
+
+        Where sigma'_t is infinite but ``sigma_t sigma'_t`` is finite (linear-beta VP at t = 1)
+        a conversion involving ``velocity`` is redone in the basis ``(x1_hat, s_hat)``, with
+        ``x = alpha_t x1_hat - sigma_t^2 s_hat`` and ``D_p = alpha_t P2 + sigma_t^2 P1``:
+        ``A_t = (Q1 P2 - Q2 P1) / D_p``, ``B_t = (sigma_t^2 Q1 + alpha_t Q2) / D_p``. That gives
+        the finite limits velocity <-> score and velocity -> anything there; to velocity
+        from ``epsilon``, ``x1`` or ``v`` stays singular (they carry no score at t = 1).
         """
         src, dst = _canonical(from_kind, "from_kind"), _canonical(to_kind, "to_kind")
         v = self.scheduler(t)
@@ -185,7 +207,16 @@ class AffineGaussianPath:
         d_p = v.alpha_t * p2 - v.sigma_t * p1
         d_q = v.alpha_t * q2 - v.sigma_t * q1
         den = d_p * n_q
-        return (q1 * p2 - q2 * p1) / den, n_p * d_q / den
+        a_t, b_t = (q1 * p2 - q2 * p1) / den, n_p * d_q / den
+        if "velocity" in (src, dst):
+            sds = self.scheduler.sigma_d_sigma(t)
+            (p1, p2), (q1, q2) = _score_basis(src, v, sds), _score_basis(dst, v, sds)
+            s2 = v.sigma_t * v.sigma_t
+            d_p = v.alpha_t * p2 + s2 * p1
+            ok = torch.isfinite(a_t) & torch.isfinite(b_t)
+            a_t = torch.where(ok, a_t, (q1 * p2 - q2 * p1) / d_p)
+            b_t = torch.where(ok, b_t, (s2 * q1 + v.alpha_t * q2) / d_p)
+        return a_t, b_t
 
     def convert(
         self,

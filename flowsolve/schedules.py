@@ -107,7 +107,7 @@ class Scheduler(ABC):
     def _snr_inverse_numeric(self, snr: Tensor | float) -> Tensor:
         snr = _as_float_tensor(snr)
         target = torch.log(snr.to(torch.float64))
-        self._check_snr_range(target)
+        self._check_snr_range(target, snr.dtype)
         lo = torch.zeros_like(target)
         hi = torch.ones_like(target)
         for _ in range(64):
@@ -117,11 +117,13 @@ class Scheduler(ABC):
             hi = torch.where(below, hi, mid)
         return (0.5 * (lo + hi)).to(snr.dtype)
 
-    def _check_snr_range(self, log_snr: Tensor) -> None:
+    def _check_snr_range(self, log_snr: Tensor, dtype: torch.dtype = torch.float64) -> None:
         if log_snr.device.type != "cpu" or log_snr.numel() == 0:
             return
         ends = self.log_snr(torch.tensor([0.0, 1.0], dtype=torch.float64))
-        slack = 1e-12 * (1 + ends.abs().nan_to_num(posinf=0.0, neginf=0.0))
+        # an snr computed in ``dtype`` at t = 0 or 1 may miss the float64 end by rounding
+        rel = max(1e-12, 16 * torch.finfo(dtype).eps)
+        slack = rel * (1 + ends.abs().nan_to_num(posinf=0.0, neginf=0.0))
         bad = (log_snr < ends[0] - slack[0]) | (log_snr > ends[1] + slack[1]) | log_snr.isnan()
         if bool(bad.any()):
             value = log_snr[bad].exp().flatten()[0].item()
@@ -146,7 +148,7 @@ class CondOTScheduler(Scheduler):
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
-        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
         return 1 / (1 + 1 / snr)
 
 
@@ -164,12 +166,12 @@ class PolynomialScheduler(Scheduler):
 
     def _values(self, t):
         tn1 = torch.pow(t, self.n - 1)
-        tn = tn1 * t
+        tn = torch.pow(t, self.n)  # not tn1 * t: that is inf * 0 at t = 0 when n < 1
         return tn, 1 - tn, self.n * tn1, -self.n * tn1
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
-        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
         return torch.pow(1 / (1 + 1 / snr), 1 / self.n)
 
     def __repr__(self):
@@ -190,7 +192,7 @@ class CosineScheduler(Scheduler):
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
-        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
         return torch.atan(snr) * (2 / math.pi)
 
 
@@ -247,11 +249,11 @@ class LinearVPScheduler(Scheduler):
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
-        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
         big_t = torch.log1p(snr**-2)
         b, db = self.beta_min, self.beta_max - self.beta_min
         s = 2 * big_t / (b + torch.sqrt(b * b + 2 * db * big_t))
-        return 1 - s
+        return (1 - s).clamp(0, 1)  # an snr within rounding of the range stays in [0, 1]
 
     def __repr__(self):
         return f"LinearVPScheduler(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
@@ -287,9 +289,10 @@ class VEScheduler(Scheduler):
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
-        self._check_snr_range(torch.log(snr.to(torch.float64)))
+        self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
         log_max = math.log(self.sigma_max)
-        return (log_max + torch.log(snr)) / (log_max - math.log(self.sigma_min))
+        t = (log_max + torch.log(snr)) / (log_max - math.log(self.sigma_min))
+        return t.clamp(0, 1)  # an snr within rounding of the range stays in [0, 1]
 
     def __repr__(self):
         return f"VEScheduler(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g})"

@@ -13,7 +13,7 @@ LAYERS = {
     "schedules": 1,
     "paths": 2,
     "analytic": 3, "losses": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
-    "data": 3, "evaluate": 0, "bridges": 4, "dequantize": 0,
+    "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4, "dequantize": 0,
     "fields": 4,
     "dynamics": 5, "sde": 5, "brownian": 4, "diffusions": 4,
     "transfer": 4,

@@ -1,0 +1,68 @@
+"""Cost of a minibatch coupling: exact OT (POT's network simplex, CPU) and log-domain
+Sinkhorn (POT, torch backend) against the independent coupling, at B = 256, 1024, 2048.
+
+Data as in the couplings note: x0 ~ N(0, I), x1 ~ 0.5 N(0, I) + 3, float32. Times are the
+median of repeats of a whole call ``coupling(x0, x1)`` (cost matrix, solve, pairing);
+ratios are to the independent coupling from the same run. The OT solve needs no model, so
+in training it can run in DataLoader workers and overlap the step (see couplings.py).
+
+Run: .venv/bin/python benchmarks/bench_couplings.py [--threads 1] [--device cuda] [--dim 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import ot
+import torch
+
+import flowsolve.couplings as fc
+
+
+def median_ms(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: see tests/test_couplings.py)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dim", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"torch {torch.__version__}, POT {ot.__version__}, threads {torch.get_num_threads()}, "
+          f"device {device}, d={args.dim}, float32")
+    print(f"{'B':>5} {'indep ms':>9} {'exact ms':>9} {'x indep':>8} {'sinkhorn ms':>12} "
+          f"{'x indep':>8} {'iters':>6} {'cost/exact':>10}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    independent = fc.IndependentCoupling()
+    exact = fc.OTCoupling("exact")
+    sinkhorn = fc.OTCoupling("sinkhorn", reg=0.05)
+    for b in args.sizes:
+        x0 = torch.randn(b, args.dim, generator=gen, device=device)
+        x1 = 0.5 * torch.randn(b, args.dim, generator=gen, device=device) + 3
+        reps = 20 if b <= 256 else 5 if b <= 1024 else 3
+        t_ind = median_ms(lambda x0=x0, x1=x1: independent(x0, x1, generator=gen), 50, sync)
+        t_ex = median_ms(lambda x0=x0, x1=x1: exact(x0, x1), reps, sync)
+        t_sk = median_ms(lambda x0=x0, x1=x1: sinkhorn(x0, x1, generator=gen), reps, sync)
+        r_ex, r_sk = exact.plan(x0, x1), sinkhorn.plan(x0, x1, generator=gen)
+        print(f"{b:>5} {t_ind:9.3f} {t_ex:9.1f} {t_ex / t_ind:8.0f} {t_sk:12.1f} "
+              f"{t_sk / t_ind:8.0f} {r_sk.n_iter:>6} {r_sk.cost.item() / r_ex.cost.item():10.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Cost of one exact divergence (value and trace of the Jacobian) by each method of
+``flowsolve.divergence`` against the per-dimension autograd loop, plus Hutchinson for scale.
+
+Cases: the MLP 3x256 of ``flowsolve.nets`` (SiLU, sinusoidal time embedding) at batch 256
+for d = 2, 16, 64, 256, and a small conv net on 1x8x8 images (d = 64). Time is the minimum
+wall time over rounds in which the methods are called in turn (CUDA: synchronised); extra peak memory is reported on CUDA
+(``torch.cuda.max_memory_allocated``) and is not measured on CPU. Ratios are loop time /
+method time from the same run.
+
+Run: .venv/bin/python benchmarks/bench_divergence.py [--device cuda] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import flowsolve as fs
+from flowsolve.divergence import EXACT_METHODS, make_probes, value_and_divergence
+
+
+class ConvField(nn.Module):
+    """conv(C+1 -> w) - SiLU - conv(w -> w) - SiLU - conv(w -> C), 3x3, t as a channel."""
+
+    def __init__(self, channels: int = 1, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        tt = t.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return self.net(torch.cat([x, tt], dim=1))
+
+
+def timed(calls: dict, device: torch.device, rounds: int, max_seconds: float) -> dict:
+    """{name: (min ms, median ms, extra peak MiB or nan)} of each call after a warm-up.
+
+    Calls are interleaved round by round, so that load from other processes hits every
+    method alike; the minimum is the least disturbed time and the one used for ratios."""
+    cuda = device.type == "cuda"
+    times: dict = {name: [] for name in calls}
+    peaks: dict = {}
+    for name, fn in calls.items():
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peaks[name] = float("nan")
+    start_all = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+        if r >= 2 and time.perf_counter() - start_all > max_seconds:
+            break
+    return {name: (1e3 * min(ts), 1e3 * statistics.median(ts), peaks[name])
+            for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64, 256])
+    ap.add_argument("--rounds", type=int, default=7, help="timed calls of each method")
+    ap.add_argument("--seconds", type=float, default=20.0, help="stop after 3 rounds past this")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()}, device {device}, float32, batch {args.batch}")
+
+    cases = [(f"MLP 3x256, d={d}", fs.MLP(d, hidden=256, depth=3), (args.batch, d))
+             for d in args.dims]
+    cases.append(("conv 1x8x8 (d=64)", ConvField(1, 32), (args.batch, 1, 8, 8)))
+    methods = ["loop", *(m for m in EXACT_METHODS if m != "loop")]
+    cols = ["forward", *methods, "hutch k=1", "hutch k=8"]
+    print(f"{'case':<20}" + "".join(f"{c:>14}" for c in cols) + "   (ms; CUDA: ms / MiB)")
+    ratios = []
+    for name, model, shape in cases:
+        model = model.to(device).eval()
+        x = torch.randn(shape, generator=gen).to(device)
+        t = torch.rand(shape[0], generator=gen).to(device)
+        p1 = make_probes(shape, 1, generator=gen, device=device)
+        p8 = make_probes(shape, 8, generator=gen, device=device)
+        calls = {"forward": lambda: model(x, t)}
+        for m in methods:
+            calls[m] = lambda m=m: value_and_divergence(model, x, t, method=m)
+        calls["hutch k=1"] = lambda: value_and_divergence(model, x, t, method="hutchinson",
+                                                          probes=p1)
+        calls["hutch k=8"] = lambda: value_and_divergence(model, x, t, method="hutchinson",
+                                                          probes=p8)
+        ref = value_and_divergence(model, x, t, method="loop").divergence
+        worst = max((value_and_divergence(model, x, t, method=m).divergence - ref).abs().max()
+                    .item() for m in methods)
+        with torch.no_grad():
+            row = timed(calls, device, args.rounds, args.seconds)
+        cells = [f"{ms:.2f}" if mb != mb else f"{ms:.2f}/{mb:.0f}"
+                 for ms, _, mb in (row[c] for c in cols)]
+        print(f"{name:<20}" + "".join(f"{c:>14}" for c in cells) + f"   max|diff| {worst:.1e}")
+        ratios.append((name, {m: row["loop"][0] / row[m][0] for m in methods[1:]}))
+        spread = max(row[c][1] / row[c][0] for c in cols)
+        print(f"{'':<20}(median / min up to {spread:.2f}x over the row)")
+    print("\nspeed-up over the loop (loop time / method time):")
+    print(f"{'case':<20}" + "".join(f"{m:>14}" for m in methods[1:]))
+    for name, r in ratios:
+        print(f"{name:<20}" + "".join(f"{r[m]:>13.2f}x" for m in methods[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Overhead of the ODE front door: ``sample`` against a hand-written Euler loop with the same
+small MLP field (3 x 256, SiLU), 100 steps at batch 1024, d = 2, fp32; and flowsolve's
+synchronisation-free fixed-step loop (``fast_*``, optionally replayed from a CUDA graph)
+against both. Every row is timed round-robin (one call of each per round, so a drift in the
+machine's load hits all rows alike); medians and ratios come from one run.
+
+Run: .venv/bin/python benchmarks/bench_sampling.py [--device cuda] [--repeats 15] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from flowsolve.solve import CapturedSampler, sample
+
+STEPS, BATCH, DIM = 100, 1024, 2
+
+
+class MLP(nn.Module):
+    """u(x, t) = W_4 SiLU(W_3 SiLU(W_2 SiLU(W_1 [x, t]))): three hidden layers of 256."""
+
+    def __init__(self, dim: int, width: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width),
+                                 nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, dim))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each row, after two warm-up rounds."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for round_ in range(repeats + 2):
+        for name, fn in rows.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)  # network initialisation only
+    u = MLP(DIM).to(device)
+    x0 = torch.randn(BATCH, DIM, device=device, generator=torch.Generator(device).manual_seed(1))
+    grid = torch.linspace(0.0, 1.0, STEPS + 1, dtype=torch.float64).to(device)
+    grid32 = grid.to(torch.float32)
+    h = 1.0 / STEPS
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, {dev_name}, "
+          f"threads {torch.get_num_threads()}; Euler {STEPS} steps, B={BATCH}, d={DIM}, "
+          f"MLP 3x256 SiLU, fp32, median of {args.repeats} (round-robin)")
+
+    def hand_loop():
+        x = x0
+        for k in range(STEPS):
+            x = x + h * u(x, grid32[k])
+        return x
+
+    rows = {
+        "hand-written Euler loop": hand_loop,
+        "torchdiffeq.odeint euler, explicit grid": lambda: torchdiffeq.odeint(
+            lambda t, x: u(x, t.to(x.dtype)), x0, grid[[0, -1]], method="euler",
+            options={"grid_constructor": lambda f, y, t: grid})[-1],
+        "sample(solver='euler')  [torchdiffeq]": lambda: sample(u, x0, "euler", steps=STEPS),
+        "sample(solver='fast_euler')": lambda: sample(u, x0, "fast_euler", steps=STEPS),
+        "sample(solver='fast_euler', check_finite=False)": lambda: sample(
+            u, x0, "fast_euler", steps=STEPS, check_finite=False),
+        "sample(solver='rk4', steps=25)  [torchdiffeq]": lambda: sample(u, x0, "rk4", steps=25),
+        "sample(solver='fast_rk4', steps=25)": lambda: sample(u, x0, "fast_rk4", steps=25),
+    }
+    with torch.no_grad():
+        if device.type == "cuda":  # untested here: written where no GPU was available
+            graphed = CapturedSampler(u, x0, "fast_euler", steps=STEPS)
+            rows["CapturedSampler fast_euler (CUDA graph replay)"] = lambda: graphed(x0)
+        same = sample(u, x0, "euler", steps=STEPS).x
+        assert torch.allclose(sample(u, x0, "fast_euler", steps=STEPS).x, same, atol=1e-5)
+        assert torch.allclose(hand_loop(), same, atol=1e-5)
+        results = round_robin(rows, device, args.repeats)
+
+    hand = results["hand-written Euler loop"]
+    front = results["sample(solver='euler')  [torchdiffeq]"]
+    fast = results["sample(solver='fast_euler')"]
+    print(f"\n{'path (100 Euler steps unless noted)':<50} {'ms':>9} {'/ hand':>8} "
+          f"{'/ sample euler':>15}")
+    for name, ms in results.items():
+        print(f"{name:<50} {ms:9.2f} {ms / hand:8.3f} {ms / front:15.3f}")
+    print(f"\nfront-door overhead (sample euler / hand loop): {100 * (front / hand - 1):+.1f}%")
+    print(f"fast loop vs hand loop: {fast / hand:.3f}x; vs sample euler: {fast / front:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

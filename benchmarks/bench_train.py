@@ -1,0 +1,93 @@
+"""Training-step time: independent vs exact-OT coupling, the coupling in the main process
+vs in DataLoader workers (overlapping the step), at batch 256, 1024, 4096.
+
+MLP 3x256 (SiLU, sinusoidal time embedding), d = 2, N(0, I) -> 8gaussians, I-CFM / OT-CFM
+bridge with sigma = 0.1, AdamW. Time per step is the steady state: from the end of the
+``--warmup``-th step to the last (the DataLoader's start-up and the pipeline fill are
+excluded). Ratios are from one run. The exact OT is flowsolve.couplings.OTCoupling when it
+is importable, else a stand-in with POT's ``ot.emd`` (say which in the output).
+
+Run: .venv/bin/python benchmarks/bench_train.py [--batches 256 1024 4096] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import flowsolve as fs
+from flowsolve.bridges import GaussianBridge
+from flowsolve.train import TrainConfig, train
+
+try:
+    from flowsolve.couplings import OTCoupling
+
+    def exact_ot():
+        return OTCoupling(method="exact")
+
+    OT_NAME = "flowsolve.couplings.OTCoupling('exact')"
+except ImportError:  # couplings.py not there yet: the same solve, by hand
+    import ot
+
+    class _ExactOT:
+        def __call__(self, x0, x1, *extras):
+            n = x0.shape[0]
+            cost = torch.cdist(x0, x1).square().double().numpy()
+            plan = ot.emd(np.full(n, 1 / n), np.full(n, 1 / n), cost, numItermax=max(10**5, n * n))
+            return (x0[torch.from_numpy(plan.argmax(0))], x1, *extras)
+
+    def exact_ot():
+        return _ExactOT()
+
+    OT_NAME = "stand-in ot.emd permutation (flowsolve.couplings not importable)"
+
+
+def step_ms(batch: int, coupling, workers: int, steps: int, warmup: int) -> tuple[float, float]:
+    """(ms per steady-state step, ms per step spent waiting for batches over the run)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = fs.MLP(2, hidden=256, depth=3, time_embedding_dim=64)
+    stamps: dict[int, float] = {}
+    cfg = TrainConfig(steps=steps, batch_size=batch, log_every=1, progress=False,
+                      num_workers=workers, prefetch_factor=2, ema_decay=0.999)
+    res = train(model, "8gaussians", cfg, coupling=coupling, path=GaussianBridge(0.1),
+                generator=torch.Generator().manual_seed(0),
+                callback=lambda log: stamps.__setitem__(log.step, time.perf_counter()))
+    per_step = (stamps[steps] - stamps[warmup]) / (steps - warmup)
+    return 1e3 * per_step, 1e3 * res.data_wait / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, main process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} main thread(s), CPU; OT: {OT_NAME}")
+    print(f"{'B':>5} {'coupling':<12} {'main ms':>9} {'wait':>7} {'workers ms':>11} {'wait':>7}"
+          f" {'workers/main':>13}")
+    rows = {}
+    for b in args.batches:
+        for name, make in (("independent", lambda: None), ("exact OT", exact_ot)):
+            heavy = name != "independent"
+            steps = {256: 40, 1024: 20}.get(b, 8) if heavy else 60
+            warmup = max(2, steps // 5)
+            main_ms, main_wait = step_ms(b, make(), 0, steps, warmup)
+            work_ms, work_wait = step_ms(b, make(), args.workers, steps + 2 * args.workers,
+                                         warmup + 2 * args.workers)
+            rows[b, name] = (main_ms, work_ms)
+            print(f"{b:>5} {name:<12} {main_ms:9.2f} {main_wait:7.2f} {work_ms:11.2f} "
+                  f"{work_wait:7.2f} {work_ms / main_ms:13.2f}")
+    print("\nOT step / independent step (same mode):")
+    for b in args.batches:
+        (im, iw), (om, ow) = rows[b, "independent"], rows[b, "exact OT"]
+        print(f"  B={b:>5}: main process {om / im:7.1f}x   {args.workers} workers "
+              f"{ow / iw:7.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+r"""Couplings of a source batch ``x0`` with a data batch ``x1``: which x0 goes with which x1.
+
+A coupling is a data-pipeline step: it needs no model, so it can run in DataLoader workers
+(e.g. in a ``collate_fn``) and overlap the CPU solve of exact OT with the training step.
+Every coupling is a small picklable object with two calls:
+
+* ``x0c, x1c, *extras_c = coupling(x0, x1, *extras, generator=g)`` -- the paired batches.
+  Per-sample tensors in ``extras`` (labels, conditions, weights; first dim ``M``) belong to
+  ``x1`` and travel with their sample.
+* ``res = coupling.plan(x0, x1, *extras, generator=g)`` -- a :class:`CouplingResult`: the
+  index pairs ``(i0, i1)``, the plan, its cost and the solver's status. Use
+  ``res.take0(y0)`` for per-sample tensors that belong to ``x0``.
+
+By default (``keep="x1"``) the data side is kept whole and in order (``x1c`` *is* ``x1``,
+extras come back untouched) and ``x0`` is reordered (exact OT, equal batches: a permutation)
+or drawn from the plan column by column (unequal batches, entropic OT); ``keep="x0"`` does
+the converse. Failures are never silent: see :class:`OTCoupling`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor
+
+__all__ = ["COSTS", "COUPLINGS", "ClassConditionalOT", "Coupling", "CouplingError",
+           "CouplingResult", "CouplingWarning", "IndependentCoupling", "OTCoupling",
+           "PairedCoupling", "get_coupling"]
+
+CostFn = Callable[[Tensor, Tensor], Tensor]
+
+#: cost name -> ``c(x0, x1)`` on flattened batches ``(N, D), (M, D) -> (N, M)``.
+COSTS: dict[str, CostFn] = {
+    "sqeuclidean": lambda a, b: torch.cdist(a, b).square(),
+    "euclidean": lambda a, b: torch.cdist(a, b),
+}
+_EMD_CODES = {0: "infeasible", 1: "optimal", 2: "unbounded", 3: "max_iter_reached"}
+
+
+class CouplingError(RuntimeError):
+    """An OT solver failed and no correct fallback was allowed; the message has the numbers."""
+
+
+class CouplingWarning(UserWarning):
+    """An OT solver failed and a correct fallback was used (issued once per coupling)."""
+
+
+@dataclass(frozen=True)
+class CouplingResult:
+    """The pairs of a coupling and how they were found.
+
+    Attributes:
+        i0, i1: ``(K,)`` int64 on the inputs' device; pair k is ``(x0[i0[k]], x1[i1[k]])``.
+        plan: ``(N, M)`` plan summing to 1 (rows x0), ``None`` for independent / paired;
+            exact plans are float64 on the CPU (where POT solves), entropic ones on the
+            inputs' device.
+        cost: 0-d ``<plan, C>`` in units of the unnormalised cost; ``None`` without plan.
+        method: ``"independent"``, ``"paired"``, ``"exact"``, ``"sinkhorn"``.
+        status: ``"given"`` (no solve), ``"optimal"``, ``"optimal_after_retry"`` (the
+            iteration limit was hit, a 100x limit reached optimality), ``"converged"``
+            (Sinkhorn within ``tol``), ``"fallback_exact"`` (Sinkhorn failed; exact plan).
+        n_iter: solver iterations (Sinkhorn), else ``None``.
+        marginal_error: ``|plan 1 - a|_1 + |plan^T 1 - b|_1`` of the returned plan.
+        kept: ``"x1"`` (then ``i1 = arange(M)``), ``"x0"`` (``i0 = arange(N)``) or ``None``.
+    """
+
+    i0: Tensor
+    i1: Tensor
+    plan: Tensor | None = None
+    cost: Tensor | None = None
+    method: str = "independent"
+    status: str = "given"
+    n_iter: int | None = None
+    marginal_error: float | None = None
+    kept: str | None = None
+
+    def take0(self, t: Tensor) -> Tensor:
+        """Per-sample tensor of x0 (first dim N) reordered to the pairs."""
+        return t[self.i0.to(t.device)]
+
+    def take1(self, t: Tensor) -> Tensor:
+        """Per-sample tensor of x1 (first dim M) reordered to the pairs."""
+        return t if self.kept == "x1" else t[self.i1.to(t.device)]
+
+
+def _batches(x0: Tensor, x1: Tensor, extras: tuple) -> tuple[Tensor, Tensor]:
+    for name, x in (("x0", x0), ("x1", x1)):
+        if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+            raise TypeError(f"{name} must be a tensor shaped (B, *event_shape); got "
+                            f"{getattr(x, 'shape', type(x).__name__)}")
+    if x0[0].numel() != x1[0].numel() or x0.device != x1.device:
+        raise ValueError(f"x0 and x1 must have the same number of entries per sample, on one "
+                         f"device; got x0 {tuple(x0.shape)} on {x0.device}, x1 "
+                         f"{tuple(x1.shape)} on {x1.device}")
+    for k, e in enumerate(extras):
+        if not torch.is_tensor(e) or e.dim() < 1 or e.shape[0] != x1.shape[0]:
+            raise ValueError(f"extras[{k}] must be a per-sample tensor of x1 with first dim "
+                             f"{x1.shape[0]}; got {getattr(e, 'shape', type(e).__name__)}")
+    return x0.detach().flatten(1), x1.detach().flatten(1)
+
+
+class Coupling:
+    """Base class: subclasses implement :meth:`plan`."""
+
+    def plan(self, x0: Tensor, x1: Tensor, *extras: Tensor,
+             generator: torch.Generator | None = None) -> CouplingResult:
+        raise NotImplementedError
+
+    def __call__(self, x0: Tensor, x1: Tensor, *extras: Tensor,
+                 generator: torch.Generator | None = None, **kwargs) -> tuple[Tensor, ...]:
+        """``(x0c, x1c, *extras_c)``, the pairs of :meth:`plan` (extras follow x1)."""
+        res = self.plan(x0, x1, *extras, generator=generator, **kwargs)
+        return (res.take0(x0), res.take1(x1), *(res.take1(e) for e in extras))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class IndependentCoupling(Coupling):
+    """``pi = mu0 x mu1``: x1[j] with x0[j] (the batches are independent draws). With a
+    ``generator``, x0 is shuffled first, so the pairing is independent even when x0's
+    order carries information. Needs ``N >= M``; the first M (shuffled) x0 are used."""
+
+    def plan(self, x0, x1, *extras, generator=None):
+        _batches(x0, x1, extras)
+        n, m = x0.shape[0], x1.shape[0]
+        if n < m:
+            raise ValueError(f"IndependentCoupling needs at least as many x0 as x1; got "
+                             f"N={n} < M={m}")
+        i0 = torch.arange(m) if generator is None else \
+            torch.randperm(n, generator=generator, device=generator.device)[:m]
+        return CouplingResult(i0.to(x0.device), torch.arange(m, device=x0.device), kept="x1")
+
+
+class PairedCoupling(Coupling):
+    """The pairs as given, ``(x0[k], x1[k])`` (e.g. a degraded image and its original)."""
+
+    def plan(self, x0, x1, *extras, generator=None):
+        _batches(x0, x1, extras)
+        if x0.shape[0] != x1.shape[0]:
+            raise ValueError(f"PairedCoupling needs x0 and x1 of one batch size; got "
+                             f"{x0.shape[0]} and {x1.shape[0]}")
+        idx = torch.arange(x1.shape[0], device=x1.device)
+        return CouplingResult(idx, idx, method="paired", kept="x1")
+
+
+class OTCoupling(Coupling):
+    r"""Minibatch optimal transport between the uniform measures on x0 and x1.
+
+    ``method="exact"`` solves :math:`\min_{\pi \in \Pi(a, b)} \langle \pi, C \rangle` with POT's
+    network simplex (``ot.emd``, CPU; Bonneel et al. 2011). For ``N == M`` the optimum is a
+    vertex of the Birkhoff polytope, a permutation, which is recovered from the plan and
+    applied without replacement (every x0 used once). The iteration limit defaults to
+    ``max(1e5, N M)`` (iterations measured to optimality: 33k at N=1024 and 82k at N=2048
+    for d=2; 159k at N=2048 for d=16, beyond POT's default 1e5); if it is hit (result
+    code 3) a warning with the numbers is issued once per coupling object and the solve is
+    repeated with a 100x limit; if that fails too, :class:`CouplingError`. Other result
+    codes raise at once.
+
+    ``method="sinkhorn"`` solves the entropic problem
+    :math:`\min_\pi \langle \pi, \tilde C \rangle - \varepsilon H(\pi)` (Cuturi 2013) by
+    log-domain Sinkhorn (``ot.sinkhorn(..., method="sinkhorn_log")``, POT's torch backend:
+    the plan stays on the inputs' device). The cost is normalised, :math:`\tilde C = C /
+    \mathrm{mean}(C)` (``normalize="mean"``; ``"max"`` divides by the largest entry,
+    ``None`` keeps C so that ``reg = 2 sigma^2`` gives the Schrodinger-bridge plan), so
+    ``reg`` = :math:`\varepsilon` is relative to a typical pair cost; the log domain never
+    underflows, whatever ``reg``. Convergence is checked on the returned plan: marginal
+    error (L1, both marginals) ``<= tol``. Otherwise a warning with reg, iterations and
+    error is issued once per object and, with ``fallback="exact"``, the exact plan (the
+    :math:`\varepsilon \to 0` limit, a valid coupling) is used, status
+    ``"fallback_exact"``; ``fallback=None`` raises :class:`CouplingError`.
+
+    Args:
+        method: ``"exact"`` or ``"sinkhorn"``.
+        cost: a name in :data:`COSTS` or ``c(x0_flat, x1_flat) -> (N, M)``.
+        reg: entropic regularisation :math:`\varepsilon` (Sinkhorn), relative to the
+            normalised cost.
+        normalize: ``"mean"``, ``"max"`` or ``None`` (Sinkhorn).
+        max_iter: iteration limit; default ``max(1e5, N M)`` (exact), ``1000`` (Sinkhorn).
+        tol: largest accepted marginal error of a Sinkhorn plan.
+        keep: ``"x1"`` (data kept in order, x0 matched to it) or ``"x0"``.
+        fallback: ``"exact"`` or ``None`` (raise) when Sinkhorn does not converge.
+
+    Pairs are drawn (unequal batches, Sinkhorn) with the call's ``generator``, which must
+    be on the plan's device: the CPU for exact plans, the inputs' device for Sinkhorn.
+
+    References: Bonneel, van de Panne, Paris & Heidrich, "Displacement interpolation using
+    Lagrangian mass transport", SIGGRAPH Asia 2011 (network simplex); Cuturi, "Sinkhorn
+    distances", NeurIPS 2013; Schmitzer, "Stabilized sparse scaling algorithms for
+    entropy regularized transport problems", SIAM J. Sci. Comput. 2019 (log domain);
+    Tong et al., "Improving and generalizing flow-based generative models with minibatch
+    optimal transport", TMLR 2024 (minibatch OT for flow matching).
+    """
+
+    def __init__(self, method: str = "exact", *, cost: str | CostFn = "sqeuclidean",
+                 reg: float = 0.05, normalize: str | None = "mean", max_iter: int | None = None,
+                 tol: float = 1e-4, keep: str = "x1", fallback: str | None = "exact"):
+        _choice("method", method, ("exact", "sinkhorn"))
+        _choice("normalize", normalize, ("mean", "max", None))
+        _choice("keep", keep, ("x1", "x0"))
+        _choice("fallback", fallback, ("exact", None))
+        if not callable(cost):
+            _choice("cost", cost, tuple(COSTS))
+        for name, val in (("reg", reg), ("tol", tol)):
+            if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
+                raise ValueError(f"{name} must be a positive finite number; got {val!r}")
+        if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"max_iter must be a positive int or None; got {max_iter!r}")
+        self.method, self.cost, self.reg, self.normalize = method, cost, float(reg), normalize
+        self.max_iter, self.tol, self.keep, self.fallback = max_iter, float(tol), keep, fallback
+        self._warned: set[str] = set()
+
+    def plan(self, x0, x1, *extras, generator=None):
+        x0f, x1f = _batches(x0, x1, extras)
+        return self._couple(x0f, x1f, generator)
+
+    # -- one block ------------------------------------------------------------------------
+    def _cost(self, x0f: Tensor, x1f: Tensor) -> Tensor:
+        dtype = torch.promote_types(torch.promote_types(x0f.dtype, x1f.dtype), torch.float32)
+        fn = COSTS[self.cost] if isinstance(self.cost, str) else self.cost
+        c = fn(x0f.to(dtype), x1f.to(dtype))
+        if c.shape != (x0f.shape[0], x1f.shape[0]):
+            raise ValueError(f"cost must return ({x0f.shape[0]}, {x1f.shape[0]}); got "
+                             f"{tuple(c.shape)}")
+        return c
+
+    def _couple(self, x0f: Tensor, x1f: Tensor, generator) -> CouplingResult:
+        c = self._cost(x0f, x1f)
+        if self.method == "exact":
+            return self._exact(c, generator, "optimal")
+        return self._sinkhorn(c, generator)
+
+    def _exact(self, c: Tensor, generator, status: str) -> CouplingResult:
+        n, m = c.shape
+        c_np = np.ascontiguousarray(c.to("cpu", torch.float64).numpy())
+        if not np.isfinite(c_np).all():
+            raise ValueError("x0 and x1 must be finite: the cost matrix has "
+                             f"{int((~np.isfinite(c_np)).sum())} non-finite entries")
+        a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+        own = self.max_iter if self.method == "exact" else None  # not Sinkhorn's limit
+        limit = own or max(100_000, n * m)
+        plan, code = _emd(a, b, c_np, limit)
+        if code == 3:
+            self._warn_once("emd", f"ot.emd stopped at max_iter={limit} before optimality "
+                            f"(result code 3) on a {n}x{m} batch; re-solving with "
+                            f"max_iter={100 * limit}. Pass a larger max_iter to avoid the "
+                            "repeated solve.")
+            limit *= 100
+            plan, code = _emd(a, b, c_np, limit)
+            status = "optimal_after_retry" if code == 1 else status
+        err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
+        if code != 1:
+            raise CouplingError(
+                f"ot.emd failed on a {n}x{m} batch: result code {code} "
+                f"({_EMD_CODES.get(code, 'unknown')}) with max_iter={limit}; marginal error "
+                f"of the unfinished plan {err:.3g}. Increase max_iter or use method='sinkhorn'.")
+        plan_t = torch.from_numpy(plan)
+        if status == "fallback_exact":  # stand-in for an entropic plan: live where it would
+            plan_t = plan_t.to(c.device, c.dtype)
+        device = c.device
+        if n == m:  # a permutation matrix / n: read it off, pair without replacement
+            rows = plan.argmax(0)
+            if not (np.all(plan[rows, np.arange(m)] > 0.5 / n)
+                    and np.all(np.bincount(rows, minlength=n) == 1)):
+                raise CouplingError(f"ot.emd returned a non-permutation optimum on a {n}x{n} "
+                                    "batch (should not happen); please report it")
+            rows_t = torch.from_numpy(rows).to(device)
+            if self.keep == "x1":
+                i0, i1 = rows_t, torch.arange(m, device=device)
+            else:
+                i0, i1 = torch.arange(n, device=device), torch.argsort(rows_t)
+        else:
+            i0, i1 = self._draw(plan_t, generator)
+            i0, i1 = i0.to(device), i1.to(device)
+        cost = torch.tensor(float((plan * c_np).sum()), dtype=c.dtype, device=device)
+        return CouplingResult(i0, i1, plan_t, cost, self.method, status, None, err, self.keep)
+
+    def _sinkhorn(self, c: Tensor, generator) -> CouplingResult:
+        n, m = c.shape
+        scale = {"mean": c.mean, "max": c.max, None: lambda: c.new_ones(())}[self.normalize]
+        cn = c / scale().clamp_min(torch.finfo(c.dtype).tiny)
+        a = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device)
+        b = torch.full((m,), 1.0 / m, dtype=c.dtype, device=c.device)
+        max_iter = self.max_iter or 1000
+        plan, log = ot.sinkhorn(a, b, cn, self.reg, method="sinkhorn_log", numItermax=max_iter,
+                                stopThr=self.tol / math.sqrt(m), log=True, warn=False)
+        err = float((plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum())  # one sync
+        n_iter = int(log["niter"]) + 1
+        if not err <= self.tol:
+            msg = (f"log-domain Sinkhorn did not converge on a {n}x{m} batch: marginal error "
+                   f"{err:.3g} > tol={self.tol:g} after {n_iter} iterations (max_iter="
+                   f"{max_iter}) at reg={self.reg:g} (cost normalised by its "
+                   f"{self.normalize or 'identity'}). Increase reg or max_iter")
+            if self.fallback is None:
+                raise CouplingError(msg + ".")
+            self._warn_once("sinkhorn", msg + "; using the exact OT plan (reg -> 0) instead.")
+            return self._exact(c, generator, "fallback_exact")
+        i0, i1 = self._draw(plan, generator)
+        return CouplingResult(i0, i1, plan, (plan * c).sum(), "sinkhorn", "converged", n_iter,
+                              err, self.keep)
+
+    def _draw(self, plan: Tensor, generator) -> tuple[Tensor, Tensor]:
+        """One partner per kept sample from the plan's conditional, by inverse CDF (a cumsum
+        and a search: cheaper than ``torch.multinomial``'s exponential per plan entry)."""
+        if generator is not None and torch.device(generator.device).type != plan.device.type:
+            raise ValueError(f"generator must be on {plan.device.type}, where the plan is "
+                             f"(exact: CPU; sinkhorn: the inputs' device); got a generator on "
+                             f"{generator.device}")
+        w = plan.T if self.keep == "x1" else plan  # rows: the kept samples
+        cdf = w.cumsum(1)
+        u = torch.rand(w.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+        # side="right": cdf[k] > u >= cdf[k - 1], so the drawn entry has positive mass
+        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        drawn = drawn.clamp_max(w.shape[1] - 1)
+        kept = torch.arange(w.shape[0], device=plan.device)
+        return (drawn, kept) if self.keep == "x1" else (kept, drawn)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CouplingWarning, stacklevel=2)
+
+
+def _emd(a: np.ndarray, b: np.ndarray, c: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+    with warnings.catch_warnings():  # POT only warns; the caller reads the result code
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ot\.")
+        plan, log = ot.emd(a, b, c, numItermax=limit, log=True)
+    return plan, int(log["result_code"])
+
+
+def _choice(name: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}; got {value!r}")
+
+
+class ClassConditionalOT(OTCoupling):
+    """Optimal transport within each class: x0 is paired only with x1 of the same label.
+
+    Called as ``coupling(x0, x1, y1, *extras, y0=None, generator=g)``: the first extra is
+    the label ``y1`` ``(M,)`` of x1 (so ``x0c, x1c, y1c = coupling(x0, x1, y1)`` has the
+    shape of every other coupling). Without ``y0`` the source is unlabelled noise (needs
+    ``N == M``): it is split into groups of the class counts of ``y1`` -- at random with
+    ``generator``, else in order, which is random for i.i.d. draws -- and each group is
+    transported to its class. With ``y0`` ``(N,)`` the groups are the source classes (the
+    label sets must agree). Within a class this is :class:`OTCoupling` with the same
+    arguments (exact OT is optimal per class); the plan is block diagonal, class c carrying
+    mass ``M_c / M``. Avoids the cross-class pairs that hurt conditional generation
+    (torchcfm issue #117; C^2OT, arXiv 2503.10636).
+    """
+
+    def plan(self, x0, x1, y1=None, *extras, y0=None, generator=None):
+        if y1 is None:
+            raise TypeError("ClassConditionalOT needs the labels of x1: coupling(x0, x1, y1)")
+        x0f, x1f = _batches(x0, x1, (y1, *extras))
+        n, m = x0f.shape[0], x1f.shape[0]
+        if y1.dim() != 1:
+            raise ValueError(f"y1 must be shaped (M,) = ({m},); got {tuple(y1.shape)}")
+        classes, counts = torch.unique(y1, return_counts=True)
+        groups1 = [torch.nonzero(y1 == k).squeeze(1) for k in classes]
+        if y0 is None:
+            if n != m:
+                raise ValueError(f"without y0 (unlabelled x0), x0 and x1 need one batch size; "
+                                 f"got N={n}, M={m}")
+            order = torch.arange(n, device=x0.device) if generator is None else \
+                torch.randperm(n, generator=generator, device=generator.device).to(x0.device)
+            groups0 = list(torch.split(order, counts.tolist()))
+        else:
+            if y0.shape != (n,):
+                raise ValueError(f"y0 must be shaped (N,) = ({n},); got {tuple(y0.shape)}")
+            y0 = y0.to(y1.device)
+            classes0 = torch.unique(y0)
+            if classes0.shape != classes.shape or not bool((classes0 == classes).all()):
+                raise ValueError(f"y0 and y1 must hold the same labels; got y0 "
+                                 f"{classes0.tolist()} and y1 {classes.tolist()}")
+            groups0 = [torch.nonzero(y0 == k).squeeze(1) for k in classes]
+        parts = []
+        for g0, g1 in zip(groups0, groups1, strict=True):
+            g0, g1 = g0.to(x0f.device), g1.to(x0f.device)
+            parts.append((g0, g1, self._couple(x0f[g0], x1f[g1], generator)))
+        return self._assemble(parts, n, m)
+
+    def _assemble(self, parts, n: int, m: int) -> CouplingResult:
+        ref = parts[0][2].plan  # all parts' plans share a device (see _exact)
+        plan = torch.zeros(n, m, dtype=ref.dtype, device=ref.device)
+        i0 = torch.cat([g0[r.i0] for g0, _, r in parts])
+        i1 = torch.cat([g1[r.i1] for _, g1, r in parts])
+        weights = [g1.shape[0] / m for _, g1, _ in parts]
+        for w, (g0, g1, r) in zip(weights, parts, strict=True):
+            plan[g0.to(ref.device)[:, None], g1.to(ref.device)] = w * r.plan
+        cost = sum(w * r.cost for w, (_, _, r) in zip(weights, parts, strict=True))
+        err = sum(w * r.marginal_error for w, (_, _, r) in zip(weights, parts, strict=True))
+        statuses = [r.status for _, _, r in parts]
+        status = min(statuses, key=lambda s: {"fallback_exact": 0, "optimal_after_retry": 1}
+                     .get(s, 2))
+        iters = max(r.n_iter or 0 for _, _, r in parts) if self.method == "sinkhorn" else None
+        order = torch.argsort(i1 if self.keep == "x1" else i0)
+        return CouplingResult(i0[order], i1[order], plan, cost, self.method, status, iters, err,
+                              self.keep)
+
+
+#: coupling name -> class, for configuration files and the command line.
+COUPLINGS: dict[str, type[Coupling]] = {
+    "independent": IndependentCoupling, "paired": PairedCoupling, "ot": OTCoupling,
+    "class_ot": ClassConditionalOT}
+
+
+def get_coupling(name: str, **kwargs) -> Coupling:
+    """``COUPLINGS[name](**kwargs)``, e.g. ``get_coupling("ot", method="sinkhorn", reg=0.1)``."""
+    if name not in COUPLINGS:
+        raise ValueError(f"unknown coupling {name!r}; accepted: {', '.join(COUPLINGS)}")
+    return COUPLINGS[name](**kwargs)

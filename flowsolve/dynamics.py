@@ -1,0 +1,379 @@
+r"""The ODE systems handed to the solvers: ``dx/dt = u_t(x)`` for torchdiffeq and for scipy,
+the probability-flow ODE of a score model, and the failures a solve can end in.
+
+* :class:`ODESystem` is torchdiffeq's ``func(t, x)``. It counts field evaluations by
+  wrapping the field (:class:`~flowsolve._counting.CountingField`, a Python int: no device
+  work), counts attempted / accepted / rejected steps through torchdiffeq's step callbacks,
+  enforces a step budget, and records whether each evaluation was finite *on the device*
+  (no host synchronisation per call); the record is read at a rejected step and once at
+  the end of the solve. torchdiffeq integrates forwards (``t0 < t1``, noise to data) or
+  backwards (``t0 > t1``, data to noise): it negates time internally and calls the
+  system with the original ``t``, so the field always sees times in [0, 1].
+* :class:`ScipySystem` is scipy's ``fun(t, y)`` on the flattened float64 state, with the
+  sparsity of its Jacobian (samples evolve independently: block diagonal) for the implicit
+  methods.
+* :class:`Tableau` and :class:`FixedStepLoop` are flowsolve's own explicit Runge-Kutta
+  loop over a precomputed grid, written so that it never synchronises with the host (no
+  ``.item()``, no Python branch on a device tensor, finiteness recorded on the device) and
+  can therefore be captured whole in a CUDA graph.
+* :func:`probability_flow` is the ODE whose marginals are those of a score model's
+  diffusion, ``u_t = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t)
+  s_t`` (Song et al. 2021), an adapter of :mod:`flowsolve.fields`.
+
+A solve that cannot finish raises :class:`IntegrationError` with a ``status``
+(``"max_steps"``, ``"step_underflow"``, ``"failed"``) or :class:`NonFiniteStateError`
+(``"non_finite"``, also a ``FloatingPointError`` like the SDE front door's), each naming the
+solver and the time and saying what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import Tensor, nn
+
+from ._counting import CountingField
+from .fields import ConvertedField, as_velocity
+from .paths import AffineGaussianPath
+
+__all__ = ["IntegrationError", "NonFiniteStateError", "ODESystem", "ScipySystem", "Tableau",
+           "TABLEAUS", "FixedStepLoop", "probability_flow"]
+
+Field = Callable[[Tensor, Tensor], Tensor]
+
+_ADVICE = {
+    "max_steps": "raise max_steps, loosen rtol/atol, or look for a singularity of the field "
+                 "near that time (restrict the interval to [eps, 1 - eps])",
+    "step_underflow": "the step size underflowed: the field is probably singular or "
+                      "non-smooth near that time; restrict the interval or loosen rtol/atol",
+    "failed": "see the solver's message; try another solver or looser tolerances",
+    "non_finite": "check the model near that time, restrict the interval (t0 = eps or "
+                  "t1 = 1 - eps), or use more steps / tighter tolerances",
+}
+
+
+class IntegrationError(RuntimeError):
+    """A solve that could not finish. ``status`` names why (``"max_steps"``,
+    ``"step_underflow"``, ``"failed"``, ``"non_finite"``); ``solver`` and ``t`` say where."""
+
+    def __init__(self, status: str, solver: str, t: float | None, detail: str):
+        self.status, self.solver, self.t = status, solver, t
+        where = "" if t is None else f" at t={t:.10g}"
+        super().__init__(f"solver {solver!r} stopped{where} ({status}): {detail}; "
+                         f"{_ADVICE[status]}")
+
+
+class NonFiniteStateError(IntegrationError, FloatingPointError):
+    """The field or the state became inf or NaN during a solve (status ``"non_finite"``)."""
+
+    def __init__(self, solver: str, t: float | None, detail: str = "the field or the state "
+                 "became non-finite (inf or NaN)"):
+        super().__init__("non_finite", solver, t, detail)
+
+
+class ODESystem(nn.Module):
+    r"""``dx/dt = u_t(x)`` as torchdiffeq's ``func(t, x)``, counting what the solver does.
+
+    Args:
+        field: the velocity ``(x, t) -> Tensor``, ``x`` ``(B, *event_shape)``; it receives a
+            0-d ``t`` in ``x``'s dtype (torchdiffeq's adaptive solvers keep time in
+            float64).
+        solver: the solver's name, for messages.
+        callbacks: torchdiffeq callbacks the solver supports (its ``valid_callbacks()``);
+            only those are defined, so torchdiffeq never warns.
+        max_steps: budget of attempted steps (accepted + rejected); exceeding it raises
+            :class:`IntegrationError` with status ``"max_steps"``.
+        span: ``(t_lo, t_hi)``: clamp the times the field sees to this interval. torchdiffeq's
+            adaptive solvers probe the field once at ``t0 + h0`` to choose their first step
+            (Hairer's ``h0 = 0.01 |x| / |u|`` is not bounded by the interval) and that probe
+            may leave [0, 1]; the probe only sizes the first step, so clamping it is harmless
+            (no step crosses ``t1`` when torchdiffeq is given ``step_t = [t1]``).
+
+    Attributes:
+        nfe: field evaluations (counted); attempted, accepted, rejected: steps.
+    """
+
+    def __init__(self, field: Field, solver: str, *, callbacks: frozenset[str] = frozenset(),
+                 max_steps: int | None = None, span: tuple[float, float] | None = None):
+        super().__init__()
+        self.span = span
+        self.counter = CountingField(field)
+        if isinstance(field, nn.Module):
+            self.model = field  # registered, so odeint_adjoint finds the parameters
+        self.solver, self.max_steps = solver, max_steps
+        self.attempted = self.accepted = self.rejected = 0
+        self._last_t0: Tensor | None = None
+        self._ok: list[Tensor] = []  # isfinite(u).all() per evaluation, on the device
+        self._t: list[Tensor] = []
+        if "callback_step" in callbacks:
+            self.callback_step = self._on_step
+        if "callback_accept_step" in callbacks:
+            self.callback_accept_step = self._on_accept
+        if "callback_reject_step" in callbacks:
+            self.callback_reject_step = self._on_reject
+
+    @property
+    def nfe(self) -> int:
+        return self.counter.nfe
+
+    @property
+    def t_last(self) -> float | None:
+        """Start of the last step attempted (reads the device: for error messages)."""
+        return None if self._last_t0 is None else float(self._last_t0)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        t = t.to(dtype=x.dtype)
+        if self.span is not None:
+            t = t.clamp(*self.span)
+        u = self.counter(x, t)
+        self._ok.append(torch.isfinite(u).all())
+        self._t.append(t)
+        return u
+
+    def record_state(self, x: Tensor, t: float) -> None:
+        """Add ``isfinite(x).all()`` at time ``t`` to the record (e.g. the final state)."""
+        self._ok.append(torch.isfinite(x).all())
+        self._t.append(torch.tensor(t, dtype=torch.float64))
+
+    def _on_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.attempted += 1
+        self._last_t0 = t0
+        if self.max_steps is not None and self.attempted > self.max_steps:
+            self.check_finite()
+            raise IntegrationError(
+                "max_steps", self.solver, float(t0),
+                f"the step budget max_steps={self.max_steps} was used up (accepted "
+                f"{self.accepted}, rejected {self.rejected}, {self.nfe} evaluations)")
+
+    def _on_accept(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.accepted += 1
+
+    def _on_reject(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.rejected += 1
+        self.check_finite()  # a non-finite stage is rejected forever: name it now
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteStateError` naming the first time an evaluation was not
+        finite (one host synchronisation for all evaluations since the last check)."""
+        if not self._ok:
+            return
+        ok = torch.stack(self._ok)
+        if not bool(ok.all()):
+            first = int((~ok).nonzero()[0, 0])
+            raise NonFiniteStateError(self.solver, float(self._t[first]),
+                                      "the field returned inf or NaN")
+        self._ok, self._t = [], []
+
+
+class ScipySystem:
+    r"""``dx/dt = u_t(x)`` as scipy's ``fun(t, y)``: ``y`` is the flattened state in float64,
+    the field sees ``x`` reshaped to ``x0``'s shape, dtype and device. Evaluations are
+    counted by wrapping the field and checked for inf / NaN on the host (where scipy
+    needs them anyway)."""
+
+    def __init__(self, field: Field, x0: Tensor, solver: str):
+        self.counter = CountingField(field)
+        self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
+        self.solver = solver
+
+    @property
+    def nfe(self) -> int:
+        return self.counter.nfe
+
+    def __call__(self, t: float, y: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.ascontiguousarray(y)).reshape(self.shape)
+        x = x.to(device=self.device, dtype=self.dtype)
+        tt = torch.tensor(float(t), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            u = self.counter(x, tt)
+        f = u.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
+        if not np.isfinite(f).all():
+            raise NonFiniteStateError(self.solver, float(t), "the field returned inf or NaN")
+        return f
+
+    def integrate(self, solver_cls: type, x0: Tensor, t0: float, t1: float, *, rtol: float,
+                  atol: float, max_steps: int, times: list[float], options: dict | None
+                  ) -> tuple[Tensor, int, Tensor | None]:
+        """Step scipy's ``OdeSolver`` class from ``t0`` to ``t1`` (either direction) under a
+        budget of ``max_steps`` steps; returns ``(x(t1), steps taken, states at times)``
+        with the states from the solver's dense output. Raises :class:`IntegrationError`
+        on a failed step or an exhausted budget."""
+        y0 = x0.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
+        kwargs = {**self.jacobian_options(solver_cls.__name__), **(options or {})}
+        solver = solver_cls(self, t0, y0, t1, rtol=rtol, atol=atol, **kwargs)
+        sign = 1.0 if t1 > t0 else -1.0
+        pending, saved, taken = list(times), [], 0
+        while pending and pending[0] == t0:
+            saved.append(y0.copy())
+            pending.pop(0)
+        while solver.status == "running":
+            if taken >= max_steps:
+                raise IntegrationError("max_steps", self.solver, float(solver.t),
+                                       f"the step budget max_steps={max_steps} was used up "
+                                       f"({self.nfe} evaluations)")
+            message = solver.step()
+            taken += 1
+            if solver.status == "failed":
+                raise IntegrationError("failed", self.solver, float(solver.t), str(message))
+            if pending and sign * (pending[0] - solver.t) <= 0:
+                dense = solver.dense_output()
+                while pending and sign * (pending[0] - solver.t) <= 0:
+                    s = pending.pop(0)
+                    saved.append(solver.y.copy() if s == solver.t else dense(s))
+        like = dict(dtype=x0.dtype, device=x0.device)
+        x = torch.as_tensor(solver.y.copy()).reshape(x0.shape).to(**like)
+        traj = (torch.stack([torch.as_tensor(y).reshape(x0.shape) for y in saved]).to(**like)
+                if saved else None)
+        return x, taken, traj
+
+    def jacobian_options(self, method: str) -> dict:
+        """Jacobian structure for the implicit methods: samples do not interact, so the
+        Jacobian is block diagonal with ``B`` blocks of ``D x D`` (``D`` = event size).
+        Radau and BDF take it as ``jac_sparsity`` (finite differences then cost ``D``
+        evaluations, not ``B D``); LSODA as the band ``lband = uband = D - 1``."""
+        b = self.shape[0]
+        d = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        if method in ("Radau", "BDF"):
+            return {"jac_sparsity": sparse.kron(sparse.identity(b, format="csc"),
+                                                np.ones((d, d)), format="csc")}
+        if method == "LSODA":
+            return {"lband": d - 1, "uband": d - 1}
+        return {}
+
+
+def probability_flow(score: Field, path: AffineGaussianPath, *,
+                     interval: tuple[float, float] | None = None) -> ConvertedField:
+    r"""The probability-flow ODE's velocity of a score model on ``path``,
+    ``u_t(x) = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t) s_t(x)``.
+
+    Its flow has the marginals ``p_t`` of ``s_t = grad log p_t``. Singular where
+    ``alpha_t = 0`` (t = 0 for CondOT / cosine): start from ``t0 = eps`` with a sample of
+    ``p_eps`` (the front door checks the interval once, see :mod:`flowsolve.fields`).
+    """
+    return as_velocity(score, path, "score", interval=interval)
+
+
+# -- flowsolve's own fixed-step loop -----------------------------------------------------------
+@dataclass(frozen=True)
+class Tableau:
+    r"""An explicit Runge-Kutta method as data (Butcher 2016, "Numerical Methods for ODEs"):
+
+        k_i = u(x_n + h sum_{j<i} a_ij k_j, t_n + c_i h),    x_{n+1} = x_n + h sum_i b_i k_i.
+
+    It checks itself: ``a`` strictly lower triangular (row i has i entries),
+    ``sum_i b_i = 1`` and ``c_i = sum_j a_ij``; ValueError otherwise.
+    """
+
+    name: str
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+
+    def __post_init__(self):
+        s = len(self.b)
+        if len(self.c) != s or len(self.a) != s or any(len(r) != i for i, r in enumerate(self.a)):
+            raise ValueError(f"tableau {self.name!r}: need len(c) = len(b) = len(a) = s and row "
+                             f"i of a with i entries; got c={self.c}, a={self.a}, b={self.b}")
+        if abs(sum(self.b) - 1) > 1e-14:
+            raise ValueError(f"tableau {self.name!r}: sum(b) = {sum(self.b)!r}, must be 1")
+        for i, row in enumerate(self.a):
+            if abs(sum(row) - self.c[i]) > 1e-14:
+                raise ValueError(f"tableau {self.name!r}: row {i} of a sums to {sum(row)!r}, "
+                                 f"must equal c[{i}] = {self.c[i]!r}")
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+    def stage_times(self, grid: list[float]) -> list[list[float]]:
+        """``t_n + c_i h_n`` for every cell of ``grid``, as torchdiffeq computes them
+        (``c = 0`` is ``t_n`` and ``c = 1`` is ``t_{n+1}`` exactly)."""
+        out = []
+        for t_n, t_next in zip(grid[:-1], grid[1:], strict=True):
+            h = t_next - t_n
+            out.append([t_n if c == 0 else t_next if c == 1 else t_n + h * c for c in self.c])
+        return out
+
+
+_THIRD = 1 / 3
+TABLEAUS: dict[str, Tableau] = {t.name: t for t in (
+    Tableau("euler", 1, (0.0,), ((),), (1.0,)),
+    Tableau("midpoint", 2, (0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    Tableau("heun2", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    Tableau("heun3", 3, (0.0, _THIRD, 2 / 3), ((), (_THIRD,), (0.0, 2 / 3)), (0.25, 0.0, 0.75)),
+    # Kutta's 3/8 rule: torchdiffeq's "rk4" (rk4_alt_step_func)
+    Tableau("rk4", 4, (0.0, _THIRD, 2 / 3, 1.0), ((), (_THIRD,), (-_THIRD, 1.0), (1.0, -1.0, 1.0)),
+            (0.125, 0.375, 0.375, 0.125)),
+)}
+"""The explicit Runge-Kutta methods of the ``fast_*`` solvers, torchdiffeq's tableaus."""
+
+
+def _combine(coefficients: Sequence[float], ks: list[Tensor]) -> Tensor | None:
+    """``sum_j c_j k_j`` skipping zero coefficients (Python floats: no device branch)."""
+    acc = None
+    for c, k in zip(coefficients, ks, strict=True):
+        if c == 0.0:
+            continue
+        if acc is None:
+            acc = k if c == 1.0 else k * c
+        else:
+            acc = torch.add(acc, k, alpha=c)
+    return acc
+
+
+class FixedStepLoop:
+    r"""flowsolve's explicit Runge-Kutta loop for ``dx/dt = u_t(x)`` over a precomputed grid.
+
+    Everything the loop needs is computed on the host before it starts: the step sizes
+    ``h_n`` as Python floats (kernel arguments), the stage times ``t_n + c_i h_n`` as one
+    ``(N, s)`` tensor on ``x``'s device. A call then reads nothing back from the device (no
+    ``.item()``, no Python branch on a device tensor; finiteness of each state is recorded
+    on the device), so it runs without host synchronisation and can be captured whole in a
+    CUDA graph.
+
+    Args:
+        tableau: the method; grid: ``t_0 .. t_N`` (Python floats, either direction);
+        x_like: a tensor with the state's dtype and device; record: grid indices whose
+        states to keep.
+    """
+
+    def __init__(self, tableau: Tableau, grid: list[float], x_like: Tensor,
+                 record: Sequence[int] = ()):
+        self.tableau, self.grid, self.record = tableau, list(grid), list(record)
+        self.h = [b - a for a, b in zip(self.grid[:-1], self.grid[1:], strict=True)]
+        self.stage_t = torch.tensor(tableau.stage_times(self.grid), dtype=x_like.dtype,
+                                    device=x_like.device)
+
+    def __call__(self, field: Field, x: Tensor, check_finite: bool = True
+                 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """``(x_N, [x_k for k in record], ok)``, ``ok`` the ``(N,)`` record of
+        ``isfinite(x_n).all()`` (None when not checked)."""
+        tab, stage_t = self.tableau, self.stage_t
+        saved = [x] if 0 in self.record else []
+        flags = []
+        for n, h in enumerate(self.h):
+            ks: list[Tensor] = []
+            for i in range(tab.stages):
+                incr = _combine(tab.a[i], ks)
+                x_i = x if incr is None else torch.add(x, incr, alpha=h)
+                ks.append(field(x_i, stage_t[n, i]))
+            x = torch.add(x, _combine(tab.b, ks), alpha=h)
+            if check_finite:
+                flags.append(torch.isfinite(x).all())
+            if n + 1 in self.record:
+                saved.append(x)
+        return x, saved, torch.stack(flags) if flags else None
+
+    def check(self, ok: Tensor | None, solver: str) -> None:
+        """Raise :class:`NonFiniteStateError` naming the first non-finite step of a run's
+        record (the run's one host synchronisation)."""
+        if ok is not None and not bool(ok.all()):
+            n, g = int((~ok).nonzero()[0, 0]), self.grid
+            raise NonFiniteStateError(
+                solver, g[n + 1], f"the state became non-finite in step {n + 1} of "
+                f"{len(self.h)}, from t={g[n]:.6g} to t={g[n + 1]:.6g}")

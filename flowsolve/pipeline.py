@@ -1,0 +1,206 @@
+r"""The batch producer of training: data -> source -> coupling, with no model.
+
+Batch ``k`` of rank ``r`` is a pure function of ``(seed, k, r)``: each batch draws from its
+own ``torch.Generator`` seeded by a splitmix64 hash of those numbers, and a finite data set
+is visited in epochs, epoch ``e`` being a permutation drawn from ``(seed, e)`` (the
+remainder of an epoch that does not fill a global batch is dropped). So the exact CPU OT
+solve can run in DataLoader workers, overlapping the training step, with results identical
+to the main process; and a checkpoint needs only the seed and the step to resume the data
+order exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .data import LabeledSamples, get_dataset
+
+__all__ = ["Batch", "BatchProducer"]
+
+_M64 = (1 << 64) - 1
+# stream tags of the seed hash: data, source, coupling, training step
+_DATA, _SOURCE, _COUPLE, _STEP = 1, 2, 3, 4
+
+
+# -- the batch producer: data -> source -> coupling, no model -----------------------------
+def _mix(*values: int) -> int:
+    """A seed from integers: splitmix64 (Steele, Lea & Flood 2014) chained over ``values``."""
+    h = 0
+    for v in values:
+        h = (h + (v & _M64) + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _check_int(value: object, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+@dataclass
+class Batch:
+    """Coupled pairs ``(x0[i], x1[i])`` ``(B, *event_shape)`` and labels ``y`` ``(B,)``."""
+
+    x0: Tensor
+    x1: Tensor
+    y: Tensor | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
+        y = None if self.y is None else self.y.to(device, non_blocking=True)
+        return Batch(self.x0.to(device, dtype, non_blocking=True),
+                     self.x1.to(device, dtype, non_blocking=True), y)
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.x0.pin_memory(), self.x1.pin_memory(),
+                     None if self.y is None else self.y.pin_memory())
+
+
+class _Sample:
+    """``obj.sample(n, generator=g)`` as a picklable sampler."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        return self.obj.sample(n, generator=generator)
+
+
+class _Stream:
+    """Batches of one side (data or source): from a finite set in epochs, or a sampler."""
+
+    def __init__(self, obj: Any, what: str, batch_size: int, seed: int, rank: int, world: int):
+        self.b, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.x = self.y = self.fn = None
+        if isinstance(obj, LabeledSamples):
+            self.x, self.y = obj.x, obj.y
+        elif isinstance(obj, tuple) and len(obj) == 2 and all(map(torch.is_tensor, obj)):
+            self.x, self.y = obj
+        elif torch.is_tensor(obj):
+            self.x = obj
+        elif isinstance(obj, str):
+            self.fn = _Sample(get_dataset(obj))
+        elif hasattr(obj, "sample"):
+            self.fn = _Sample(obj)
+        elif callable(obj):
+            self.fn = obj
+        else:
+            raise TypeError(f"{what} must be a tensor (N, ...), LabeledSamples or (x, y), a data "
+                            "set name, an object with .sample(n, generator=) or a callable "
+                            f"f(n, generator=); got {type(obj).__name__}")
+        if self.x is not None:
+            n = self.x.shape[0]
+            self.per_epoch = n // (batch_size * world)
+            if self.per_epoch == 0:
+                raise ValueError(f"{what} holds {n} samples, fewer than one global batch of "
+                                 f"batch_size * world_size = {batch_size * world}")
+            self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, k: int) -> tuple[Tensor, Tensor | None]:
+        if self.x is None:
+            out = self.fn(self.b, generator=_generator(_mix(self.seed, k, self.rank)))
+            if isinstance(out, LabeledSamples):
+                return out.x, out.y
+            return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        epoch, slot = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = _generator(_mix(self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.x.shape[0], generator=g)
+        start = (slot * self.world + self.rank) * self.b
+        idx = self._perm[start:start + self.b]
+        return self.x[idx], None if self.y is None else self.y[idx]
+
+
+def _accepts_generator(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class BatchProducer(Dataset):
+    """Batch ``k`` = coupling(source draw, data draw): a pure function of ``(seed, k, rank)``.
+
+    Args:
+        data: the ``x1`` side: a tensor ``(N, ...)``, ``LabeledSamples`` / ``(x, y)`` (visited
+            in epochs), a data-set name of :mod:`flowsolve.data`, an object with
+            ``.sample(n, generator=)`` or a callable ``f(n, generator=)`` returning a
+            tensor or ``(x, y)``.
+        source: the ``x0`` side, in the same forms; ``None`` draws ``N(0, I)`` shaped like x1.
+        coupling: ``coupling(x0, x1, *extras) -> (x0, x1, *extras)`` (extras: the labels),
+            given ``generator=`` when it accepts one; ``None`` is the independent coupling.
+        batch_size, seed, rank, world_size: as in :func:`train`.
+        dtype: floating dtype of the produced pairs (default: torch's default dtype).
+
+    ``producer[k]`` is batch ``k``; a ``DataLoader(producer, batch_size=None,
+    sampler=range(start, stop), num_workers=w)`` yields the same batches for any ``w``.
+    """
+
+    def __init__(self, data: Any, source: Any = None, coupling: Callable | None = None, *,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype | None = None):
+        _check_int(batch_size, "batch_size", 1)
+        if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be an int in [0, world_size); got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if coupling is not None and not callable(coupling):
+            raise TypeError("coupling must be None or callable as coupling(x0, x1, *extras); "
+                            f"got {type(coupling).__name__}")
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.data = _Stream(data, "data", batch_size, _mix(seed, _DATA), rank, world_size)
+        self.source = None if source is None else _Stream(
+            source, "source", batch_size, _mix(seed, _SOURCE), rank, world_size)
+        self.coupling = coupling
+        self._coupling_takes_generator = coupling is not None and _accepts_generator(coupling)
+        self.dtype = dtype or torch.get_default_dtype()
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def draw(self, k: int) -> Batch:
+        """The uncoupled batch ``k``."""
+        x1, y = self.data(k)
+        x1 = x1.to(self.dtype)
+        if self.source is None:
+            g = _generator(_mix(self.seed, _SOURCE, k, self.rank))
+            x0 = torch.randn(x1.shape, generator=g, dtype=self.dtype)
+        else:
+            x0 = self.source(k)[0].to(self.dtype)
+        if x0.shape != x1.shape:
+            raise ValueError(f"source batches {tuple(x0.shape)} and data batches "
+                             f"{tuple(x1.shape)} must have the same shape")
+        return Batch(x0, x1, y)
+
+    def couple(self, batch: Batch, k: int) -> Batch:
+        """Apply the coupling to ``batch`` (randomness seeded by ``(seed, k, rank)``)."""
+        if self.coupling is None:
+            return batch
+        extras = () if batch.y is None else (batch.y,)
+        kwargs = {}
+        if self._coupling_takes_generator:
+            kwargs["generator"] = _generator(_mix(self.seed, _COUPLE, k, self.rank),
+                                             batch.x0.device)
+        out = self.coupling(batch.x0, batch.x1, *extras, **kwargs)
+        if not isinstance(out, (tuple, list)) or len(out) != 2 + len(extras) or \
+                out[0].shape != batch.x0.shape or out[1].shape != batch.x1.shape:
+            raise TypeError("coupling(x0, x1, *extras) must return (x0, x1, *extras) with the "
+                            f"shapes it was given ({len(extras)} extras)")
+        return Batch(out[0], out[1], out[2] if extras else None)
+
+    def __getitem__(self, k: int) -> Batch:
+        return self.couple(self.draw(k), k)

@@ -1,0 +1,449 @@
+r"""Training loop for velocity (CFM / OT-CFM / SB-CFM) and score / epsilon models.
+
+One step ``k`` is: take batch ``k`` from the :class:`BatchProducer` (data ``x1`` with
+optional labels ``y``, source ``x0``, then the coupling, which permutes the pairs), draw
+``t`` (and the bridge noise), drop labels for classifier-free guidance, regress the model
+on its conditional target, clip the gradient norm, take an AdamW step and update the EMA:
+
+    theta_ema <- beta theta_ema + (1 - beta) theta,   theta_ema_0 = theta_0,
+
+so after n steps ``theta_ema_n = beta^n theta_0 + (1 - beta) sum_k beta^(n-k) theta_k``.
+
+**The batch producer needs no model.** Batch ``k`` of rank ``r`` is a pure function of
+``(seed, k, r)``: each batch draws from its own ``torch.Generator`` seeded by a splitmix64
+hash of those numbers, and a finite data set is visited in epochs, epoch ``e`` being a
+permutation drawn from ``(seed, e)`` (the remainder of an epoch that does not fill a global
+batch is dropped). So the exact CPU OT solve can run in DataLoader workers
+(``config.num_workers``), overlapping the step, with results identical to the main process;
+and a checkpoint only needs the seed and the step to resume the data order exactly. The
+step's own randomness (``t``, bridge noise, label dropout) comes from a generator on the
+model's device seeded likewise by ``(seed, k, r)``.
+
+**Checkpoints** (``checkpoint=path``) hold the model, EMA, optimizer, step, seed, the
+loss history and the running loss sum, as tensors and plain containers only: written
+atomically (a temporary file, then ``os.replace``) by rank 0, read with
+``torch.load(weights_only=True)``. Calling :func:`train` again with the same path resumes;
+the losses logged after a resume equal those of a run that never stopped, bit for bit.
+Randomness inside the model (dropout layers) draws from torch's global RNG and is outside
+that guarantee.
+
+**torch.distributed**: when a process group is initialised, the model is wrapped in
+``DistributedDataParallel``; every rank draws and couples its own batch of
+``config.batch_size`` (the global batch is ``batch_size * world_size``); logged losses are
+averaged over ranks; only rank 0 writes checkpoints.
+
+Host synchronisation in the loop happens only every ``config.log_every`` steps (the loss
+is read then) and at checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .bridges import GaussianBridge, bridge_matching_loss
+from .losses import (
+    DSM_WEIGHTINGS,
+    TIME_DISTRIBUTIONS,
+    denoising_score_matching_loss,
+    label_dropout,
+    regression_loss,
+    sample_time,
+)
+from .paths import AffineGaussianPath, _canonical
+from .pipeline import _STEP, Batch, BatchProducer, _generator, _mix
+from .schedules import CondOTScheduler
+
+__all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "EMA", "train",
+           "load_weights"]
+
+_FORMAT = "flowsolve.train/1"
+
+
+# -- configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train` (AdamW lr 1e-3, weight decay 1e-5 as in Tong et al. 2024).
+
+    ``steps`` optimizer steps of ``batch_size`` pairs per rank; AdamW(``lr``, ``betas``,
+    ``weight_decay``) with a linear warm-up over ``warmup_steps``; gradient-norm clipping
+    at ``grad_clip`` (None: off); EMA decay ``ema_decay`` (None: no EMA). ``prediction``:
+    what the model outputs (``velocity``, ``score``, ``epsilon``, ``x1``, ``v``);
+    ``dsm_weighting`` for ``score``; ``time_distribution`` of t. ``label_dropout``: the
+    probability of replacing a label by the model's ``null_label``. The loss is logged
+    (mean over the interval, over ranks) every ``log_every`` steps; a checkpoint is written
+    every ``checkpoint_every`` steps (0: only at the end). ``num_workers`` DataLoader
+    workers produce and couple batches (0: the main process; then ``couple_on_device``
+    couples on the model's device, e.g. a GPU Sinkhorn). Workers are forked where the
+    platform allows (``worker_start_method=None``); a coupling that uses CUDA inside a
+    worker needs ``"spawn"`` and picklable data, source and coupling.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_decay: float | None = 0.999
+    prediction: str = "velocity"
+    dsm_weighting: str = "sigma_squared"
+    time_distribution: str = "uniform"
+    label_dropout: float = 0.0
+    log_every: int = 100
+    checkpoint_every: int = 0
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    worker_start_method: str | None = None
+    couple_on_device: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", _canonical(self.prediction, "prediction"))
+        for name, (ok, accepted) in _RULES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"{name} must be {accepted}; got {value!r}")
+        if self.couple_on_device and self.num_workers:
+            raise ValueError("couple_on_device=True needs num_workers=0 (workers run on the "
+                             f"host); got num_workers={self.num_workers}")
+
+
+def _int_at_least(minimum: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and v >= minimum), f"an int >= {minimum}"
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: _int_at_least(1) for k in ("steps", "batch_size", "log_every", "prefetch_factor")},
+    **{k: _int_at_least(0) for k in ("warmup_steps", "checkpoint_every", "num_workers")},
+    "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: v is None or _number(v) and v > 0, "None or a number > 0"),
+    "ema_decay": (lambda v: v is None or _number(v) and 0 <= v < 1, "None or in [0, 1)"),
+    "label_dropout": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "time_distribution": (lambda v: v in TIME_DISTRIBUTIONS, f"one of {TIME_DISTRIBUTIONS}"),
+    "dsm_weighting": (lambda v: v in DSM_WEIGHTINGS, f"one of {DSM_WEIGHTINGS}"),
+    "worker_start_method": (lambda v: v is None or v in multiprocessing.get_all_start_methods(),
+                            "None or a multiprocessing start method"),
+}
+
+
+# -- exponential moving average ------------------------------------------------------------
+class EMA:
+    r"""``theta_ema <- beta theta_ema + (1 - beta) theta`` over the parameters of a copy of
+    ``model`` (buffers are copied); ``theta_ema_0 = theta_0``. One fused ``lerp`` per update,
+    no host synchronisation. ``ema.model`` is the averaged network (eval mode)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1); got {decay!r}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        mine = list(self.model.parameters())
+        torch._foreach_lerp_(mine, [p.detach() for p in model.parameters()], 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+# -- results ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainLog:
+    """Passed to ``callback`` every ``log_every`` steps: the step reached, the mean loss over
+    the interval (over ranks) and the seconds since this call of :func:`train` started."""
+
+    step: int
+    loss: float
+    elapsed: float
+
+
+@dataclass
+class TrainResult:
+    """``model`` (trained, unwrapped) and ``ema_model`` (None without EMA); ``log_steps`` /
+    ``losses``: the logged history including resumed parts; ``step``: the final step;
+    ``start_step``: where this call began (> 0 after a resume); ``wall_time``: seconds in
+    this call's loop, ``data_wait`` of them spent waiting for batches; ``seed``: the run's
+    seed (``BatchProducer(..., seed=seed)[k]`` is batch k)."""
+
+    model: nn.Module
+    ema_model: nn.Module | None
+    log_steps: list[int]
+    losses: list[float]
+    step: int
+    start_step: int
+    wall_time: float
+    data_wait: float
+    checkpoint: Path | None
+    seed: int
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, cfg: TrainConfig, world: int) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
+    for key, now in (("batch_size", cfg.batch_size), ("world_size", world),
+                     ("prediction", cfg.prediction)):
+        if state[key] != now:
+            raise ValueError(f"checkpoint {path} was written with {key}={state[key]!r}; this "
+                             f"call has {key}={now!r}. Use the same value to resume, or "
+                             "another checkpoint path to start afresh")
+    return state
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike, *, ema: bool = True) -> nn.Module:
+    """Load the EMA (``ema=True``, when the run kept one) or raw weights of a training
+    checkpoint into ``model`` (``weights_only`` loading) and return it."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{checkpoint} is not a flowsolve training checkpoint ({_FORMAT})")
+    model.load_state_dict(state["ema"] if ema and state["ema"] is not None else state["model"])
+    return model
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def _batches(producer: BatchProducer, steps: Iterable[int], cfg: TrainConfig,
+             pin: bool) -> Iterator[Batch]:
+    if cfg.num_workers == 0:
+        return (producer.draw(k) if cfg.couple_on_device else producer[k] for k in steps)
+    method = cfg.worker_start_method
+    if method is None and "fork" in multiprocessing.get_all_start_methods():
+        method = "fork"
+    return iter(DataLoader(producer, batch_size=None, sampler=steps, num_workers=cfg.num_workers,
+                           prefetch_factor=cfg.prefetch_factor, pin_memory=pin,
+                           multiprocessing_context=method))
+
+
+def _check_setup(model: Any, path: Any, cfg: TrainConfig, source: Any, coupling: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(path, (AffineGaussianPath, GaussianBridge)):
+        raise TypeError("path must be an AffineGaussianPath or a GaussianBridge; got "
+                        f"{type(path).__name__}")
+    if isinstance(path, GaussianBridge) and cfg.prediction != "velocity":
+        raise ValueError(f"a GaussianBridge trains velocity models; got prediction="
+                         f"{cfg.prediction!r} (use an AffineGaussianPath for score / epsilon)")
+    if cfg.prediction in ("score", "epsilon") and (source is not None or coupling is not None):
+        raise ValueError(f"prediction={cfg.prediction!r} regresses on the noise x0, which must "
+                         "be N(0, I) and independent of x1: pass source=None and coupling=None "
+                         "(OT couplings train velocity models)")
+
+
+class _Run:
+    """The state of one training run: model, DDP wrapper, optimizer, EMA, producer, seed,
+    the running loss sum and the logged history; restored from / saved to a checkpoint."""
+
+    def __init__(self, model: nn.Module, producer_args: tuple, cfg: TrainConfig, path: Any,
+                 ckpt: Path | None, generator: torch.Generator | None):
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed \
+            else (0, 1)
+        self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
+        state = _load(ckpt, cfg, self.world) if ckpt is not None and ckpt.exists() else None
+        if state is not None:
+            self.seed = state["seed"]
+            model.load_state_dict(state["model"])
+        else:
+            g = generator if generator is not None else torch.Generator()
+            self.seed = int(torch.randint(0, 1 << 62, (), generator=g, device=g.device))
+            if self.distributed:  # one seed for all ranks: the epochs are shared
+                box = [self.seed]
+                dist.broadcast_object_list(box, src=0)
+                self.seed = box[0]
+        self.net = model
+        if self.distributed:  # broadcasts rank 0's parameters
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=ids)
+        model.train()
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                     weight_decay=cfg.weight_decay)
+        self.running = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count, self.log_steps, self.losses, self.start = 0, [], [], 0
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.start, self.count = state["step"], state["count"]
+            self.log_steps = list(state["history"]["step"])
+            self.losses = list(state["history"]["loss"])
+            self.running.copy_(state["running"])
+        self.conditional = getattr(model, "num_classes", None) is not None
+        self.null_label = getattr(model, "null_label", None)
+        if self.conditional and cfg.label_dropout > 0 and not isinstance(self.null_label, int):
+            raise ValueError("label_dropout > 0 needs a model with an int attribute null_label")
+        self.producer = BatchProducer(*producer_args, batch_size=cfg.batch_size, seed=self.seed,
+                                      rank=self.rank, world_size=self.world, dtype=self.dtype)
+        self.step_seed = _mix(self.seed, _STEP)
+
+    def loss(self, batch: Batch, k: int) -> Tensor:
+        cfg, path, net = self.cfg, self.path, self.net
+        g = _generator(_mix(self.step_seed, k, self.rank), self.device)
+        kwargs = {}
+        if self.conditional and batch.y is not None:
+            y = batch.y
+            if cfg.label_dropout > 0:
+                y = label_dropout(y, cfg.label_dropout, self.null_label, generator=g)
+            kwargs["y"] = y
+        t = sample_time(batch.x1.shape[0], generator=g, dtype=self.dtype, device=self.device,
+                        distribution=cfg.time_distribution)
+        if isinstance(path, GaussianBridge):
+            if path.schedule == "brownian":
+                t = t.clamp(1e-5, 1 - 1e-5)
+            return bridge_matching_loss(net, path, batch.x0, batch.x1, t, generator=g, **kwargs)
+        if cfg.prediction == "score":
+            return denoising_score_matching_loss(net, path, batch.x0, batch.x1, t,
+                                                 weighting=cfg.dsm_weighting, **kwargs)
+        return regression_loss(net, path, batch.x0, batch.x1, t, prediction=cfg.prediction,
+                               **kwargs)
+
+    def step(self, batch: Batch, k: int) -> None:
+        """One optimizer step on batch ``k``; no host synchronisation."""
+        cfg = self.cfg
+        batch = batch.to(self.device, self.dtype)
+        if cfg.couple_on_device:
+            batch = self.producer.couple(batch, k)
+        if cfg.warmup_steps:
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps)
+        loss = self.loss(batch, k)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.running += loss.detach()
+        self.count += 1
+
+    def log(self, step: int) -> float:
+        """Mean loss since the last log, averaged over ranks (synchronises)."""
+        mean = self.running / self.count
+        if self.distributed:
+            dist.all_reduce(mean)
+            mean = mean / self.world
+        value = float(mean.item())
+        self.running.zero_()
+        self.count = 0
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss is {value} at step {step}: lower "
+                                     "config.lr or set config.grad_clip")
+        self.log_steps.append(step)
+        self.losses.append(value)
+        return value
+
+    def save(self, step: int) -> None:
+        if self.ckpt is None or self.rank != 0:
+            return
+        _save(self.ckpt, {
+            "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
+            "batch_size": self.cfg.batch_size, "prediction": self.cfg.prediction,
+            "config": asdict(self.cfg), "model": self.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "count": self.count,
+            "history": {"step": self.log_steps, "loss": self.losses},
+            "running": self.running.detach().cpu(),
+        })
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    config: TrainConfig | None = None,
+    *,
+    source: Any = None,
+    path: AffineGaussianPath | GaussianBridge | None = None,
+    coupling: Callable | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[TrainLog], None] | None = None,
+) -> TrainResult:
+    """Train ``model(x, t, **kwargs)`` by regression along ``path`` on coupled pairs.
+
+    Args:
+        model: the network, called ``model(x_t, t)`` or ``model(x_t, t, y=labels)`` when it
+            has ``num_classes`` set and the data carries labels (otherwise labels only reach
+            the coupling, e.g. class-conditional OT).
+        data, source, coupling: the batch producer's sides (see :class:`BatchProducer`).
+        config: a :class:`TrainConfig`.
+        path: an :class:`~flowsolve.paths.AffineGaussianPath` (default CondOT: rectified
+            flow / I-CFM with sigma = 0) or a :class:`~flowsolve.bridges.GaussianBridge`
+            (I-CFM / OT-CFM with constant sigma, SB-CFM with the Brownian bridge).
+        checkpoint: a file to resume from if it exists, and to write.
+        generator: seeds the run (one draw); a fresh default ``torch.Generator`` if None.
+            Ignored on resume: the seed is in the checkpoint.
+        callback: called with a :class:`TrainLog` at every logging step.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    cfg = config or TrainConfig()
+    path = path if path is not None else AffineGaussianPath(CondOTScheduler())
+    _check_setup(model, path, cfg, source, coupling)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    run = _Run(model, (data, source, coupling), cfg, path, ckpt, generator)
+    start, begin, wait = run.start, time.perf_counter(), 0.0
+    batches = iter(()) if start >= cfg.steps else _batches(
+        run.producer, range(start, cfg.steps), cfg, pin=run.device.type == "cuda")
+    for k in range(start, cfg.steps):
+        tick = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - tick
+        run.step(batch, k)
+        step = k + 1
+        if step % cfg.log_every == 0:
+            value, elapsed = run.log(step), time.perf_counter() - begin
+            if cfg.progress and run.rank == 0:
+                rate = (step - start) / elapsed
+                sys.stderr.write(f"\rtrain: step {step}/{cfg.steps}  loss {value:.4g}  "
+                                 f"{rate:.1f} steps/s  eta {(cfg.steps - step) / rate:.0f}s  ")
+            if callback is not None:
+                callback(TrainLog(step, value, elapsed))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            run.save(step)
+    wall = time.perf_counter() - begin
+    if start < cfg.steps:
+        run.save(cfg.steps)
+        if cfg.progress and run.rank == 0:
+            sys.stderr.write("\n")
+    if run.distributed and ckpt is not None:
+        dist.barrier()
+    ema_model = None if run.ema is None else run.ema.model
+    return TrainResult(model, ema_model, run.log_steps, run.losses, max(start, cfg.steps),
+                       start, wall, wait, ckpt, run.seed)

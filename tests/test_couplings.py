@@ -1,0 +1,325 @@
+"""couplings: optimality against POT and scipy, permutations, labels, failure paths."""
+
+import math
+import pickle
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from flowsolve.couplings import (
+    COUPLINGS,
+    ClassConditionalOT,
+    CouplingError,
+    CouplingResult,
+    CouplingWarning,
+    IndependentCoupling,
+    OTCoupling,
+    PairedCoupling,
+    get_coupling,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Sinkhorn's small column reductions (POT's logsumexp) wait for a second OpenMP thread
+    on a loaded 2-core machine: measured 11.7 ms per 32x32 logsumexp with 2 threads against
+    16 us with 1. These tests check numbers, not threading."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batches(gen, n=64, m=None, d=2, dtype=F64):
+    """x0 ~ N(0, I), x1 ~ 0.5 N(0, I) + 3 (the shapes of the couplings note)."""
+    x0 = torch.randn(n, d, generator=gen, dtype=dtype)
+    x1 = 0.5 * torch.randn(m or n, d, generator=gen, dtype=dtype) + 3
+    return x0, x1
+
+
+def _sqcost(x0, x1):
+    return ((x0.flatten(1)[:, None] - x1.flatten(1)[None]) ** 2).sum(-1).numpy()
+
+
+def _emd2(x0, x1):
+    c = _sqcost(x0, x1)
+    return ot.emd2(np.full(len(c), 1 / len(c)), np.full(c.shape[1], 1 / c.shape[1]), c,
+                   numItermax=10**8)
+
+
+def _ring(gen, n, radius=5.0):
+    """8 Gaussians at ``radius`` (std 0.5) and their component labels."""
+    k = torch.randint(0, 8, (n,), generator=gen)
+    ang = k.to(F64) * (2 * math.pi / 8)
+    centre = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return centre + 0.5 * torch.randn(n, 2, generator=gen, dtype=F64), k
+
+
+# -- exact OT ----------------------------------------------------------------------------
+def test_exact_coupling_is_the_optimal_permutation(gen):
+    x0, x1 = _batches(gen, 200)
+    res = OTCoupling().plan(x0, x1)
+    assert isinstance(res, CouplingResult) and res.status == "optimal"
+    # a permutation: every x0 once, x1 kept in order
+    assert torch.equal(res.i1, torch.arange(200))
+    assert torch.equal(torch.sort(res.i0).values, torch.arange(200))
+    assert res.marginal_error == 0.0
+    pair_cost = (x0[res.i0] - x1[res.i1]).square().sum(1).mean().item()
+    optimum = _emd2(x0, x1)
+    assert pair_cost == pytest.approx(optimum, rel=1e-12)
+    assert res.cost.item() == pytest.approx(optimum, rel=1e-12)
+    identity = (x0 - x1).square().sum(1).mean().item()
+    assert pair_cost < identity
+    # the Hungarian algorithm finds the same assignment (unique optimum for continuous data)
+    rows, cols = linear_sum_assignment(_sqcost(x0, x1))
+    assert _sqcost(x0, x1)[rows, cols].mean() == pytest.approx(pair_cost, rel=1e-12)
+    lsa_row_of_col = np.empty(200, dtype=np.int64)
+    lsa_row_of_col[cols] = rows
+    assert np.array_equal(res.i0.numpy(), lsa_row_of_col)
+
+
+def test_exact_coupling_in_1d_is_the_sorted_matching(gen):
+    x0, x1 = _batches(gen, 100, d=1)
+    x0c, x1c = OTCoupling()(x0, x1)
+    assert x1c is x1
+    # monotone rearrangement: the k-th smallest x0 goes with the k-th smallest x1
+    assert torch.equal(torch.argsort(x0c[:, 0]), torch.argsort(x1c[:, 0]))
+
+
+def test_extras_travel_with_their_samples(gen):
+    x0 = torch.randn(48, 1, 4, 4, generator=gen, dtype=F64)  # image-shaped events
+    x1 = torch.randn(48, 1, 4, 4, generator=gen, dtype=F64) + 1
+    y1, w1 = torch.arange(48), torch.rand(48, 3, generator=gen)
+    for keep in ("x1", "x0"):
+        x0c, x1c, y1c, w1c = OTCoupling(keep=keep)(x0, x1, y1, w1)
+        assert torch.equal(x1c, x1[y1c]) and torch.equal(w1c, w1[y1c])
+        if keep == "x0":
+            assert torch.equal(x0c, x0) and not torch.equal(y1c, y1)
+    res = OTCoupling(keep="x0").plan(x0, x1)
+    cost = (res.take0(x0) - res.take1(x1)).flatten(1).square().sum(1).mean().item()
+    assert cost == pytest.approx(_emd2(x0, x1), rel=1e-12)
+    assert torch.equal(res.take0(torch.arange(48)), torch.arange(48))
+
+
+@pytest.mark.parametrize("keep,n,m", [("x1", 80, 50), ("x0", 50, 80)])
+def test_unequal_batches_draw_pairs_from_the_optimal_plan(keep, n, m):
+    gen = torch.Generator().manual_seed(7)
+    x0, x1 = _batches(gen, n, m)
+    coupling = OTCoupling(keep=keep)
+    res = coupling.plan(x0, x1, generator=torch.Generator().manual_seed(3))
+    assert res.cost.item() == pytest.approx(_emd2(x0, x1), rel=1e-12)
+    kept = res.i1 if keep == "x1" else res.i0
+    assert torch.equal(kept, torch.arange(len(kept)))
+    assert bool((res.plan[res.i0, res.i1] > 0).all())  # every pair in the plan's support
+    again = coupling.plan(x0, x1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(res.i0, again.i0) and torch.equal(res.i1, again.i1)
+
+
+def test_exact_iteration_limit_warns_once_and_recovers(gen):
+    x0, x1 = _batches(gen, 64)
+    coupling = OTCoupling(max_iter=50)
+    with pytest.warns(CouplingWarning, match=r"max_iter=50 .*64x64.*max_iter=5000"):
+        res = coupling.plan(x0, x1)
+    assert res.status == "optimal_after_retry"
+    assert res.cost.item() == pytest.approx(_emd2(x0, x1), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per coupling object
+        assert coupling.plan(x0, x1).status == "optimal_after_retry"
+
+
+def test_exact_iteration_limit_raises_when_the_retry_fails_too(gen):
+    x0, x1 = _batches(gen, 300)
+    with pytest.warns(CouplingWarning), pytest.raises(
+            CouplingError, match=r"300x300 batch: result code 3 \(max_iter_reached\) with "
+                                 r"max_iter=100; marginal error"):
+        OTCoupling(max_iter=1).plan(x0, x1)
+
+
+@pytest.mark.slow
+def test_exact_coupling_is_optimal_where_pots_default_limit_stops_early():
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = _batches(gen, 3072)
+    c = _sqcost(x0, x1)
+    u = np.full(3072, 1 / 3072)
+    with pytest.warns(UserWarning, match="numItermax reached"):
+        _, log = ot.emd(u, u, c, log=True)  # POT's default numItermax = 1e5
+    assert log["result_code"] == 3
+    res = OTCoupling().plan(x0, x1)
+    assert res.status == "optimal"
+    assert res.cost.item() == pytest.approx(ot.emd2(u, u, c, numItermax=10**8), rel=1e-12)
+    assert res.cost.item() < log["cost"]
+
+
+# -- entropic OT -------------------------------------------------------------------------
+def test_sinkhorn_cost_tends_to_exact_as_reg_shrinks_and_to_independent_as_it_grows(gen):
+    x0, x1 = _batches(gen, 32)
+    exact = _emd2(x0, x1)
+    independent = _sqcost(x0, x1).mean()
+    costs = []
+    for reg in (1.0, 0.1, 0.01, 0.002):
+        res = OTCoupling("sinkhorn", reg=reg, max_iter=20_000).plan(x0, x1, generator=gen)
+        assert res.status == "converged" and res.marginal_error <= 1e-4
+        costs.append(res.cost.item())
+    assert all(a > b for a, b in zip(costs, costs[1:], strict=False))
+    assert costs[-1] == pytest.approx(exact, rel=5e-3)
+    wide = OTCoupling("sinkhorn", reg=1e4).plan(x0, x1, generator=gen)
+    assert torch.allclose(wide.plan, torch.full((32, 32), 1 / 32**2, dtype=F64), rtol=1e-3)
+    assert wide.cost.item() == pytest.approx(independent, rel=1e-3)
+
+
+def test_sinkhorn_does_not_underflow_where_plain_sinkhorn_does(gen):
+    # torchcfm's regime: 8 Gaussians (radius 5) vs N(0, I), unnormalised cost, reg 0.02:
+    # plain Sinkhorn's kernel exp(-C / reg) underflows (POT warns of numerical errors).
+    x1, _ = _ring(gen, 128)
+    x0 = torch.randn(128, 2, generator=gen, dtype=F64)
+    c, u = _sqcost(x0, x1), np.full(128, 1 / 128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ot.sinkhorn(u, u, c, 0.02)
+    assert caught  # POT's plain Sinkhorn is in trouble here
+    res = OTCoupling("sinkhorn", reg=0.02, normalize=None, max_iter=5000).plan(
+        x0, x1, generator=gen)
+    assert res.status == "converged"
+    assert res.cost.item() == pytest.approx(_emd2(x0, x1), rel=1e-3)
+    assert res.cost.item() < 0.6 * c.mean()  # independent pairing costs c.mean()
+
+
+def test_non_converging_sinkhorn_warns_and_falls_back_to_the_exact_plan(gen):
+    x0, x1 = _batches(gen, 40)
+    coupling = OTCoupling("sinkhorn", reg=1e-3, max_iter=20)
+    with pytest.warns(CouplingWarning, match=r"40x40 batch: marginal error .* > tol=0.0001 "
+                                             r"after 20 iterations .* reg=0.001"):
+        res = coupling.plan(x0, x1, generator=gen)
+    assert res.status == "fallback_exact" and res.method == "sinkhorn"
+    assert res.cost.item() == pytest.approx(_emd2(x0, x1), rel=1e-12)
+    assert torch.equal(torch.sort(res.i0).values, torch.arange(40))
+    with pytest.raises(CouplingError, match="did not converge"):
+        OTCoupling("sinkhorn", reg=1e-3, max_iter=20, fallback=None).plan(x0, x1)
+
+
+def test_sinkhorn_pairs_are_reproducible_with_a_seeded_generator(gen):
+    x0, x1 = _batches(gen, 64, d=3)
+    coupling = OTCoupling("sinkhorn", reg=0.5)
+    a = coupling(x0, x1, generator=torch.Generator().manual_seed(11))[0]
+    b = coupling(x0, x1, generator=torch.Generator().manual_seed(11))[0]
+    c = coupling(x0, x1, generator=torch.Generator().manual_seed(12))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sinkhorn_pairs_follow_the_plan(gen):
+    # each x1[j] gets x0[i] with probability plan[i, j] / sum_i plan[i, j]; 2000 draws
+    x0, x1 = _batches(gen, 5)
+    coupling = OTCoupling("sinkhorn", reg=0.5)
+    plan = coupling.plan(x0, x1, generator=gen).plan
+    draws = torch.stack([coupling.plan(x0, x1, generator=gen).i0 for _ in range(2000)])
+    freq = torch.stack([(draws == i).double().mean(0) for i in range(5)])  # (i, j)
+    p = plan / plan.sum(0, keepdim=True)
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / 2000).sqrt() + 1e-12).all())
+    assert p.min() > 0.01  # a diffuse plan, so every entry is exercised
+
+
+# -- class-conditional OT ----------------------------------------------------------------
+def test_class_conditional_never_crosses_labels_and_is_optimal_per_class(gen):
+    x1, y1 = _ring(gen, 96)
+    x0 = torch.randn(96, 2, generator=gen, dtype=F64)
+    res = ClassConditionalOT().plan(x0, x1, y1, generator=gen)
+    assert torch.equal(res.i1, torch.arange(96))
+    assert torch.equal(torch.sort(res.i0).values, torch.arange(96))
+    total = 0.0
+    for k in y1.unique():
+        cols = torch.nonzero(y1 == k).squeeze(1)
+        rows = res.i0[cols]
+        mine = (x0[rows] - x1[cols]).square().sum(1).mean().item()
+        assert mine == pytest.approx(_emd2(x0[rows], x1[cols]), rel=1e-12)
+        assert res.plan[:, cols][rows].sum().item() == pytest.approx(len(cols) / 96)
+        total += len(cols) / 96 * mine
+    assert res.cost.item() == pytest.approx(total, rel=1e-12)
+    assert res.cost.item() >= _emd2(x0, x1)  # a constraint can only cost more
+
+
+def test_class_conditional_with_source_labels(gen):
+    x1, y1 = _ring(gen, 60)
+    x0, y0 = _ring(gen, 75, radius=1.0)
+    for method in ("exact", "sinkhorn"):
+        x0c, x1c, y1c = ClassConditionalOT(method)(x0, x1, y1, y0=y0, generator=gen)
+        res = ClassConditionalOT(method).plan(x0, x1, y1, y0=y0, generator=gen)
+        assert torch.equal(y0[res.i0], y1[res.i1]) and torch.equal(y1c, y1)
+    with pytest.raises(ValueError, match="same labels"):
+        ClassConditionalOT()(x0, x1, y1, y0=torch.zeros(75, dtype=torch.long))
+    with pytest.raises(ValueError, match="one batch size"):
+        ClassConditionalOT()(x0, x1, y1)
+    with pytest.raises(TypeError, match="labels of x1"):
+        ClassConditionalOT()(x0, x1)
+
+
+# -- independent, paired, registry, pickling ---------------------------------------------
+def test_independent_and_paired(gen):
+    x0, x1 = _batches(gen, 20)
+    assert torch.equal(IndependentCoupling()(x0, x1)[0], x0)
+    shuffled = IndependentCoupling()(x0, x1, generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(torch.sort(shuffled[:, 0]).values, torch.sort(x0[:, 0]).values)
+    assert not torch.equal(shuffled, x0)
+    x0c, x1c = PairedCoupling()(x0, x1)
+    assert x0c is x0 or torch.equal(x0c, x0)
+    with pytest.raises(ValueError, match="one batch size"):
+        PairedCoupling()(x0[:5], x1)
+    with pytest.raises(ValueError, match="N=5 < M=20"):
+        IndependentCoupling()(x0[:5], x1)
+
+
+def test_registry_and_argument_errors(gen):
+    assert set(COUPLINGS) == {"independent", "paired", "ot", "class_ot"}
+    assert get_coupling("ot", method="sinkhorn", reg=0.1).reg == 0.1
+    with pytest.raises(ValueError, match="unknown coupling 'emd'; accepted: independent"):
+        get_coupling("emd")
+    with pytest.raises(ValueError, match=r"method must be one of \('exact', 'sinkhorn'\)"):
+        OTCoupling("hungarian")
+    with pytest.raises(ValueError, match="reg must be a positive"):
+        OTCoupling("sinkhorn", reg=0)
+    x0, x1 = _batches(gen, 10)
+    with pytest.raises(ValueError, match="same number of entries"):
+        OTCoupling()(x0, torch.randn(10, 3, generator=gen))
+    with pytest.raises(ValueError, match=r"extras\[0\] must be a per-sample tensor of x1"):
+        OTCoupling()(x0, x1, torch.arange(9))
+    with pytest.raises(ValueError, match="finite"):
+        OTCoupling()(x0, torch.full((10, 2), float("nan"), dtype=F64))
+
+
+def test_custom_cost_and_float32(gen):
+    x0, x1 = _batches(gen, 30, dtype=torch.float32)
+    res = OTCoupling(cost="euclidean").plan(x0, x1)
+    c = torch.cdist(x0.double(), x1.double()).numpy()
+    u = np.full(30, 1 / 30)
+    assert res.cost.dtype == torch.float32
+    assert res.cost.item() == pytest.approx(ot.emd2(u, u, c), rel=1e-5)
+    l1 = OTCoupling(cost=lambda a, b: torch.cdist(a, b, p=1)).plan(x0, x1)
+    assert l1.cost.item() == pytest.approx(ot.emd2(u, u, torch.cdist(x0, x1, p=1).double()
+                                                   .numpy()), rel=1e-5)
+
+
+def test_couplings_pickle_for_dataloader_workers(gen):
+    x0, x1 = _batches(gen, 40)
+    coupling = pickle.loads(pickle.dumps(OTCoupling("sinkhorn", reg=0.2)))
+    a = coupling(x0, x1, generator=torch.Generator().manual_seed(1))
+    b = OTCoupling("sinkhorn", reg=0.2)(x0, x1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sinkhorn_stays_on_the_gpu():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.randn(512, 2, generator=gen, device="cuda")
+    x1 = 0.5 * torch.randn(512, 2, generator=gen, device="cuda") + 3
+    res = OTCoupling("sinkhorn").plan(x0, x1, generator=gen)
+    assert res.plan.device.type == "cuda" and res.i0.device.type == "cuda"
+    exact = OTCoupling().plan(x0, x1)
+    assert exact.i0.device.type == "cuda" and exact.plan.device.type == "cpu"
+    assert res.cost.item() == pytest.approx(exact.cost.item(), rel=0.1)
+    with pytest.raises(ValueError, match="generator must be on cuda"):
+        OTCoupling("sinkhorn").plan(x0, x1, generator=torch.Generator())

@@ -1,0 +1,376 @@
+"""Divergence: every exact method against an independent autograd loop (float64), closed
+forms (linear fields, the continuity equation of the analytic mixture flow), Hutchinson's
+unbiasedness and reported error, gradients to parameters, and every failure path."""
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import flowsolve as fs
+from flowsolve import analytic
+from flowsolve.divergence import (
+    DIVERGENCE_METHODS,
+    EXACT_METHODS,
+    PROBE_KINDS,
+    auto_method,
+    divergence,
+    make_probes,
+    value_and_divergence,
+)
+
+F64 = torch.float64
+EXACT = list(EXACT_METHODS)
+
+
+# ----------------------------------------------------------------------------- helpers
+def reference_divergence(field, x, t, create_graph=False):
+    """sum_i d u_i / d x_i, one autograd call per output entry (batch-sum trick)."""
+    x = x.detach().requires_grad_(True) if not x.requires_grad else x
+    u = field(x, t).reshape(x.shape[0], -1)
+    total = torch.zeros(x.shape[0], dtype=x.dtype)
+    for i in range(u.shape[1]):
+        (g,) = torch.autograd.grad(u[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
+        total = total + g.reshape(x.shape[0], -1)[:, i]
+    return total
+
+
+def jacobians(field, x, t):
+    """(B, d, d) per-sample Jacobians, each from a batch of one (for the variance formulas)."""
+    t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
+    return torch.stack([
+        torch.autograd.functional.jacobian(lambda z, i=i: field(z[None], t[i : i + 1])[0], x[i])
+        for i in range(x.shape[0])
+    ])
+
+
+def random_mixture(gen, k, d):
+    means = 1.5 * torch.randn(k, d, generator=gen, dtype=F64)
+    a = torch.randn(k, d, d, generator=gen, dtype=F64)
+    covs = a @ a.transpose(1, 2) / d + 0.05 * torch.eye(d, dtype=F64)  # full covariances
+    return fs.GaussianMixture(means, covs, 0.5 + torch.rand(k, generator=gen, dtype=F64))
+
+
+class TimeMLP(nn.Module):
+    """A small MLP on [x, t] (its own, independent of flowsolve.nets)."""
+
+    def __init__(self, d, width=32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d + 1, width), nn.Tanh(), nn.Linear(width, width),
+                                 nn.SiLU(), nn.Linear(width, d))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+class ConvField(nn.Module):
+    def __init__(self, c=2, width=8, norm=None):
+        super().__init__()
+        layers = [nn.Conv2d(c + 1, width, 3, padding=1), nn.SiLU()]
+        if norm is not None:
+            layers.append(norm(width))
+        layers += [nn.Conv2d(width, c, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        tt = t.expand(x.shape[0], 1, *x.shape[2:])
+        return self.net(torch.cat([x, tt], dim=1))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return TimeMLP(6).double().eval()
+
+
+def cond_ot():
+    return fs.AffineGaussianPath(fs.CondOTScheduler())
+
+
+# ------------------------------------------------------------------ exact == reference
+@pytest.mark.parametrize("d", [2, 10])
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_methods_match_loop_on_mixture_velocity(method, d, gen):
+    data = random_mixture(gen, k=3, d=d)
+    for path in (cond_ot(), fs.AffineGaussianPath(fs.CosineScheduler())):
+        u = analytic.marginal_velocity(data, path)
+        x = 2 * torch.randn(16, d, generator=gen, dtype=F64)
+        for t in (0.05, 0.5, 0.93):
+            t = torch.tensor(t, dtype=F64)
+            ref = reference_divergence(u, x, t)
+            for chunk in (None, 3):
+                res = value_and_divergence(u, x, t, method=method, chunk_size=chunk)
+                assert (res.divergence - ref).abs().max() < 1e-10
+                torch.testing.assert_close(res.value, u(x, t), rtol=1e-13, atol=1e-13)
+                assert res.method == method and res.stderr is None and res.estimates is None
+
+
+@pytest.mark.parametrize("method", ["batched-vjp", "loop"])
+def test_batched_methods_take_per_sample_time_on_mixture(method, gen):
+    data = random_mixture(gen, k=3, d=10)
+    u = analytic.marginal_velocity(data, cond_ot())
+    x = torch.randn(12, 10, generator=gen, dtype=F64)
+    t = torch.rand(12, generator=gen, dtype=F64)
+    got = value_and_divergence(u, x, t, method=method, chunk_size=4).divergence
+    assert (got - reference_divergence(u, x, t)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("method", ["vmap-jacrev", "vmap-jacfwd"])
+def test_vmap_methods_name_the_fallback_when_torch_func_fails(method, gen):
+    def field(x, t):  # Python control flow on a value: torch.func cannot vmap it
+        return x * 2 if bool(x.sum() > -1e9) else x
+
+    x = torch.randn(4, 3, generator=gen, dtype=F64)
+    with pytest.raises(RuntimeError, match="batched-vjp' or 'loop'"):
+        value_and_divergence(field, x, 0.5, method=method)
+    assert torch.equal(value_and_divergence(field, x, 0.5, method="loop").divergence,
+                       torch.full((4,), 6.0, dtype=F64))
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_methods_match_loop_on_mlp(method, mlp, gen):
+    x = torch.randn(9, 6, generator=gen, dtype=F64)
+    for t in (torch.rand(9, generator=gen, dtype=F64), torch.tensor(0.3, dtype=F64), 0.7):
+        ref = reference_divergence(mlp, x, torch.as_tensor(t, dtype=F64))
+        for chunk in (None, 1, 4, 100):
+            got = value_and_divergence(mlp, x, t, method=method, chunk_size=chunk)
+            assert (got.divergence - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_linear_field_divergence_is_trace(method, gen):
+    for shape in [(5, 7), (3, 2, 3, 4)]:
+        d = math.prod(shape[1:])
+        a = torch.randn(d, d, generator=gen, dtype=F64)
+        b = torch.randn(d, generator=gen, dtype=F64)
+
+        def field(x, t, a=a, b=b):
+            return ((x.reshape(x.shape[0], -1) @ a.T + b) * (1 + 0 * t)).reshape(x.shape)
+
+        x = torch.randn(shape, generator=gen, dtype=F64)
+        got = divergence(field, x, torch.tensor(0.2, dtype=F64), method=method, chunk_size=5)
+        torch.testing.assert_close(got, torch.trace(a).expand(shape[0]), rtol=1e-14, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_image_shaped_input(method, gen):
+    torch.manual_seed(1)
+    net = ConvField(c=2).double().eval()
+    x = torch.randn(3, 2, 4, 4, generator=gen, dtype=F64)
+    t = torch.rand(3, generator=gen, dtype=F64)
+    ref = reference_divergence(net, x, t)
+    res = value_and_divergence(net, x, t, method=method, chunk_size=7)
+    assert res.value.shape == x.shape and res.divergence.shape == (3,)
+    assert (res.divergence - ref).abs().max() < 1e-10
+
+
+def test_scalar_events_and_auto_rule(gen):
+    x = torch.randn(5, generator=gen, dtype=F64)  # (B,): event shape ()
+    res = value_and_divergence(lambda x, t: torch.sin(x) * t, x, 0.5)
+    torch.testing.assert_close(res.divergence, 0.5 * torch.cos(x))
+    assert res.method == auto_method(x) == "loop"
+    assert auto_method(torch.zeros(4, 3)) == "batched-vjp"
+    assert value_and_divergence(lambda x, t: x, torch.zeros(4, 3), 0.1).method == "batched-vjp"
+
+
+# ----------------------------------------------------------------- closed forms: flow
+@pytest.mark.parametrize("d", [2, 10])
+@pytest.mark.parametrize("sched", [fs.CondOTScheduler(), fs.CosineScheduler()], ids=repr)
+def test_continuity_equation(sched, d, gen):
+    """d/dt log p_t + div u_t + u_t . grad log p_t = 0 with div u from this module."""
+    data = random_mixture(gen, k=3, d=d)
+    path = fs.AffineGaussianPath(sched)
+    u, score = analytic.marginal_velocity(data, path), analytic.marginal_score(data, path)
+    log_p = analytic.marginal_log_prob(data, path)
+    x = 2 * torch.randn(32, d, generator=gen, dtype=F64)
+    t = (0.05 + 0.9 * torch.rand(32, generator=gen, dtype=F64)).requires_grad_(True)
+    (dlogp_dt,) = torch.autograd.grad(log_p(x, t).sum(), t)
+    res = value_and_divergence(u, x, t.detach())
+    residual = dlogp_dt + res.divergence + (res.value * score(x, t.detach())).sum(1)
+    scale = dlogp_dt.abs() + res.divergence.abs() + 1
+    assert (residual.abs() / scale).max() < 1e-11
+
+
+# ------------------------------------------------------------------------- Hutchinson
+def test_make_probes(gen):
+    r = make_probes((4, 3), 1000, generator=gen, dtype=F64)
+    assert r.shape == (1000, 4, 3) and r.dtype == F64
+    assert set(r.unique().tolist()) == {-1.0, 1.0}
+    g = make_probes((4, 3), 1000, "gaussian", generator=gen)
+    assert g.dtype == torch.get_default_dtype() and (g.abs() != 1).all()
+    second = (g.reshape(1000, -1).T @ g.reshape(1000, -1)) / 1000  # E[e e^T] ~= I
+    assert (second - torch.eye(12)).abs().max() < 0.2
+    a = make_probes((2, 2), 3, generator=torch.Generator().manual_seed(7))
+    b = make_probes((2, 2), 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", list(PROBE_KINDS))
+def test_hutchinson_unbiased_and_stderr_matches_spread(kind, gen):
+    data = random_mixture(gen, k=3, d=10)
+    u = analytic.marginal_velocity(data, cond_ot())
+    x, t = torch.randn(6, 10, generator=gen, dtype=F64), torch.tensor(0.6, dtype=F64)
+    exact = divergence(u, x, t)
+    # many probes: the mean lies within 3 reported standard errors of the exact trace
+    big = value_and_divergence(u, x, t, method="hutchinson",
+                               probes=make_probes(x.shape, 4000, kind, generator=gen, dtype=F64))
+    assert big.estimates.shape == (4000, 6)
+    assert ((big.divergence - exact).abs() / big.stderr).max() < 3
+    # the reported standard error of a k=8 estimate matches the spread of repeated estimates
+    reps = [value_and_divergence(u, x, t, method="hutchinson",
+                                 probes=make_probes(x.shape, 8, kind, generator=gen, dtype=F64))
+            for _ in range(400)]
+    means = torch.stack([r.divergence for r in reps])  # (400, B)
+    reported = torch.stack([r.stderr for r in reps]).pow(2).mean(0).sqrt()
+    empirical = means.std(0)
+    assert ((reported / empirical) - 1).abs().max() < 0.15
+    assert ((means.mean(0) - exact).abs() / (empirical / 20)).max() < 3.5
+
+
+def test_rademacher_exact_for_multiple_of_identity_and_diagonal(gen):
+    x = torch.randn(5, 3, 4, generator=gen, dtype=F64)
+    diag = torch.randn(3, 4, generator=gen, dtype=F64)
+    for k in (1, 4):
+        p = make_probes(x.shape, k, generator=gen, dtype=F64)
+        res = value_and_divergence(lambda x, t: -2.5 * x, x, 0.3, method="hutchinson", probes=p)
+        assert torch.equal(res.divergence, torch.full((5,), -30.0, dtype=F64))
+        res = value_and_divergence(lambda x, t: diag * x, x, 0.3, method="hutchinson", probes=p)
+        torch.testing.assert_close(res.divergence, diag.sum().expand(5), rtol=1e-14, atol=1e-14)
+        if k > 1:
+            assert torch.equal(res.stderr, torch.zeros(5, dtype=F64))
+        else:
+            assert torch.isnan(res.stderr).all()  # one probe: no spread to report
+
+
+def test_rademacher_variance_below_gaussian_and_matches_theory(gen):
+    """Var(e^T J e): Rademacher 2 sum_{i!=j} S_ij^2, Gaussian 2 ||S||_F^2, S = (J + J^T)/2."""
+    data = random_mixture(gen, k=4, d=10)
+    u = analytic.marginal_velocity(data, cond_ot())
+    x, t = 1.5 * torch.randn(4, 10, generator=gen, dtype=F64), torch.tensor(0.5, dtype=F64)
+    s = jacobians(u, x, t)
+    s = (s + s.transpose(1, 2)) / 2
+    theory = {"gaussian": 2 * s.pow(2).sum((1, 2)),
+              "rademacher": 2 * (s.pow(2).sum((1, 2)) - s.diagonal(dim1=1, dim2=2).pow(2).sum(1))}
+    var = {}
+    for kind in PROBE_KINDS:
+        p = make_probes(x.shape, 20000, kind, generator=gen, dtype=F64)
+        var[kind] = value_and_divergence(u, x, t, method="hutchinson", probes=p).estimates.var(0)
+        torch.testing.assert_close(var[kind], theory[kind], rtol=0.08, atol=0)
+    ratio = var["gaussian"] / var["rademacher"]
+    print(f"Gaussian / Rademacher variance per sample: {[round(r, 2) for r in ratio.tolist()]}")
+    assert (ratio > 1.2).all()
+
+
+# ---------------------------------------------------------------- gradients to params
+@pytest.mark.parametrize("method", [*EXACT, "hutchinson"])
+def test_create_graph_gradients_reach_parameters(method, mlp, gen):
+    x = torch.randn(7, 6, generator=gen, dtype=F64)
+    t = torch.rand(7, generator=gen, dtype=F64)
+    params = list(mlp.parameters())
+    probes = make_probes(x.shape, 3, generator=gen, dtype=F64) if method == "hutchinson" else None
+    if probes is None:
+        target = reference_divergence(mlp, x, t, create_graph=True)
+    else:  # the same probes through an independent e^T (J e) by a loop of VJPs
+        xr = x.clone().requires_grad_(True)
+        ur = mlp(xr, t)
+        target = sum((torch.autograd.grad(ur, xr, p, create_graph=True)[0] * p).sum(1)
+                     for p in probes) / 3
+    expected = torch.autograd.grad(target.sum(), params, allow_unused=True)
+    res = value_and_divergence(mlp, x, t, method=method, probes=probes, create_graph=True)
+    got = torch.autograd.grad(res.divergence.sum(), params, allow_unused=True,
+                              retain_graph=True)
+    for g, e in zip(got, expected, strict=True):
+        if e is None:  # the read-out bias does not enter the Jacobian
+            assert g is None or g.abs().max() == 0
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    (gv,) = torch.autograd.grad(res.value.sum(), params[0])
+    (ev,) = torch.autograd.grad(mlp(x, t).sum(), params[0])
+    torch.testing.assert_close(gv, ev, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_create_graph_gradients_reach_x(method, gen):
+    """x produced upstream (requires grad) keeps its graph: d(sum div)/d x0 matches."""
+    x0 = torch.randn(4, 3, generator=gen, dtype=F64, requires_grad=True)
+
+    def field(x, t):
+        return torch.tanh(x) * x.sum(1, keepdim=True)
+
+    res = value_and_divergence(field, 2 * x0, 0.5, method=method, create_graph=True)
+    (got,) = torch.autograd.grad(res.divergence.sum(), x0)
+    (want,) = torch.autograd.grad(reference_divergence(field, 2 * x0, 0.5, True).sum(), x0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_no_graph_by_default_and_works_under_no_grad(method, mlp, gen):
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float32)
+    net = TimeMLP(6).eval()
+    with torch.no_grad():
+        res = value_and_divergence(net, x, 0.5, method=method)
+    assert not res.value.requires_grad and not res.divergence.requires_grad
+    assert res.value.dtype == res.divergence.dtype == torch.float32
+    torch.testing.assert_close(res.divergence, reference_divergence(net, x, 0.5),
+                               rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------------------------- failure paths
+def test_train_mode_batchnorm_is_refused(gen):
+    torch.manual_seed(2)
+    net = ConvField(c=1, norm=nn.BatchNorm2d).double()
+    x = torch.randn(4, 1, 3, 3, generator=gen, dtype=F64)
+    for field in (net, net.forward, functools.partial(net.forward)):
+        for method in [*EXACT, "hutchinson"]:
+            probes = make_probes(x.shape, 2, generator=gen, dtype=F64)
+            with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+                value_and_divergence(field, x, 0.5, method=method,
+                                     probes=probes if method == "hutchinson" else None)
+    net.eval()
+    ref = reference_divergence(net, x, torch.tensor(0.5, dtype=F64))
+    for method in EXACT:
+        assert (divergence(net, x, 0.5, method=method) - ref).abs().max() < 1e-10
+
+
+def test_bad_arguments_raise_naming_what_is_accepted(mlp, gen):
+    x = torch.randn(3, 6, generator=gen, dtype=F64)
+    with pytest.raises(ValueError, match="method must be one of.*'vmap-jacrev'.*'hutchinson'"):
+        value_and_divergence(mlp, x, 0.5, method="jacobian")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1"):
+            value_and_divergence(mlp, x, 0.5, chunk_size=bad)
+    with pytest.raises(ValueError, match="needs probes.*make_probes"):
+        value_and_divergence(mlp, x, 0.5, method="hutchinson")
+    with pytest.raises(ValueError, match=r"probes must be shaped \(k, \*x.shape\)"):
+        value_and_divergence(mlp, x, 0.5, method="hutchinson", probes=torch.ones(2, 3, 5))
+    with pytest.raises(TypeError, match="probes must be a torch.Tensor"):
+        value_and_divergence(mlp, x, 0.5, method="hutchinson", probes=[1.0])
+    with pytest.raises(ValueError, match="only by method='hutchinson'"):
+        value_and_divergence(mlp, x, 0.5, method="loop", probes=torch.ones(1, 3, 6))
+    with pytest.raises(ValueError, match=r"t must be 0-d or shaped \(B,\) = \(3,\)"):
+        value_and_divergence(mlp, x, torch.zeros(4))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        value_and_divergence(mlp, x.tolist(), 0.5)
+    with pytest.raises(TypeError, match="floating-point"):
+        value_and_divergence(mlp, torch.ones(3, 6, dtype=torch.long), 0.5)
+    with pytest.raises(ValueError, match=r"B >= 1"):
+        value_and_divergence(mlp, torch.ones(0, 6), 0.5)
+    with pytest.raises(TypeError, match="field must be callable"):
+        value_and_divergence("velocity", x, 0.5)
+    for method in DIVERGENCE_METHODS:
+        probes = torch.ones(1, 3, 6, dtype=F64) if method == "hutchinson" else None
+        with pytest.raises(ValueError, match=r"shaped like x \(3, 6\); got \(3, 5\)|\(1, 6\)"):
+            value_and_divergence(lambda x, t: x[..., :5], x, 0.5, method=method, probes=probes)
+    with pytest.raises(ValueError, match="kind must be one of.*'gaussian', 'rademacher'"):
+        make_probes((3, 6), 2, "uniform")
+    for bad in (0, 1.0, True):
+        with pytest.raises(ValueError, match="n_probes must be an int >= 1"):
+            make_probes((3, 6), bad)
+    with pytest.raises(ValueError, match="shape must be a tuple of ints"):
+        make_probes(3, 2)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        make_probes((3, 6), 2, generator=1234)

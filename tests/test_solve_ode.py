@@ -1,0 +1,367 @@
+"""The ODE front door on closed-form Gaussian-mixture fields (float64): measured orders,
+tolerances, distributions, counted NFE, reversibility, probability flow, guidance, failures."""
+
+import inspect
+import math
+
+import ot
+import pytest
+import torch
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
+from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
+
+import flowsolve as fs
+from flowsolve.dynamics import (
+    TABLEAUS,
+    IntegrationError,
+    NonFiniteStateError,
+    Tableau,
+    probability_flow,
+)
+from flowsolve.fields import guided
+from flowsolve.solve import ODE_SOLVERS, CapturedSampler, sample
+
+F64 = torch.float64
+DATA = fs.GaussianMixture(
+    torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+    torch.tensor([[0.5, 0.3], [0.3, 0.8], [1.0, 0.2]]),
+    torch.tensor([0.5, 0.3, 0.2]),
+)
+OTHER = fs.GaussianMixture.ring(4, radius=3.0, std=0.4)
+PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
+U = fs.analytic.marginal_velocity(DATA, PATH)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 2, generator=gen(seed), dtype=F64)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm(dim=1).pow(2).mean().sqrt())
+
+
+def slope(hs, errs) -> float:
+    """Least-squares slope of log(err) against log(h): the empirical order."""
+    x, y = torch.tensor(hs, dtype=F64).log(), torch.tensor(errs, dtype=F64).log()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x * x).sum())
+
+
+def w2(a: torch.Tensor, b: torch.Tensor) -> float:
+    wa = torch.full((len(a),), 1 / len(a), dtype=F64)
+    wb = torch.full((len(b),), 1 / len(b), dtype=F64)
+    return math.sqrt(ot.emd2(wa, wb, ot.dist(a, b)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These fields are tiny (B <= 1000, d = 2): intra-op threads only add overhead, and on a
+    loaded 2-core machine 2 threads made each evaluation ~25x slower (7.6 ms vs 0.3 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Counter:
+    """The test's own count of field calls, independent of flowsolve's."""
+
+    def __init__(self, field):
+        self.field, self.calls = field, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.field(x, t)
+
+
+@pytest.fixture(scope="module")
+def x0():
+    return noise(64, 0)
+
+
+@pytest.fixture(scope="module")
+def reference(x0):
+    """x(1) to ~1e-12: dopri8 and scipy's DOP853 at rtol = atol = 1e-12 must agree."""
+    a = sample(U, x0, "dopri8", rtol=1e-12, atol=1e-12)
+    b = sample(U, x0, "DOP853", rtol=1e-12, atol=1e-12)
+    assert (a.x - b.x).abs().max() < 1e-10
+    return a.x
+
+
+# -- the registry ------------------------------------------------------------------------------
+def test_registry_is_read_from_the_libraries():
+    from_torchdiffeq = {n for n, i in ODE_SOLVERS.items() if i.library == "torchdiffeq"}
+    assert from_torchdiffeq == set(TORCHDIFFEQ_SOLVERS) - {"scipy_solver"}
+    for name in from_torchdiffeq:
+        cls = TORCHDIFFEQ_SOLVERS[name]
+        assert ODE_SOLVERS[name].adaptive == issubclass(cls, AdaptiveStepsizeODESolver)
+        if "adams" not in name:  # Runge-Kutta: the declared order is the library's
+            assert ODE_SOLVERS[name].order == cls.order, name
+    assert {n for n, i in ODE_SOLVERS.items() if i.library == "scipy"} >= {
+        "RK45", "DOP853", "Radau", "LSODA"}
+    assert ODE_SOLVERS["euler"].order == 1 and ODE_SOLVERS["rk4"].order == 4
+    assert ODE_SOLVERS["dopri5"].adaptive and not ODE_SOLVERS["fast_rk4"].adaptive
+    assert ODE_SOLVERS["implicit_adams"].order is None
+
+
+def test_unknown_solver_lists_the_valid_names(x0):
+    with pytest.raises(ValueError, match="unknown ODE solver 'rk5'") as err:
+        sample(U, x0, "rk5", steps=4)
+    for name in ("dopri5", "rk4", "RK45", "fast_euler", "implicit_adams"):
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("tab", TABLEAUS.values(), ids=TABLEAUS)
+def test_tableaus_meet_their_order_conditions(tab):
+    """Butcher's conditions up to the declared order: b.c^(k-1) = 1/k, and for order >= 3,
+    b.(A c) = 1/6, for order 4, b.(c * A c) = 1/8, b.(A c^2) = 1/12, b.(A A c) = 1/24."""
+    s = tab.stages
+    a = torch.zeros(s, s, dtype=F64)
+    for i, row in enumerate(tab.a):
+        a[i, : len(row)] = torch.tensor(row, dtype=F64)
+    b, c = torch.tensor(tab.b, dtype=F64), torch.tensor(tab.c, dtype=F64)
+    for k in range(1, tab.order + 1):
+        assert abs(float(b @ c ** (k - 1)) - 1 / k) < 1e-14
+    if tab.order >= 3:
+        assert abs(float(b @ (a @ c)) - 1 / 6) < 1e-14
+    if tab.order >= 4:
+        assert abs(float(b @ (c * (a @ c))) - 1 / 8) < 1e-14
+        assert abs(float(b @ (a @ c**2)) - 1 / 12) < 1e-14
+        assert abs(float(b @ (a @ (a @ c))) - 1 / 24) < 1e-14
+
+
+def test_a_bad_tableau_refuses_to_exist():
+    with pytest.raises(ValueError, match="sum"):
+        Tableau("bad", 1, (0.0, 0.5), ((), (0.4,)), (0.0, 1.0))
+    with pytest.raises(ValueError, match="sum"):
+        Tableau("bad", 1, (0.0,), ((),), (0.9,))
+
+
+# -- accuracy ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver, order, grids", [
+    ("euler", 1, [16, 32, 64, 128]),
+    ("midpoint", 2, [16, 32, 64]),
+    ("heun2", 2, [16, 32, 64]),
+    ("heun3", 3, [16, 32, 64]),
+    ("rk4", 4, [8, 16, 32]),
+])
+def test_empirical_order_of_fixed_step_solvers(solver, order, grids, x0, reference):
+    errs = [rms(sample(U, x0, solver, steps=n).x, reference) for n in grids]
+    assert errs[-1] > 1e3 * 1e-12  # far above the reference's error
+    measured = slope([1 / n for n in grids], errs)
+    assert abs(measured - order) <= 0.3, (solver, measured, errs)
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun2", "heun3", "rk4"])
+def test_fast_loop_gives_the_torchdiffeq_numbers(solver):
+    x = noise(32, 1)
+    for t0, t1 in ((0.0, 1.0), (1.0, 0.0)):
+        times = [t0, 0.5, t1]
+        lib = sample(U, x, solver, steps=16, t0=t0, t1=t1, times=times)
+        fast = sample(U, x, f"fast_{solver}", steps=16, t0=t0, t1=t1, times=times)
+        assert (lib.x - fast.x).abs().max() < 1e-13
+        assert (lib.trajectory - fast.trajectory).abs().max() < 1e-13
+        assert lib.nfe == fast.nfe == 16 * TABLEAUS[solver].stages
+        assert torch.equal(fast.trajectory[-1], fast.x) and torch.equal(fast.trajectory[0], x)
+
+
+ADAPTIVE_TOLS = (1e-3, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("solver", ODE_SOLVERS.names(adaptive=True))
+def test_adaptive_solvers_meet_their_tolerance_and_work_harder_for_less(solver, x0,
+                                                                        reference):
+    """Tolerances bound the local error per step; the global error at t = 1 stays within a
+    fixed factor of them (100; fehlberg2's estimator measures its embedded first-order
+    solution with a 1/512 weight, so its global error runs ~600 tol), and NFE grows."""
+    factor = 1000 if solver == "fehlberg2" else 100
+    nfes = []
+    for tol in ADAPTIVE_TOLS:
+        res = sample(U, x0, solver, rtol=tol, atol=tol)
+        err = float((res.x - reference).abs().max())
+        assert err <= factor * tol, (solver, tol, err)
+        assert res.steps > 0 and res.nfe > res.steps
+        nfes.append(res.nfe)
+    assert nfes == sorted(nfes) and nfes[0] < nfes[-1], nfes
+
+
+# -- distributions -----------------------------------------------------------------------------
+N_W2 = 1000
+
+
+@pytest.fixture(scope="module")
+def w2_floor():
+    """W2 between two fresh mixture samples of the same size (the Monte-Carlo floor)."""
+    g = gen(10)
+    return sum(w2(DATA.sample(N_W2, generator=g, dtype=F64),
+                  DATA.sample(N_W2, generator=g, dtype=F64)) for _ in range(3)) / 3
+
+
+@pytest.mark.parametrize("scheduler", [fs.CondOTScheduler(), fs.CosineScheduler(),
+                                       fs.LinearVPScheduler()], ids=repr)
+def test_sampling_the_analytic_field_reproduces_the_mixture(scheduler, w2_floor):
+    path = fs.AffineGaussianPath(scheduler)
+    u = fs.analytic.marginal_velocity(DATA, path)
+    g = gen(11)
+    # an exact sample of p_0 (alpha_0 > 0 for linear VP: not exactly N(0, I))
+    x0 = path.sample(noise(N_W2, 12), DATA.sample(N_W2, generator=g, dtype=F64), 0.0).x_t
+    res = sample(u, x0, "dopri5", rtol=1e-5, atol=1e-5)
+    dist = w2(res.x, DATA.sample(N_W2, generator=g, dtype=F64))
+    assert dist < 1.4 * w2_floor, (dist, w2_floor)
+    assert torch.allclose(res.x.mean(0), DATA.mean, atol=0.2)
+
+
+# -- counting ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", list(ODE_SOLVERS))
+def test_reported_nfe_equals_the_calls_counted_independently(solver):
+    info = ODE_SOLVERS[solver]
+    counter = Counter(U)
+    kwargs = {"rtol": 1e-4, "atol": 1e-4} if info.adaptive else {"steps": 8}
+    res = sample(counter, noise(16, 2), solver, **kwargs)
+    assert res.nfe == counter.calls > 0
+    if info.library == "flowsolve" or solver in TABLEAUS:  # explicit RK on linspace: N * s
+        assert res.nfe == 8 * TABLEAUS[info.method].stages and res.steps == 8
+
+
+# -- direction, trajectories, probability flow -------------------------------------------------
+@pytest.mark.parametrize("solver, kwargs, tol", [
+    ("dopri5", {"rtol": 1e-10, "atol": 1e-10}, 1e-7),
+    ("DOP853", {"rtol": 1e-10, "atol": 1e-10}, 1e-7),
+    ("fast_rk4", {"steps": 128}, 1e-6),
+])
+def test_backwards_integration_returns_to_x0(solver, kwargs, tol, x0):
+    x1 = sample(U, x0, solver, **kwargs).x
+    back = sample(U, x1, solver, t0=1.0, t1=0.0, **kwargs)
+    assert (back.x - x0).abs().max() < tol
+
+
+def test_trajectory_at_requested_times_matches_shorter_solves(x0):
+    fixed = sample(U, x0, "rk4", steps=16, times=[0.25, 0.5, 1.0])
+    half = sample(U, x0, "rk4", steps=8, t1=0.5)
+    assert fixed.trajectory.shape == (3, *x0.shape)
+    assert torch.allclose(fixed.trajectory[1], half.x, atol=1e-12, rtol=0)
+    assert torch.equal(fixed.trajectory[-1], fixed.x)
+    tight = {"rtol": 1e-10, "atol": 1e-10}
+    for solver in ("dopri5", "RK45"):
+        dense = sample(U, x0, solver, times=[0.3, 0.7], **tight)
+        direct = sample(U, x0, solver, t1=0.3, **tight)
+        assert (dense.trajectory[0] - direct.x).abs().max() < 1e-7
+
+
+def test_probability_flow_from_the_score_equals_the_velocity_ode():
+    score = fs.analytic.marginal_score(DATA, PATH)
+    t0 = 1e-3  # the score -> velocity conversion is singular at alpha_0 = 0
+    x = PATH.sample(noise(64, 3), DATA.sample(64, generator=gen(4), dtype=F64), t0).x_t
+    flow = probability_flow(score, PATH)
+    for solver, kwargs, tol in (("dopri5", {"rtol": 1e-10, "atol": 1e-10}, 1e-8),
+                                ("fast_rk4", {"steps": 32}, 1e-11)):
+        a = sample(flow, x, solver, t0=t0, **kwargs)
+        b = sample(U, x, solver, t0=t0, **kwargs)
+        assert (a.x - b.x).abs().max() < tol
+    with pytest.raises(ValueError, match="singular at t=0.0"):
+        sample(flow, x, "rk4", steps=4)  # from t0 = 0: refused once, up front
+
+
+# -- guidance ----------------------------------------------------------------------------------
+NULL = 7
+
+
+def two_mixture_model(cond_field, uncond_field):
+    """A 'conditional model': the conditional field for any label but NULL."""
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        is_null = (y == NULL).reshape(-1, 1)
+        return torch.where(is_null, uncond_field(x, t), cond_field(x, t))
+
+    return model, calls
+
+
+@pytest.mark.parametrize("kind", ["velocity", "score"])
+def test_guided_sampling_w1_is_conditional_and_w0_unconditional(kind):
+    make = fs.analytic.marginal_velocity if kind == "velocity" else fs.analytic.marginal_score
+    cond, uncond = make(DATA, PATH), make(OTHER, PATH)
+    model, calls = two_mixture_model(cond, uncond)
+    labels = torch.zeros(32, dtype=torch.long)
+    x = PATH.sample(noise(32, 5), DATA.sample(32, generator=gen(6), dtype=F64), 0.1).x_t
+
+    def as_field(f):
+        return f if kind == "velocity" else probability_flow(f, PATH)
+
+    for w, expected in ((1.0, cond), (0.0, uncond)):
+        got = sample(as_field(guided(model, labels, w, null_label=NULL)), x, "rk4", steps=8,
+                     t0=0.1)
+        want = sample(as_field(expected), x, "rk4", steps=8, t0=0.1)
+        assert (got.x - want.x).abs().max() < 1e-12
+        assert calls[-got.nfe:] == [64] * got.nfe  # one batched call (2B) per evaluation
+
+
+# -- failures ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["dopri5", "RK45", "LSODA"])
+def test_step_budget_raises_and_never_hangs(solver, x0):
+    with pytest.raises(IntegrationError, match="max_steps=1") as err:
+        sample(U, x0, solver, rtol=1e-10, atol=1e-10, max_steps=1)
+    assert err.value.status == "max_steps" and err.value.solver == solver
+
+
+def nan_after_half(x, t):
+    return torch.where(torch.as_tensor(t) > 0.5, torch.full_like(x, math.nan), -x)
+
+
+@pytest.mark.parametrize("solver", ["euler", "fast_euler", "rk4", "dopri5", "bosh3", "RK45",
+                                    "Radau"])
+def test_non_finite_state_raises_naming_time_and_solver(solver, x0):
+    kwargs = {} if ODE_SOLVERS[solver].adaptive else {"steps": 8}
+    with pytest.raises(NonFiniteStateError, match=f"solver '{solver}'") as err:
+        sample(nan_after_half, x0, solver, **kwargs)
+    assert isinstance(err.value, FloatingPointError) and err.value.status == "non_finite"
+    assert 0.5 < err.value.t <= 1.0 and f"t={err.value.t:.10g}" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"solver": "dopri5", "steps": 10}, "adaptive"),
+    ({"solver": "rk4"}, "fixed-step: give steps"),
+    ({"solver": "rk4", "steps": 0}, "steps must be a positive int"),
+    ({"solver": "euler", "steps": 4, "rtol": 1e-3}, "rtol/atol apply to adaptive"),
+    ({"solver": "euler", "steps": 4, "max_steps": 3}, "max_steps"),
+    ({"solver": "dopri5", "rtol": -1.0}, "rtol must be a positive number"),
+    ({"solver": "rk4", "steps": 4, "times": [0.3]}, "points of the grid"),
+    ({"solver": "rk4", "steps": 4, "times": [0.5, 0.25]}, "strictly monotone"),
+    ({"solver": "rk4", "steps": 4, "t0": 0.5, "t1": 0.5}, "distinct"),
+    ({"solver": "rk4", "steps": 4, "t1": 1.5}, "t0 and t1"),
+    ({"solver": "rk4", "steps": 4, "options": {"step_size": 0.1}}, "grid is linspace"),
+    ({"solver": "rk4", "steps": 4, "cuda_graph": True}, "cuda_graph"),
+    ({"solver": "fast_rk4", "steps": 4, "cuda_graph": True}, "CUDA device"),
+])
+def test_arguments_are_checked(kwargs, match, x0):
+    with pytest.raises(ValueError, match=match):
+        sample(U, x0, **kwargs)
+
+
+def test_implicit_adams_takes_its_corrector_tolerance(x0):
+    assert "rtol" in inspect.signature(TORCHDIFFEQ_SOLVERS["implicit_adams"]).parameters
+    res = sample(U, x0, "implicit_adams", steps=16, rtol=1e-6, atol=1e-6)
+    assert res.steps == 16 and torch.isfinite(res.x).all()
+
+
+def test_captured_sampler_refuses_a_cpu_state(x0):
+    with pytest.raises(ValueError, match="CUDA device"):
+        CapturedSampler(U, x0, "fast_euler", steps=4)
+    with pytest.raises(ValueError, match="only fast_"):
+        CapturedSampler(U, x0, "rk4", steps=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_sampler_equals_the_eager_loop_on_cuda():  # pragma: no cover - GPU only
+    x = noise(256, 7).cuda()
+    field = fs.analytic.marginal_velocity(DATA, PATH)
+    sampler = CapturedSampler(field, x, "fast_rk4", steps=16)
+    eager = sample(field, x, "fast_rk4", steps=16)
+    for _ in range(2):
+        got = sampler(x)
+        assert torch.equal(got.x, eager.x) and got.nfe == eager.nfe

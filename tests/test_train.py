@@ -1,0 +1,354 @@
+"""The training loop: EMA in closed form, exact resumption, the batch producer (workers,
+ranks), two-process DDP on gloo, convergence to the analytic marginal fields, CFG dropout."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import flowsolve as fs
+from flowsolve import analytic
+from flowsolve.bridges import GaussianBridge
+from flowsolve.data import sample_labeled
+from flowsolve.train import EMA, BatchProducer, TrainConfig, load_weights, train
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small networks: one intra-op thread is as fast, and far faster when other processes
+    load the cores (OpenMP's spinning threads then slow tiny kernels by 10-100x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed=0, **kwargs) -> fs.MLP:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return fs.MLP(2, **{"hidden": 32, "depth": 2, "time_embedding_dim": 8, **kwargs})
+
+
+def quiet(**kwargs) -> TrainConfig:
+    return TrainConfig(**{"progress": False, "log_every": 1, **kwargs})
+
+
+class RandomPairing:
+    """A coupling that permutes x0 with its generator and checks the labels come along."""
+
+    def __call__(self, x0, x1, *extras, generator=None):
+        assert len(extras) == 1 and extras[0].shape == x1.shape[:1]
+        perm = torch.randperm(x0.shape[0], generator=generator, device=x0.device)
+        return x0[perm], x1, *extras
+
+
+# -- EMA ---------------------------------------------------------------------------------------
+def test_ema_is_the_closed_form_geometric_average(gen):
+    net = nn.BatchNorm1d(3).double()  # a weight, a bias and running-stat buffers
+    beta, n = 0.9, 25
+    thetas = [torch.randn(2, 3, generator=gen, dtype=F64) for _ in range(n + 1)]
+    with torch.no_grad():
+        net.weight.copy_(thetas[0][0])
+        net.bias.copy_(thetas[0][1])
+    ema = EMA(net, beta)
+    for k in range(1, n + 1):
+        with torch.no_grad():
+            net.weight.copy_(thetas[k][0])
+            net.bias.copy_(thetas[k][1])
+            net.running_mean.fill_(float(k))
+        ema.update(net)
+    # theta_ema_n = beta^n theta_0 + (1 - beta) sum_k beta^(n - k) theta_k
+    expected = beta**n * thetas[0] + (1 - beta) * sum(beta ** (n - k) * thetas[k]
+                                                      for k in range(1, n + 1))
+    torch.testing.assert_close(torch.stack([ema.model.weight, ema.model.bias]), expected,
+                               rtol=1e-13, atol=1e-13)
+    assert ema.model.running_mean.tolist() == [float(n)] * 3  # buffers are copied
+    assert not ema.model.training and not ema.model.weight.requires_grad
+
+
+# -- exact resumption -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, log_every", [("finite", 1), ("stream", 3)])
+def test_a_checkpoint_resumes_bit_for_bit(tmp_path, kind, log_every):
+    labeled = sample_labeled("8gaussians", 1000, generator=torch.Generator().manual_seed(3))
+    data = labeled if kind == "finite" else (lambda n, generator: sample_labeled(
+        "8gaussians", n, generator=generator))
+    cfg = quiet(steps=24, batch_size=64, grad_clip=1.0, warmup_steps=5, ema_decay=0.9,
+                label_dropout=0.3, checkpoint_every=8, log_every=log_every)
+    kwargs = dict(coupling=RandomPairing(), path=GaussianBridge(0.1))
+
+    def run(**extra):
+        return train(mlp(num_classes=8), data, cfg, generator=torch.Generator().manual_seed(5),
+                     **kwargs, **extra)
+
+    whole = run()
+
+    def stop_after_12(log):  # a crash between two checkpoints (at 8 and 16)
+        if log.step > 12:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=ckpt, callback=stop_after_12)
+    assert torch.load(ckpt, weights_only=True)["step"] == 8
+    resumed = train(mlp(seed=99, num_classes=8), data, cfg, checkpoint=ckpt, **kwargs)
+    assert resumed.start_step == 8 and resumed.step == 24
+    assert resumed.losses == whole.losses
+    assert resumed.log_steps == list(range(log_every, 25, log_every))
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(whole.ema_model.parameters(), resumed.ema_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # a finished run resumes to itself; the file holds tensors and plain containers only
+    again = train(mlp(seed=7, num_classes=8), data, cfg, checkpoint=ckpt, **kwargs)
+    assert again.start_step == 24 and again.losses == whole.losses
+    assert_plain(torch.load(ckpt, weights_only=True))
+    assert sorted(os.listdir(tmp_path)) == ["run.pt"]  # the temporary file was renamed
+    net = load_weights(mlp(seed=1, num_classes=8), ckpt)
+    for a, b in zip(net.parameters(), whole.ema_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def assert_plain(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, (str, int))
+            assert_plain(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            assert_plain(v)
+    else:
+        assert obj is None or isinstance(obj, (torch.Tensor, int, float, str, bool)), type(obj)
+
+
+def test_a_checkpoint_of_another_setup_is_refused(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(mlp(), "moons", quiet(steps=2, batch_size=8), checkpoint=ckpt)
+    with pytest.raises(ValueError, match="batch_size=8; this call has batch_size=16"):
+        train(mlp(), "moons", quiet(steps=4, batch_size=16), checkpoint=ckpt)
+
+
+# -- the batch producer --------------------------------------------------------------------------
+def test_dataloader_workers_produce_the_main_process_batches():
+    data = lambda n, generator: sample_labeled("moons", n, generator=generator)  # noqa: E731
+    settings = [dict(num_workers=0), dict(num_workers=2), dict(couple_on_device=True)]
+    runs = [train(mlp(num_classes=2), data, quiet(steps=6, batch_size=32, **s),
+                  coupling=RandomPairing()) for s in settings]
+    assert runs[0].losses == runs[1].losses == runs[2].losses
+
+
+def test_ranks_split_each_epoch_of_a_finite_set():
+    data = torch.arange(100, dtype=F64)[:, None]
+    producers = [BatchProducer(data, batch_size=8, seed=11, rank=r, world_size=2)
+                 for r in range(2)]
+    per_epoch = 100 // 16
+    seen = [torch.cat([p[k].x1 for k in range(per_epoch)]).flatten() for p in producers]
+    everything = torch.cat(seen)
+    assert everything.unique().numel() == per_epoch * 16  # disjoint, no repeats in an epoch
+    nxt = torch.cat([p[per_epoch].x1 for p in producers]).flatten()
+    assert not torch.equal(nxt, torch.cat([p[0].x1 for p in producers]).flatten())  # reshuffled
+    # the source is N(0, I) shaped like x1 and depends on the rank
+    assert producers[0][0].x0.shape == (8, 1)
+    assert not torch.equal(producers[0][0].x0, producers[1][0].x0)
+
+
+# -- torch.distributed ----------------------------------------------------------------------------
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        data = sample_labeled("8gaussians", 4096, generator=torch.Generator().manual_seed(0)).x
+        cfg = TrainConfig(steps=80, batch_size=128, log_every=20, progress=False,
+                          checkpoint_every=40, num_workers=rank)  # workers or not: same batches
+        res = train(mlp(seed=rank), data, cfg, checkpoint=os.path.join(out_dir, "c.pt"),
+                    generator=torch.Generator().manual_seed(rank))
+        flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
+        ema = torch.cat([p.flatten() for p in res.ema_model.parameters()])
+        producer = BatchProducer(data, batch_size=128, seed=res.seed, rank=rank, world_size=2)
+        torch.save({"params": flat, "ema": ema, "losses": torch.tensor(res.losses),
+                    "seed": res.seed, "x1": torch.cat([producer[k].x1 for k in range(16)])},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_identical_replicas(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(out[0]["params"], out[1]["params"])  # DDP kept the replicas equal
+    assert torch.equal(out[0]["ema"], out[1]["ema"])
+    assert torch.equal(out[0]["losses"], out[1]["losses"])  # logged losses: mean over ranks
+    losses = out[0]["losses"]
+    assert losses[-1] < 0.8 * losses[0]
+    # rank 0's seed is broadcast, so the ranks split one epoch (16 x 2 x 128 = 4096 samples)
+    # into disjoint halves, although each rank passed its own generator
+    assert out[0]["seed"] == out[1]["seed"]
+    both = torch.cat([out[0]["x1"], out[1]["x1"]])
+    assert both.unique(dim=0).shape[0] == 4096
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 80
+    assert torch.equal(torch.cat([p.flatten() for p in state["model"].values()]),
+                       out[0]["params"])
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+# -- what the loop learns --------------------------------------------------------------------------
+DATA = fs.GaussianMixture(torch.tensor([[-2.0, 0.0], [2.0, 1.0]]), torch.tensor([[0.3, 0.3],
+                                                                                [0.2, 0.5]]))
+
+
+def excess_error(model, path, target, gen) -> float:
+    """E_{t, x_t ~ p_t} ||f_theta(x_t, t) - f*(x_t, t)||^2, t in [0.02, 0.98]."""
+    x1 = DATA.sample(4096, generator=gen)
+    x0 = torch.randn(4096, 2, generator=gen)
+    t = 0.02 + 0.96 * torch.rand(4096, generator=gen)
+    xt = path.sample(x0, x1, t).x_t
+    with torch.no_grad():
+        return (model(xt, t) - target(xt.double(), t.double()).float()).pow(2).sum(1).mean().item()
+
+
+@pytest.mark.parametrize("setup", ["affine-velocity", "bridge-velocity", "epsilon", "score"])
+def test_training_approaches_the_analytic_marginal_field(setup, gen):
+    scheduler = fs.CosineScheduler() if setup in ("epsilon", "score") else fs.CondOTScheduler()
+    path = fs.AffineGaussianPath(scheduler)
+    if setup == "epsilon":
+        score = analytic.marginal_score(DATA, path)
+        target = lambda x, t: -scheduler.sigma(t)[:, None] * score(x, t)  # noqa: E731
+    elif setup == "score":
+        score = analytic.marginal_score(DATA, path)
+        # compare sigma_t s: the score itself is unbounded as sigma_t -> 0
+        target = lambda x, t: scheduler.sigma(t)[:, None] * score(x, t)  # noqa: E731
+    else:
+        target = analytic.marginal_velocity(DATA, path)
+    model = mlp(hidden=64, depth=3, time_embedding_dim=16)
+    if setup == "score":
+        class SigmaScore(nn.Module):  # evaluate sigma_t s_theta
+            def forward(self, x, t):
+                return scheduler.sigma(t)[:, None] * model(x, t)
+        probe = SigmaScore()
+    else:
+        probe = model
+    before = excess_error(probe, path, target, torch.Generator().manual_seed(0))
+    prediction = "velocity" if "velocity" in setup else setup
+    res = train(model, DATA, quiet(steps=800, log_every=100, prediction=prediction, lr=3e-3,
+                                   ema_decay=None),
+                path=GaussianBridge(0.0) if setup == "bridge-velocity" else path)
+    after = excess_error(probe, path, target, torch.Generator().manual_seed(0))
+    assert after < 0.1 * before, (before, after)
+    assert res.losses[-1] < res.losses[0]
+
+
+# -- classifier-free guidance ----------------------------------------------------------------------
+class Spy(nn.Module):
+    """A conditional model that records the labels it is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(num_classes=8)
+        self.num_classes, self.null_label, self.seen = 8, 8, []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(y.clone())
+        return self.net(x, t, y=y)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 1.0])
+def test_cfg_dropout_feeds_the_null_label_at_rate_p(p):
+    data = sample_labeled("8gaussians", 2048, generator=torch.Generator().manual_seed(1))
+    spy = Spy()
+    cfg = quiet(steps=40, batch_size=256, label_dropout=p, log_every=40)
+    train(spy, data, cfg, generator=torch.Generator().manual_seed(2))
+    producer = BatchProducer(data, batch_size=256, seed=_seed_of(torch.Generator().manual_seed(2)))
+    fed = torch.cat(spy.seen)
+    true = torch.cat([producer[k].y for k in range(40)])
+    dropped = fed == 8
+    assert torch.equal(fed[~dropped], true[~dropped])  # the others keep their own label
+    rate, n = dropped.double().mean().item(), fed.numel()
+    assert abs(rate - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def _seed_of(g: torch.Generator) -> int:
+    return int(torch.randint(0, 1 << 62, (), generator=g))
+
+
+# -- failures -------------------------------------------------------------------------------------
+def test_bad_setups_raise_with_what_to_change():
+    with pytest.raises(ValueError, match="steps must be an int >= 1; got 0"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="prediction='logits' is not a parameterisation"):
+        TrainConfig(prediction="logits")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="couple_on_device=True needs num_workers=0"):
+        TrainConfig(couple_on_device=True, num_workers=2)
+    with pytest.raises(ValueError, match="source=None and coupling=None"):
+        train(mlp(), "moons", quiet(prediction="epsilon"), coupling=RandomPairing())
+    with pytest.raises(ValueError, match="a GaussianBridge trains velocity models"):
+        train(mlp(), "moons", quiet(prediction="score"), path=GaussianBridge(0.1))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(mlp(), torch.zeros(10, 2), quiet(batch_size=16))
+    with pytest.raises(TypeError, match="data must be a tensor"):
+        train(mlp(), 3.0, quiet())
+    with pytest.raises(TypeError, match="must return"):
+        train(mlp(), "moons", quiet(steps=1), coupling=lambda x0, x1: x0)
+
+
+def test_a_diverging_loss_stops_the_run():
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(float("inf")))
+
+        def forward(self, x, t):
+            return self.w * x
+
+    with pytest.raises(FloatingPointError, match="at step 2: lower config.lr"):
+        train(Exploding(), "moons", quiet(steps=5, log_every=2, ema_decay=None))
+
+
+def test_ot_coupling_plugs_in():
+    couplings = pytest.importorskip("flowsolve.couplings")
+    ot = couplings.OTCoupling(method="exact")
+    coupled = BatchProducer("8gaussians", coupling=ot, batch_size=256, seed=0)[0]
+    plain = BatchProducer("8gaussians", batch_size=256, seed=0)[0]
+    # the coupling only re-pairs: the same x1, a permutation of the same x0
+    assert torch.equal(coupled.x1, plain.x1)
+    assert torch.equal(coupled.x0[torch.argsort(coupled.x0[:, 0])],
+                       plain.x0[torch.argsort(plain.x0[:, 0])])
+    # independent pairs cost E|x0 - x1|^2 = 2 + 2 (5^2 / 2 + 1) = 29; OT pairs about 16
+    cost = lambda b: (b.x0 - b.x1).pow(2).sum(1).mean().item()  # noqa: E731
+    assert abs(cost(plain) - 29) < 3 and cost(coupled) < 0.6 * cost(plain)
+    res = train(mlp(), "8gaussians", quiet(steps=20, batch_size=128, log_every=10), coupling=ot,
+                path=GaussianBridge(0.1))
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_ot_cfm_paths_are_straighter_than_i_cfm():
+    """Tong et al. (2024): with the same data, seed and steps, minibatch-OT pairs give a flow
+    whose path energy is lower and closer to W2^2(q0, q1) (here 15.1) than I-CFM's."""
+    couplings = pytest.importorskip("flowsolve.couplings")
+    metrics = pytest.importorskip("flowsolve.metrics")
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(9))
+    x1 = sample_labeled("8gaussians", 2000, generator=torch.Generator().manual_seed(10)).x
+    w2sq = metrics.wasserstein2(x0, x1).item() ** 2
+    cfg = quiet(steps=300, batch_size=256, log_every=100, lr=3e-3, ema_decay=None)
+    energy = {}
+    for name, coupling in (("icfm", None), ("ot", couplings.OTCoupling(method="exact"))):
+        model = train(mlp(hidden=64, depth=3, time_embedding_dim=16), "8gaussians", cfg,
+                      coupling=coupling, path=GaussianBridge(0.1),
+                      generator=torch.Generator().manual_seed(1)).model
+        xs = [x0]
+        with torch.no_grad():
+            for k in range(100):  # Euler, 100 steps, as in the paper
+                xs.append(xs[-1] + model(xs[-1], torch.tensor(k / 100)) / 100)
+        energy[name] = metrics.path_energy(torch.stack(xs)).mean().item()
+    assert energy["ot"] < energy["icfm"] - 2
+    assert abs(energy["ot"] - w2sq) < abs(energy["icfm"] - w2sq)

@@ -1,0 +1,107 @@
+"""The small U-Net: the t / y conventions, the null label, size, translation of the
+receptive field, and that it learns (a denoiser on two fixed images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowsolve.unet import UNet
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small networks: one intra-op thread is as fast, and far faster when other processes
+    load the cores (OpenMP's spinning threads then slow tiny kernels by 10-100x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(**kwargs) -> UNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return UNet(**{"channels": 8, "embedding_dim": 16, **kwargs}).double()
+
+
+def test_shape_and_time_as_scalar_or_per_sample_agree(gen):
+    net = make(num_classes=10)
+    x = torch.randn(5, 1, 8, 8, generator=gen, dtype=F64)
+    y = torch.tensor([0, 3, 9, 10, 2])
+    out = net(x, torch.tensor(0.3, dtype=F64), y=y)
+    assert out.shape == x.shape and out.dtype == F64
+    torch.testing.assert_close(out, net(x, torch.full((5,), 0.3, dtype=F64), y=y))
+    torch.testing.assert_close(out, net(x, 0.3, y=y))
+    # per-sample times are per-sample: sample i sees t_i only
+    t = torch.rand(5, generator=gen, dtype=F64)
+    rows = torch.cat([net(x[i:i + 1], t[i], y=y[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(net(x, t, y=y), rows)
+
+
+def test_labels_and_time_change_the_output_and_none_is_the_null_label(gen):
+    net = make(num_classes=10)
+    assert net.null_label == 10 and net.label_embedding.num_embeddings == 11
+    x = torch.randn(4, 1, 8, 8, generator=gen, dtype=F64)
+    a = net(x, 0.5, y=torch.full((4,), 1))
+    b = net(x, 0.5, y=torch.full((4,), 7))
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-6
+    assert (a - net(x, 0.9, y=torch.full((4,), 1))).abs().max() > 1e-6
+    torch.testing.assert_close(net(x, 0.5), net(x, 0.5, y=torch.full((4,), 10)))
+    torch.testing.assert_close(net(x, 0.5, y=torch.tensor(3)), net(x, 0.5, y=torch.full((4,), 3)))
+
+
+def test_parameter_count_of_the_default_is_a_few_1e5():
+    n = sum(p.numel() for p in UNet(num_classes=10).parameters())
+    assert 1e5 < n < 3e5
+    assert sum(p.numel() for p in UNet(channels=16, embedding_dim=64).parameters()) < 1.1e5
+
+
+def test_an_output_pixel_sees_the_whole_8x8_image(gen):
+    # two 3x3 convolutions per block, a stride-2 level: the receptive field covers 8x8,
+    # so d out[0, 0] / d x is non-zero at the opposite corner
+    net = make()
+    x = torch.randn(1, 1, 8, 8, generator=gen, dtype=F64, requires_grad=True)
+    net(x, 0.5)[0, 0, 0, 0].backward()
+    assert x.grad[0, 0, 7, 7].abs() > 0
+
+
+def test_bad_inputs_raise():
+    net = make(num_classes=3)
+    x = torch.zeros(2, 1, 8, 8, dtype=F64)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        net(torch.zeros(2, 8, 8, dtype=F64), 0.5)
+    with pytest.raises(ValueError, match="t must be 0-d or shaped"):
+        net(x, torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match="null label 3"):
+        net(x, 0.5, y=torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        net(x, 0.5, y=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="unconditional"):
+        make()(x, 0.5, y=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="channels"):
+        UNet(channels=0)
+
+
+def test_it_learns_a_conditional_denoiser(gen):
+    # two fixed images, one per label: the optimal x1-predictor given the label is the
+    # image itself, so the loss can go to ~0; it must fall well below its start
+    net = make(num_classes=2).float()
+    images = torch.stack([torch.linspace(-1, 1, 64).reshape(1, 8, 8),
+                          torch.linspace(1, -1, 64).reshape(8, 8).T[None]])
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        y = torch.randint(0, 2, (32,), generator=gen)
+        t = torch.rand(32, generator=gen)
+        x1 = images[y]
+        xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * torch.randn(
+            x1.shape, generator=gen)
+        loss = (net(xt, t, y=y) - x1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.1 * sum(losses[:10]) / 10
