@@ -2,10 +2,10 @@
 ``flowsolve.divergence`` against the per-dimension autograd loop, plus Hutchinson for scale.
 
 Cases: the MLP 3x256 of ``flowsolve.nets`` (SiLU, sinusoidal time embedding) at batch 256
-for d = 2, 16, 64, 256, and a small conv net on 1x8x8 images (d = 64). Time is the minimum
-wall time over rounds in which the methods are called in turn (CUDA: synchronised); extra peak memory is reported on CUDA
-(``torch.cuda.max_memory_allocated``) and is not measured on CPU. Ratios are loop time /
-method time from the same run.
+for d = 2, 16, 64, 256, and a small conv net on 1x8x8 images (d = 64). Time is the
+minimum wall time over rounds in which the methods are called in turn (CUDA: synchronised);
+extra peak memory is reported on CUDA (``torch.cuda.max_memory_allocated``), not on CPU.
+Ratios are loop time / method time from the same run.
 
 Run: .venv/bin/python benchmarks/bench_divergence.py [--device cuda] [--batch 256]
 """
@@ -13,6 +13,7 @@ Run: .venv/bin/python benchmarks/bench_divergence.py [--device cuda] [--batch 25
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -74,6 +75,16 @@ def timed(calls: dict, device: torch.device, rounds: int, max_seconds: float) ->
             for name, ts in times.items()}
 
 
+def case_calls(model, x, t, methods, probes) -> dict:
+    """{column: zero-argument call} for one case."""
+    vd = functools.partial(value_and_divergence, model, x, t)
+    calls = {"forward": functools.partial(model, x, t)}
+    calls.update({m: functools.partial(vd, method=m) for m in methods})
+    calls.update({f"hutch k={k}": functools.partial(vd, method="hutchinson", probes=p)
+                  for k, p in probes.items()})
+    return calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -101,13 +112,7 @@ def main() -> None:
         t = torch.rand(shape[0], generator=gen).to(device)
         p1 = make_probes(shape, 1, generator=gen, device=device)
         p8 = make_probes(shape, 8, generator=gen, device=device)
-        calls = {"forward": lambda: model(x, t)}
-        for m in methods:
-            calls[m] = lambda m=m: value_and_divergence(model, x, t, method=m)
-        calls["hutch k=1"] = lambda: value_and_divergence(model, x, t, method="hutchinson",
-                                                          probes=p1)
-        calls["hutch k=8"] = lambda: value_and_divergence(model, x, t, method="hutchinson",
-                                                          probes=p8)
+        calls = case_calls(model, x, t, methods, {1: p1, 8: p8})
         ref = value_and_divergence(model, x, t, method="loop").divergence
         worst = max((value_and_divergence(model, x, t, method=m).divergence - ref).abs().max()
                     .item() for m in methods)

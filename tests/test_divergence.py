@@ -246,11 +246,22 @@ def test_rademacher_exact_for_multiple_of_identity_and_diagonal(gen):
             assert torch.isnan(res.stderr).all()  # one probe: no spread to report
 
 
-def test_rademacher_variance_below_gaussian_and_matches_theory(gen):
-    """Var(e^T J e): Rademacher 2 sum_{i!=j} S_ij^2, Gaussian 2 ||S||_F^2, S = (J + J^T)/2."""
-    data = random_mixture(gen, k=4, d=10)
-    u = analytic.marginal_velocity(data, cond_ot())
-    x, t = 1.5 * torch.randn(4, 10, generator=gen, dtype=F64), torch.tensor(0.5, dtype=F64)
+@pytest.mark.parametrize("case", ["full covariances, t=0.5", "isotropic std 0.1, t=0.3"])
+def test_rademacher_variance_below_gaussian_and_matches_theory(case):
+    """Var(e^T J e): Rademacher 2 sum_{i!=j} S_ij^2, Gaussian 2 ||S||_F^2, S = (J + J^T)/2,
+    on the mixture velocity in d = 10 at points drawn from p_t."""
+    gen = torch.Generator().manual_seed(3)
+    d, path = 10, cond_ot()
+    if case.startswith("full"):
+        data, t = random_mixture(gen, k=4, d=d), 0.5
+    else:  # the note's case: well separated, tight isotropic components
+        data = fs.GaussianMixture(2 * torch.randn(8, d, generator=gen, dtype=F64),
+                                  torch.full((8, d), 0.01, dtype=F64))
+        t = 0.3
+    u = analytic.marginal_velocity(data, path)
+    x = t * data.sample(6, generator=gen, dtype=F64) + (1 - t) * torch.randn(
+        6, d, generator=gen, dtype=F64)
+    t = torch.tensor(t, dtype=F64)
     s = jacobians(u, x, t)
     s = (s + s.transpose(1, 2)) / 2
     theory = {"gaussian": 2 * s.pow(2).sum((1, 2)),
@@ -259,10 +270,12 @@ def test_rademacher_variance_below_gaussian_and_matches_theory(gen):
     for kind in PROBE_KINDS:
         p = make_probes(x.shape, 20000, kind, generator=gen, dtype=F64)
         var[kind] = value_and_divergence(u, x, t, method="hutchinson", probes=p).estimates.var(0)
-        torch.testing.assert_close(var[kind], theory[kind], rtol=0.08, atol=0)
+        torch.testing.assert_close(var[kind], theory[kind], rtol=0.08,
+                                   atol=1e-9 * theory["gaussian"].max().item())
     ratio = var["gaussian"] / var["rademacher"]
-    print(f"Gaussian / Rademacher variance per sample: {[round(r, 2) for r in ratio.tolist()]}")
-    assert (ratio > 1.2).all()
+    print(f"{case}: Gaussian / Rademacher variance per sample "
+          f"{[float(f'{r:.3g}') for r in ratio.tolist()]}")
+    assert (ratio > 1).all()
 
 
 # ---------------------------------------------------------------- gradients to params
