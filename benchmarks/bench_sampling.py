@@ -2,7 +2,10 @@
 small MLP field (3 x 256, SiLU), 100 steps at batch 1024, d = 2, fp32; and flowsolve's
 synchronisation-free fixed-step loop (``fast_*``, optionally replayed from a CUDA graph)
 against both. Every row is timed round-robin (one call of each per round, so a drift in the
-machine's load hits all rows alike); medians and ratios come from one run.
+machine's load hits all rows alike); medians, minima and their ratios come from one run (on a
+shared, loaded machine the minimum is the steadier estimate of intrinsic cost). A second
+table repeats the paths with a field that costs almost nothing (``u = -x``), which exposes
+the per-step overhead of each driver in microseconds.
 
 Run: .venv/bin/python benchmarks/bench_sampling.py [--device cuda] [--repeats 15] [--threads 1]
 """
@@ -36,8 +39,8 @@ class MLP(nn.Module):
         return self.net(torch.cat([x, t[:, None]], dim=1))
 
 
-def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each row, after two warm-up rounds."""
+def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, minimum) wall time in ms of each row, after two warm-up rounds."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -51,7 +54,41 @@ def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, flo
             sync()
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return {name: (1e3 * statistics.median(ts), 1e3 * min(ts)) for name, ts in times.items()}
+
+
+def paths(u, x0: torch.Tensor, grid: torch.Tensor) -> dict:
+    """The sampling paths compared, each a zero-argument callable."""
+    h, grid32 = 1.0 / STEPS, grid.to(x0.dtype)
+
+    def hand_loop():
+        x = x0
+        for k in range(STEPS):
+            x = x + h * u(x, grid32[k])
+        return x
+
+    return {
+        "hand-written Euler loop": hand_loop,
+        "torchdiffeq.odeint euler, explicit grid": lambda: torchdiffeq.odeint(
+            lambda t, x: u(x, t.to(x.dtype)), x0, grid[[0, -1]], method="euler",
+            options={"grid_constructor": lambda f, y, t: grid})[-1],
+        "sample(solver='euler')  [torchdiffeq]": lambda: sample(u, x0, "euler", steps=STEPS),
+        "sample(solver='fast_euler')": lambda: sample(u, x0, "fast_euler", steps=STEPS),
+        "sample(solver='fast_euler', check_finite=False)": lambda: sample(
+            u, x0, "fast_euler", steps=STEPS, check_finite=False),
+        "sample(solver='rk4', steps=25)  [torchdiffeq]": lambda: sample(u, x0, "rk4", steps=25),
+        "sample(solver='fast_rk4', steps=25)": lambda: sample(u, x0, "fast_rk4", steps=25),
+    }
+
+
+def report(title: str, results: dict[str, tuple[float, float]]) -> None:
+    hand_med, hand_min = results["hand-written Euler loop"]
+    print(f"\n{title:<50} {'median ms':>10} {'min ms':>9} {'med/hand':>9} {'min/hand':>9} "
+          f"{'us/step':>8}")
+    for name, (med, low) in results.items():
+        per_step = 1e3 * (low - hand_min) / STEPS
+        print(f"{name:<50} {med:10.2f} {low:9.2f} {med / hand_med:9.3f} {low / hand_min:9.3f} "
+              f"{per_step:+8.1f}")
 
 
 def main() -> None:
@@ -67,49 +104,30 @@ def main() -> None:
     u = MLP(DIM).to(device)
     x0 = torch.randn(BATCH, DIM, device=device, generator=torch.Generator(device).manual_seed(1))
     grid = torch.linspace(0.0, 1.0, STEPS + 1, dtype=torch.float64).to(device)
-    grid32 = grid.to(torch.float32)
-    h = 1.0 / STEPS
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, {dev_name}, "
           f"threads {torch.get_num_threads()}; Euler {STEPS} steps, B={BATCH}, d={DIM}, "
-          f"MLP 3x256 SiLU, fp32, median of {args.repeats} (round-robin)")
-
-    def hand_loop():
-        x = x0
-        for k in range(STEPS):
-            x = x + h * u(x, grid32[k])
-        return x
-
-    rows = {
-        "hand-written Euler loop": hand_loop,
-        "torchdiffeq.odeint euler, explicit grid": lambda: torchdiffeq.odeint(
-            lambda t, x: u(x, t.to(x.dtype)), x0, grid[[0, -1]], method="euler",
-            options={"grid_constructor": lambda f, y, t: grid})[-1],
-        "sample(solver='euler')  [torchdiffeq]": lambda: sample(u, x0, "euler", steps=STEPS),
-        "sample(solver='fast_euler')": lambda: sample(u, x0, "fast_euler", steps=STEPS),
-        "sample(solver='fast_euler', check_finite=False)": lambda: sample(
-            u, x0, "fast_euler", steps=STEPS, check_finite=False),
-        "sample(solver='rk4', steps=25)  [torchdiffeq]": lambda: sample(u, x0, "rk4", steps=25),
-        "sample(solver='fast_rk4', steps=25)": lambda: sample(u, x0, "fast_rk4", steps=25),
-    }
+          f"fp32, {args.repeats} rounds (round-robin); us/step = (min - hand min) / {STEPS}")
+    rows = paths(u, x0, grid)
     with torch.no_grad():
         if device.type == "cuda":  # untested here: written where no GPU was available
             graphed = CapturedSampler(u, x0, "fast_euler", steps=STEPS)
             rows["CapturedSampler fast_euler (CUDA graph replay)"] = lambda: graphed(x0)
         same = sample(u, x0, "euler", steps=STEPS).x
         assert torch.allclose(sample(u, x0, "fast_euler", steps=STEPS).x, same, atol=1e-5)
-        assert torch.allclose(hand_loop(), same, atol=1e-5)
+        assert torch.allclose(rows["hand-written Euler loop"](), same, atol=1e-5)
         results = round_robin(rows, device, args.repeats)
+        report("MLP 3x256 SiLU field", results)
+        light = round_robin(paths(lambda x, t: -x, x0, grid), device, args.repeats)
+        report("near-free field u = -x", light)
 
-    hand = results["hand-written Euler loop"]
-    front = results["sample(solver='euler')  [torchdiffeq]"]
-    fast = results["sample(solver='fast_euler')"]
-    print(f"\n{'path (100 Euler steps unless noted)':<50} {'ms':>9} {'/ hand':>8} "
-          f"{'/ sample euler':>15}")
-    for name, ms in results.items():
-        print(f"{name:<50} {ms:9.2f} {ms / hand:8.3f} {ms / front:15.3f}")
-    print(f"\nfront-door overhead (sample euler / hand loop): {100 * (front / hand - 1):+.1f}%")
-    print(f"fast loop vs hand loop: {fast / hand:.3f}x; vs sample euler: {fast / front:.3f}x")
+    (hand, hand_min), (front, front_min) = (results["hand-written Euler loop"],
+                                            results["sample(solver='euler')  [torchdiffeq]"])
+    fast, fast_min = results["sample(solver='fast_euler')"]
+    print(f"\nMLP: front-door overhead (sample euler / hand loop): median "
+          f"{100 * (front / hand - 1):+.1f}%, min {100 * (front_min / hand_min - 1):+.1f}%")
+    print(f"MLP: fast loop / hand loop: median {fast / hand:.3f}x, min {fast_min / hand_min:.3f}x;"
+          f" fast loop / sample euler: median {fast / front:.3f}x, min {fast_min / front_min:.3f}x")
 
 
 if __name__ == "__main__":

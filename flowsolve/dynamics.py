@@ -75,6 +75,19 @@ class NonFiniteStateError(IntegrationError, FloatingPointError):
         super().__init__("non_finite", solver, t, detail)
 
 
+def _first_non_finite(extrema: Tensor) -> int | None:
+    """Index of the first ``(min, max)`` pair of ``extrema`` ``(2N,)`` that is not finite, or
+    None.
+
+    Finiteness is recorded as the extrema of each tensor (``Tensor.aminmax``: one reduction
+    kernel, exact: an inf or NaN anywhere shows in the min or the max, and unlike a sum it
+    cannot overflow); reading the record is one host synchronisation."""
+    ok = torch.isfinite(extrema).view(-1, 2).all(1)
+    if bool(ok.all()):
+        return None
+    return int((~ok).nonzero()[0, 0])
+
+
 class ODESystem(nn.Module):
     r"""``dx/dt = u_t(x)`` as torchdiffeq's ``func(t, x)``, counting what the solver does.
 
@@ -107,7 +120,7 @@ class ODESystem(nn.Module):
         self.solver, self.max_steps = solver, max_steps
         self.attempted = self.accepted = self.rejected = 0
         self._last_t0: Tensor | None = None
-        self._ok: list[Tensor] = []  # isfinite(u).all() per evaluation, on the device
+        self._extrema: list[Tensor] = []  # (min, max) of each evaluation, on the device
         self._t: list[Tensor] = []
         if "callback_step" in callbacks:
             self.callback_step = self._on_step
@@ -130,13 +143,13 @@ class ODESystem(nn.Module):
         if self.span is not None:
             t = t.clamp(*self.span)
         u = self.counter(x, t)
-        self._ok.append(torch.isfinite(u).all())
+        self._extrema.extend(u.detach().aminmax())
         self._t.append(t)
         return u
 
     def record_state(self, x: Tensor, t: float) -> None:
-        """Add ``isfinite(x).all()`` at time ``t`` to the record (e.g. the final state)."""
-        self._ok.append(torch.isfinite(x).all())
+        """Add the state ``x`` at time ``t`` to the finiteness record (e.g. the final state)."""
+        self._extrema.extend(x.detach().aminmax())
         self._t.append(torch.tensor(t, dtype=torch.float64))
 
     def _on_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
@@ -159,14 +172,13 @@ class ODESystem(nn.Module):
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteStateError` naming the first time an evaluation was not
         finite (one host synchronisation for all evaluations since the last check)."""
-        if not self._ok:
+        if not self._extrema:
             return
-        ok = torch.stack(self._ok)
-        if not bool(ok.all()):
-            first = int((~ok).nonzero()[0, 0])
+        first = _first_non_finite(torch.stack(self._extrema))
+        if first is not None:
             raise NonFiniteStateError(self.solver, float(self._t[first]),
                                       "the field returned inf or NaN")
-        self._ok, self._t = [], []
+        self._extrema, self._t = [], []
 
 
 class ScipySystem:
@@ -351,11 +363,11 @@ class FixedStepLoop:
 
     def __call__(self, field: Field, x: Tensor, check_finite: bool = True
                  ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """``(x_N, [x_k for k in record], ok)``, ``ok`` the ``(N,)`` record of
-        ``isfinite(x_n).all()`` (None when not checked)."""
+        """``(x_N, [x_k for k in record], extrema)``, ``extrema`` the ``(2N,)`` record of
+        each state's min and max (None when not checked)."""
         tab, stage_t = self.tableau, self.stage_t
         saved = [x] if 0 in self.record else []
-        flags = []
+        extrema: list[Tensor] = []
         for n, h in enumerate(self.h):
             ks: list[Tensor] = []
             for i in range(tab.stages):
@@ -364,16 +376,17 @@ class FixedStepLoop:
                 ks.append(field(x_i, stage_t[n, i]))
             x = torch.add(x, _combine(tab.b, ks), alpha=h)
             if check_finite:
-                flags.append(torch.isfinite(x).all())
+                extrema.extend(x.detach().aminmax())
             if n + 1 in self.record:
                 saved.append(x)
-        return x, saved, torch.stack(flags) if flags else None
+        return x, saved, torch.stack(extrema) if extrema else None
 
-    def check(self, ok: Tensor | None, solver: str) -> None:
+    def check(self, extrema: Tensor | None, solver: str) -> None:
         """Raise :class:`NonFiniteStateError` naming the first non-finite step of a run's
         record (the run's one host synchronisation)."""
-        if ok is not None and not bool(ok.all()):
-            n, g = int((~ok).nonzero()[0, 0]), self.grid
+        n = None if extrema is None else _first_non_finite(extrema)
+        if n is not None:
+            g = self.grid
             raise NonFiniteStateError(
                 solver, g[n + 1], f"the state became non-finite in step {n + 1} of "
                 f"{len(self.h)}, from t={g[n]:.6g} to t={g[n + 1]:.6g}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -233,13 +234,15 @@ def _check_state(x0) -> None:
     if not torch.is_tensor(x0) or x0.dim() < 1 or not x0.is_floating_point():
         raise TypeError("x0 must be a floating-point tensor shaped (B, *event_shape); got "
                         f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+    if x0.numel() == 0:
+        raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
     if x0.device.type == "cpu" and not bool(torch.isfinite(x0).all()):
         raise ValueError("x0 contains inf or NaN")
 
 
 def _check_span(t0, t1) -> tuple[float, float]:
     for name, v in (("t0", t0), ("t1", t1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
     t0, t1 = float(t0), float(t1)
     if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
@@ -249,15 +252,19 @@ def _check_span(t0, t1) -> tuple[float, float]:
 
 
 def _positive(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a positive number; got {type(v).__name__}")
+    if not 0 < v < math.inf:
         raise ValueError(f"{name} must be a positive number; got {v!r}")
     return float(v)
 
 
 def _count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int; got {type(v).__name__}")
+    if v < 1:
         raise ValueError(f"{name} must be a positive int; got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_times(times, t0: float, t1: float) -> list[float]:
@@ -355,8 +362,8 @@ def _fast_loop(info: SolverInfo, x0: Tensor, t0: float, t1: float, steps: int,
 
 
 def _fast_solution(loop: FixedStepLoop, info: SolverInfo, out, nfe: int) -> Solution:
-    x, saved, ok = out
-    loop.check(ok, info.name)
+    x, saved, extrema = out
+    loop.check(extrema, info.name)
     times = [loop.grid[k] for k in loop.record]
     return Solution(x, nfe, len(loop.h), 0, info.name, loop.grid[0], loop.grid[-1],
                     _times_tensor(times, x), torch.stack(saved) if saved else None)
@@ -427,6 +434,6 @@ class CapturedSampler:
                              f"{x.device}; got {getattr(x0, 'shape', type(x0).__name__)}")
         self._x.copy_(x0)
         self._graph.replay()
-        out, saved, ok = self._out
+        out, saved, extrema = self._out
         return _fast_solution(self.loop, self.info, (out.clone(), [s.clone() for s in saved],
-                                                     ok), self.nfe)
+                                                     extrema), self.nfe)

@@ -144,3 +144,33 @@ def test_bad_arguments_raise():
         log_likelihood(lambda x, t: x, torch.zeros(3, dtype=F64))
     with pytest.raises(TypeError, match="prior"):
         log_likelihood(lambda x, t: x, x, prior=3, solver="euler", steps=2)
+
+
+def _ll_worker(rank, world, init_file, x, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        data = fs.Gaussian(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
+        u = analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CondOTScheduler()))
+        out = dataset_log_likelihood(u, x, batch_size=3, progress=False, solver="rk4", steps=8)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dataset_likelihood_sharded_over_two_gloo_ranks(tmp_path, gen):
+    import torch.multiprocessing as mp
+
+    x = torch.randn(9, 2, generator=gen, dtype=F64)
+    mp.spawn(_ll_worker, args=(2, str(tmp_path / "init"), x, str(tmp_path)), nprocs=2)
+    data = fs.Gaussian(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
+    u = analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CondOTScheduler()))
+    single = log_likelihood(u, x, solver="rk4", steps=8).log_prob
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(out["log_prob"], single)

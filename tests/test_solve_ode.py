@@ -216,6 +216,7 @@ def test_sampling_the_analytic_field_reproduces_the_mixture(scheduler, w2_floor)
 
 
 # -- counting ----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
 @pytest.mark.parametrize("solver", list(ODE_SOLVERS))
 def test_reported_nfe_equals_the_calls_counted_independently(solver):
     info = ODE_SOLVERS[solver]
@@ -343,6 +344,35 @@ def test_arguments_are_checked(kwargs, match, x0):
         sample(U, x0, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    ({"solver": "rk4", "steps": 2.5}, TypeError),
+    ({"solver": "dopri5", "atol": "tight"}, TypeError),
+    ({"solver": "rk4", "steps": 4, "t0": torch.tensor(0.0)}, TypeError),
+])
+def test_argument_types_are_checked(kwargs, error, x0):
+    with pytest.raises(error):
+        sample(U, x0, **kwargs)
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor"):
+        sample(U, x0.long(), "rk4", steps=4)
+    with pytest.raises(ValueError, match="x0 contains inf or NaN"):
+        sample(U, torch.full_like(x0, math.inf), "rk4", steps=4)
+
+
+@pytest.mark.parametrize("solver", ["rk4", "fast_rk4", "dopri5"])
+def test_gradients_flow_through_the_solve(solver):
+    """d x(1) / d x(0) by autograd through the solver matches a central finite difference."""
+    x = noise(4, 8).requires_grad_(True)
+    kwargs = {"steps": 16} if solver != "dopri5" else {"rtol": 1e-9, "atol": 1e-9}
+    (grad,) = torch.autograd.grad(sample(U, x, solver, **kwargs).x.sum(), x)
+    eps, e = 1e-6, torch.zeros_like(x)
+    e[0, 0] = eps
+    with torch.no_grad():
+        fd = (sample(U, x + e, solver, **kwargs).x.sum() - sample(U, x - e, solver,
+                                                                   **kwargs).x.sum()) / (2 * eps)
+    assert abs(float(grad[0, 0]) - float(fd)) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
 def test_implicit_adams_takes_its_corrector_tolerance(x0):
     assert "rtol" in inspect.signature(TORCHDIFFEQ_SOLVERS["implicit_adams"]).parameters
     res = sample(U, x0, "implicit_adams", steps=16, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,223 @@
+"""The result of a solver study: its plain records, the convergence orders fitted from them
+(:func:`fit_order`), and the :class:`Study` that holds both with its renderings (CSV and
+JSON written atomically, a Markdown table, a work-precision plot). Private; re-exported by
+:mod:`flowsolve.studies`, which does the measuring."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry"]
+
+RECORD_FIELDS = (
+    "solver", "kind", "library", "declared_order", "budget", "steps", "rejected", "h", "nfe",
+    "time_min", "time_median", "error", "mean_error", "moment2_error", "w2", "ll_error",
+    "ll_nfe",
+)
+"""Keys of every record, in CSV column order. ``kind`` is ``"fixed"``, ``"adaptive"`` or
+``"sde"``; ``budget`` is the step count (fixed, sde) or ``rtol = atol`` (adaptive); ``h`` the
+step size ``|t1 - t0| / steps`` (None for adaptive); times in seconds; ``error`` the
+(strong, for SDE solvers) error at t1, ``mean_error`` / ``moment2_error`` the errors of the
+sample mean and second moment, ``w2`` the W2 distance to the data, ``ll_error`` the mean
+absolute log-likelihood error in nats; None where not measured."""
+
+_PLOTTABLE = ("error", "mean_error", "moment2_error", "w2", "ll_error")
+
+
+def fit_order(h: Sequence[float], error: Sequence[float | None], *,
+              floor: float = 0.0) -> float | None:
+    r"""Least-squares slope ``p`` of ``log e = log C + p log h`` over the points with a
+    finite error above ``floor`` (DiffEqDevTools' ``𝒪est`` fits successive halvings; a fit
+    over all of them is less sensitive to one noisy point). None with fewer than two
+    distinct step sizes.
+
+    Example:
+        >>> round(fit_order([0.5, 0.25, 0.125], [3 * 0.5**2, 3 * 0.25**2, 3 * 0.125**2]), 12)
+        2.0
+    """
+    pts = [(math.log(a), math.log(e)) for a, e in zip(h, error, strict=True)
+           if e is not None and math.isfinite(e) and e > floor and a > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return (sum((p[0] - mx) * (p[1] - my) for p in pts)
+            / sum((p[0] - mx) ** 2 for p in pts))
+
+
+def order_entry(records: list[dict], solver: str, kind: str, declared: float | None, *,
+                floor: float = 0.0, max_steps: int | None = None) -> dict:
+    """The ``orders`` entry of one solver: its declared order, and the order fitted over its
+    records with an error above ``floor`` (and at most ``max_steps`` steps) by
+    :func:`fit_order`, with the successive estimates between neighbouring step sizes."""
+    entry = {"kind": kind, "declared": declared, "fitted": None, "points": 0,
+             "h_min": None, "h_max": None, "successive": []}
+    if kind == "adaptive":
+        return entry
+    pts = sorted(((r["h"], r["error"]) for r in records
+                  if r["solver"] == solver and r["error"] is not None
+                  and r["error"] > floor and (max_steps is None or r["steps"] <= max_steps)),
+                 reverse=True)
+    fitted = fit_order([p[0] for p in pts], [p[1] for p in pts])
+    if fitted is not None:
+        entry.update(fitted=fitted, points=len(pts), h_min=pts[-1][0], h_max=pts[0][0],
+                     successive=[math.log(a[1] / b[1]) / math.log(a[0] / b[0])
+                                 for a, b in zip(pts[:-1], pts[1:], strict=True)])
+    return entry
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it: readers see
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _fmt(value, time: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value * 1e3:.3g}" if time else f"{value:.3g}"
+    return str(value)
+
+
+@dataclass
+class Study:
+    """What :func:`~flowsolve.studies.compare_solvers` returns.
+
+    Attributes:
+        records: one dict per (solver, budget) with the keys of :data:`RECORD_FIELDS`
+            (plain ``str`` / ``int`` / ``float`` / ``None`` values).
+        orders: per solver, ``declared`` (the registry's order; strong order for SDE
+            solvers), ``fitted`` (least-squares slope of log error against log h, None for
+            adaptive solvers or too few points), the ``points`` used, their ``h_min`` /
+            ``h_max`` and the ``successive`` estimates between neighbouring step sizes.
+        meta: how the study was run (reference, dtype, device, batch, repeats, ...).
+    """
+
+    records: list[dict]
+    orders: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # -- files -------------------------------------------------------------------------------
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the records as CSV (atomically); :meth:`read_csv` reads them back."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.records)
+        return _atomic_write(path, buf.getvalue().encode())
+
+    @staticmethod
+    def read_csv(path: str | os.PathLike) -> list[dict]:
+        """Records from :meth:`to_csv`: empty cells are None, numbers int or float."""
+        with open(path, newline="") as f:
+            return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write records, orders and meta as JSON (atomically); :meth:`from_json` reads it."""
+        doc = {"records": self.records, "orders": self.orders, "meta": self.meta}
+        return _atomic_write(path, json.dumps(doc, indent=1).encode())
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Study:
+        with open(path) as f:
+            doc = json.load(f)
+        return cls(doc["records"], doc.get("orders", {}), doc.get("meta", {}))
+
+    # -- renderings --------------------------------------------------------------------------
+    def table(self) -> str:
+        """The records and the orders as two Markdown tables (columns that were never
+        measured are left out; times in milliseconds)."""
+        columns = [("solver", "solver"), ("budget", "budget"), ("nfe", "NFE"),
+                   ("steps", "steps"), ("time_min", "time min (ms)"),
+                   ("time_median", "time median (ms)"), ("error", "error"),
+                   ("mean_error", "mean err"), ("moment2_error", "2nd-moment err"),
+                   ("w2", "W2 to data"), ("ll_error", "loglik err (nats)")]
+        columns = [c for c in columns if any(r.get(c[0]) is not None for r in self.records)]
+        lines = ["| " + " | ".join(c[1] for c in columns) + " |",
+                 "|" + "---|" * len(columns)]
+        for r in self.records:
+            lines.append("| " + " | ".join(_fmt(r.get(k), time=k.startswith("time_"))
+                                           for k, _ in columns) + " |")
+        lines += ["", "| solver | declared order | fitted order | points | h range |",
+                  "|---|---|---|---|---|"]
+        for name, o in self.orders.items():
+            h_range = "-" if o.get("h_min") is None else f"{o['h_min']:.3g} .. {o['h_max']:.3g}"
+            lines.append(f"| {name} | {_fmt(o.get('declared'))} | {_fmt(o.get('fitted'))} | "
+                         f"{o.get('points', 0)} | {h_range} |")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, *, metric: str = "error", dpi: int = 120) -> Path:
+        """Work-precision plot: ``metric`` against NFE and against median wall time,
+        log-log, one line per solver (labelled with its fitted order); written atomically in
+        the format of ``path``'s suffix (default PNG). Needs matplotlib (Agg canvas; the
+        global backend is left alone)."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as err:
+            raise ImportError("Study.plot needs matplotlib, an optional dependency: "
+                              "pip install 'flowsolve[plot]' (or matplotlib)") from err
+        if metric not in _PLOTTABLE:
+            raise ValueError(f"metric={metric!r}; accepted: {', '.join(_PLOTTABLE)}")
+        fig = Figure(figsize=(10, 4.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax_nfe, ax_time = fig.subplots(1, 2)
+        drawn = 0
+        for name in dict.fromkeys(r["solver"] for r in self.records):
+            recs = sorted((r for r in self.records if r["solver"] == name
+                           and r.get(metric) is not None and r[metric] > 0),
+                          key=lambda r: r["nfe"])
+            if not recs:
+                continue
+            fitted = self.orders.get(name, {}).get("fitted")
+            label = name if fitted is None else f"{name} (order {fitted:.2f})"
+            y = [r[metric] for r in recs]
+            ax_nfe.loglog([r["nfe"] for r in recs], y, marker="o", label=label)
+            ax_time.loglog([r["time_median"] for r in recs], y, marker="o", label=label)
+            drawn += 1
+        if not drawn:
+            raise ValueError(f"no positive {metric!r} values to plot (was it measured?)")
+        ax_nfe.set_xlabel("NFE")
+        ax_time.set_xlabel("wall time, median (s)")
+        for ax in (ax_nfe, ax_time):
+            ax.set_ylabel(metric)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_nfe.legend(fontsize="small")
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+        return _atomic_write(path, buf.getvalue())

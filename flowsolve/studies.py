@@ -1,0 +1,405 @@
+r"""Solver comparison studies: error, sample quality and wall time against NFE, and the
+empirical order of convergence, for any mix of ODE and SDE solvers on the same field.
+
+The protocol (DiffEqDevTools' ``WorkPrecisionSet`` / ``test_convergence``; the project's
+notes on solver studies):
+
+1. **Reference** ``x_ref = x(t1)`` from the same ``x0``: a given tensor (a closed form), or a
+   tight adaptive solve (``reference="auto"``: scipy's DOP853 on the CPU, torchdiffeq's
+   dopri8 on an accelerator, ``rtol = atol = 1e-10`` in float64, ``1e-6`` otherwise).
+2. **Work**: for every (solver, budget), ``warmup`` untimed solves, then ``repeats`` timed
+   ones, each synchronised with the device before and after; minimum and median seconds.
+   NFE is the front door's counter (never a formula).
+3. **Error at t1**: ``e = (1/B sum_b ||x_hat_b - x_ref_b||^2)^(1/2)`` (``norm="rms"``; also
+   ``"mean"``, ``"max"``), the statistics ``mean_error = ||mean x_hat - mean x_ref||`` and
+   ``moment2_error = ||mean x_hat^2 - mean x_ref^2||``, W2 to ``data`` samples, and the mean
+   absolute error of the log-likelihood (nats) against a reference likelihood.
+4. **SDE solvers** (names ``"sde:<torchsde method>"``) all integrate on one
+   :class:`~flowsolve.brownian.GridBrownian` of ``N_ref`` cells, so every step count sees the
+   same Brownian path; their reference is ``reference_solver`` (``srk``) at ``N_ref`` on that
+   path. ``error`` is then the *strong* error, the statistics are the *weak* errors.
+5. **Order**: the least-squares slope ``p`` of ``log e = log C + p log h``,
+   ``h = |t1 - t0| / N``, over the budgets whose error is above the reference floor, next
+   to the successive estimates ``log(e_k / e_{k+1}) / log(h_k / h_{k+1})`` and the order the
+   registry declares.
+
+Results are a :class:`Study` of plain records (CSV / JSON, a Markdown table, and a
+work-precision plot through matplotlib's Agg canvas, an optional dependency).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._study_results import RECORD_FIELDS, Study, fit_order, order_entry
+from .brownian import GridBrownian
+from .likelihood import log_likelihood
+from .metrics import wasserstein2
+from .registry import SolverInfo
+from .sde import SDE_SOLVERS, sample_sde
+from .solve import ODE_SOLVERS, sample
+
+__all__ = ["compare_solvers", "fit_order", "Study", "RECORD_FIELDS", "SDE_PREFIX",
+           "DEFAULT_STEPS", "DEFAULT_TOLERANCES"]
+
+Field = Callable[[Tensor, Tensor], Tensor]
+
+SDE_PREFIX = "sde:"
+DEFAULT_STEPS = (4, 8, 16, 32, 64)
+DEFAULT_TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+_NORMS = ("rms", "mean", "max")
+_SDE_KEYS = ("score", "path", "diffusion", "reference_solver", "reference_steps")
+_REFERENCE_MAX_STEPS = 100_000
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str  # as written by the user: "rk4", "sde:euler"
+    info: SolverInfo
+    kind: str  # "fixed", "adaptive" or "sde"
+    budgets: tuple
+
+
+def _lookup(name) -> tuple[SolverInfo, str]:
+    if isinstance(name, str):
+        # names(): ``in`` on a SolverRegistry raises ValueError (its lookup never KeyErrors)
+        if name.startswith(SDE_PREFIX) and name[len(SDE_PREFIX):] in SDE_SOLVERS.names():
+            return SDE_SOLVERS[name[len(SDE_PREFIX):]], "sde"
+        if name in ODE_SOLVERS.names():
+            info = ODE_SOLVERS[name]
+            return info, "adaptive" if info.adaptive else "fixed"
+    raise ValueError(
+        f"unknown solver {name!r}; accepted ODE solvers: {', '.join(sorted(ODE_SOLVERS))}; "
+        f"SDE solvers (with sde=dict(...)): "
+        f"{', '.join(SDE_PREFIX + n for n in sorted(SDE_SOLVERS))}")
+
+
+def _check_budgets(name: str, kind: str, values) -> tuple:
+    adaptive = kind == "adaptive"
+    what = ("tolerances in (0, 1) (rtol = atol)" if adaptive
+            else "step counts (positive ints)")
+    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) > 0
+    if ok and adaptive:
+        ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < 1
+                 for v in values)
+    elif ok:
+        ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                 for v in values)
+    if not ok or len(set(values)) != len(values):
+        raise ValueError(f"budgets of solver {name!r} ({kind}) must be a non-empty sequence of "
+                         f"distinct {what}; got {values!r}")
+    return tuple(float(v) if adaptive else int(v) for v in values)
+
+
+def _parse_solvers(solvers, steps, tolerances, budgets) -> list[_Spec]:
+    names = [solvers] if isinstance(solvers, str) else list(solvers)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"solvers must be a non-empty list of distinct names; got {solvers!r}")
+    budgets = {} if budgets is None else budgets
+    if not isinstance(budgets, Mapping):
+        raise TypeError("budgets must be a mapping {solver: [steps or tolerances]} (steps= and "
+                        f"tolerances= set the defaults); got {type(budgets).__name__}")
+    extra = [k for k in budgets if k not in names]
+    if extra:
+        raise ValueError(f"budgets names solvers not in solvers={names!r}: {extra!r}")
+    specs = []
+    for name in names:
+        info, kind = _lookup(name)
+        values = budgets.get(name, tolerances if kind == "adaptive" else steps)
+        specs.append(_Spec(name, info, kind, _check_budgets(name, kind, values)))
+    return specs
+
+
+def _count(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+    return int(v)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable, device: torch.device, repeats: int, warmup: int):
+    """(result of the last run, min seconds, median seconds) of ``repeats`` synchronised runs
+    after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = run()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return out, min(seconds), statistics.median(seconds)
+
+
+def _distance(x: Tensor, ref: Tensor, norm: str) -> float:
+    d = (x - ref).flatten(1).norm(dim=1)
+    return float(d.square().mean().sqrt() if norm == "rms" else d.mean() if norm == "mean"
+                 else d.max())
+
+
+def _moment_errors(x: Tensor, ref: Tensor) -> tuple[float, float]:
+    x, ref = x.flatten(1), ref.flatten(1)
+    return (float((x.mean(0) - ref.mean(0)).norm()),
+            float((x.square().mean(0) - ref.square().mean(0)).norm()))
+
+
+def _scale(x: Tensor) -> float:
+    return 1.0 + float(x.flatten(1).norm(dim=1).square().mean().sqrt())
+
+
+# -- references --------------------------------------------------------------------------------
+def _ode_reference(field, x0, reference, solver, tol, t0, t1) -> tuple[Tensor | None, dict]:
+    if reference is None:
+        return None, {"reference": None}
+    if isinstance(reference, str) and reference == "auto":
+        with torch.no_grad():
+            sol = sample(field, x0, solver, rtol=tol, atol=tol, t0=t0, t1=t1,
+                         max_steps=_REFERENCE_MAX_STEPS)
+        floor = 30.0 * tol * _scale(sol.x)
+        return sol.x, {"reference": "auto", "reference_solver": solver, "reference_tol": tol,
+                       "reference_nfe": sol.nfe, "order_floor": floor}
+    if torch.is_tensor(reference):
+        if reference.shape != x0.shape:
+            raise ValueError(f"reference must be x(t1) shaped like x0 {tuple(x0.shape)}; got "
+                             f"{tuple(reference.shape)}")
+        ref = reference.detach().to(dtype=x0.dtype, device=x0.device)
+        floor = 1e3 * torch.finfo(x0.dtype).eps * _scale(ref)
+        return ref, {"reference": "given", "order_floor": floor}
+    raise ValueError(f"reference must be 'auto', None or a tensor shaped like x0; got "
+                     f"{reference!r}")
+
+
+def _sde_setup(field, x0, specs, sde, generator, t0, t1):
+    """(keyword arguments of every SDE solve, reference x(t1), meta) or None."""
+    steps = [n for s in specs if s.kind == "sde" for n in s.budgets]
+    if not steps:
+        return None
+    if not isinstance(sde, Mapping):
+        raise ValueError("SDE solvers need sde=dict(path=..., diffusion=..., score=...) (the "
+                         f"arguments of sample_sde); got sde={sde!r}")
+    unknown = [k for k in sde if k not in _SDE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown sde keys {unknown!r}; accepted: {', '.join(_SDE_KEYS)}")
+    cfg = {"score": None, "path": None, "diffusion": 1.0,
+           "reference_solver": "srk" if "srk" in SDE_SOLVERS.names() else "euler",
+           "reference_steps": None, **sde}
+    SDE_SOLVERS[cfg["reference_solver"]]  # ValueError listing the accepted names
+    lcm = math.lcm(*steps)
+    n_ref = cfg["reference_steps"]
+    if n_ref is None:
+        n_ref = lcm
+        while n_ref < 16 * max(steps):
+            n_ref *= 2
+    elif _count("sde reference_steps", n_ref, 1) % lcm:
+        raise ValueError(f"sde reference_steps must be a multiple of every SDE step budget "
+                         f"(of {lcm}) so that all solves share its Brownian path; got {n_ref}")
+    bm = GridBrownian(x0.shape, steps=n_ref, t0=t0, t1=t1, generator=generator,
+                      dtype=x0.dtype, device=x0.device, levy_area="space-time")
+    kwargs = {"score": cfg["score"], "path": cfg["path"], "diffusion": cfg["diffusion"],
+              "t0": t0, "t1": t1, "bm": bm}
+    with torch.no_grad():
+        ref = sample_sde(field, x0, solver=cfg["reference_solver"], steps=n_ref, **kwargs)
+    meta = {"diffusion": repr(cfg["diffusion"]), "reference_solver": cfg["reference_solver"],
+            "reference_steps": n_ref, "reference_nfe": ref.nfe}
+    return kwargs, ref.x, meta
+
+
+def _likelihood_setup(field, likelihood, points, solver, tol, t_interval):
+    if likelihood is False or likelihood is None:
+        return None
+    if points is None:
+        raise ValueError("likelihood needs points: give data= (its first B rows are used) or "
+                         "a reference (its x(t1) is used)")
+    if likelihood is True:
+        exact = log_likelihood(field, points, solver=solver, rtol=tol, atol=tol,
+                               t_interval=t_interval, max_steps=_REFERENCE_MAX_STEPS).log_prob
+    elif callable(likelihood):
+        exact = torch.as_tensor(likelihood(points)).detach().to(points)
+        if exact.shape != points.shape[:1]:
+            raise ValueError(f"likelihood(x) must return ({points.shape[0]},) log-densities; "
+                             f"got {tuple(exact.shape)}")
+    else:
+        raise TypeError("likelihood must be False, True (a tight reference solve) or a "
+                        f"callable x -> (B,) exact log-density; got {type(likelihood).__name__}")
+    return points, exact
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every measurement of one study shares."""
+
+    field: Field
+    x0: Tensor
+    t0: float
+    t1: float
+    norm: str
+    repeats: int
+    warmup: int
+    max_steps: int | None
+    x_ref: Tensor | None
+    sde: tuple | None  # (sample_sde keywords, reference x(t1), meta)
+    data: Tensor | None
+    ll: tuple[Tensor, Tensor] | None  # (points, reference log-likelihood)
+    t_interval: tuple[float, float]
+
+
+def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
+    """One record: time the solve, then measure its errors (outside the timed region)."""
+    if spec.kind == "adaptive":
+        kw = {"rtol": budget, "atol": budget}
+        if ctx.max_steps is not None:
+            kw["max_steps"] = ctx.max_steps
+    else:
+        kw = {"steps": budget}
+    if spec.kind == "sde":
+        ref = ctx.sde[1]
+
+        def run():
+            return sample_sde(ctx.field, ctx.x0, solver=spec.info.name, **kw, **ctx.sde[0])
+    else:
+        ref = ctx.x_ref
+
+        def run():
+            return sample(ctx.field, ctx.x0, spec.name, t0=ctx.t0, t1=ctx.t1, **kw)
+    with torch.no_grad():
+        sol, t_min, t_med = _timed(run, ctx.x0.device, ctx.repeats, ctx.warmup)
+    rec = dict.fromkeys(RECORD_FIELDS)
+    rec.update(solver=spec.name, kind=spec.kind, library=spec.info.library,
+               declared_order=spec.info.order, budget=budget, steps=sol.steps,
+               rejected=getattr(sol, "rejected", None), nfe=sol.nfe, time_min=t_min,
+               time_median=t_med,
+               h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget)
+    if ref is not None:
+        rec["error"] = _distance(sol.x, ref, ctx.norm)
+        rec["mean_error"], rec["moment2_error"] = _moment_errors(sol.x, ref)
+    if ctx.data is not None:
+        rec["w2"] = float(wasserstein2(sol.x, ctx.data))
+    if ctx.ll is not None and spec.kind != "sde":
+        res = log_likelihood(ctx.field, ctx.ll[0], solver=spec.name,
+                             t_interval=ctx.t_interval, **kw)
+        rec["ll_error"], rec["ll_nfe"] = float((res.log_prob - ctx.ll[1]).abs().mean()), res.nfe
+    return rec
+
+
+# -- the study ---------------------------------------------------------------------------------
+def compare_solvers(
+    field: Field,
+    x0: Tensor,
+    *,
+    solvers: Sequence[str] = ("euler", "midpoint", "rk4", "dopri5"),
+    steps: Sequence[int] = DEFAULT_STEPS,
+    tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    budgets: Mapping[str, Sequence[float]] | None = None,
+    reference: str | Tensor | None = "auto",
+    reference_solver: str | None = None,
+    reference_tol: float | None = None,
+    data: Tensor | None = None,
+    sde: Mapping | None = None,
+    likelihood: bool | Callable[[Tensor], Tensor] = False,
+    repeats: int = 3,
+    warmup: int = 1,
+    norm: str = "rms",
+    t0: float = 0.0,
+    t1: float = 1.0,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Study:
+    r"""Measure NFE, wall time and error at ``t1`` of every solver at every budget.
+
+    Args:
+        field: the velocity ``(x, t) -> Tensor``.
+        x0: ``(B, *event_shape)`` source points; every solve starts from them (dtype and
+            device of the study).
+        solvers: names of :data:`~flowsolve.solve.ODE_SOLVERS` (fixed-step and adaptive) and
+            ``"sde:<name>"`` for :data:`~flowsolve.sde.SDE_SOLVERS`; ValueError lists them.
+        steps, tolerances: default budgets: step counts of fixed-step and SDE solvers,
+            ``rtol = atol`` of adaptive ones. ``budgets={name: [...]}`` overrides per solver.
+        reference: ``"auto"`` (a tight adaptive solve), a tensor ``x(t1)`` shaped like
+            ``x0`` (e.g. a closed form) or None (no ODE error, no fitted ODE orders).
+        reference_solver, reference_tol: of ``"auto"`` and ``likelihood=True``; default
+            DOP853 (CPU) or dopri8, at 1e-10 (float64) or 1e-6.
+        data: ``(M, *event_shape)`` samples of the data: W2 of every result to them.
+        sde: for SDE solvers, the arguments of :func:`~flowsolve.sde.sample_sde`
+            (``score``, ``path``, ``diffusion``), and ``reference_solver`` (``"srk"``) and
+            ``reference_steps`` (a multiple of every SDE budget; default at least 16 times
+            the largest) of the fine solve on the shared Brownian path.
+        likelihood: True (against a tight reference solve) or a callable ``x -> (B,)``
+            exact ``log p_1`` (e.g. ``GaussianMixture.log_prob``): the log-likelihood error
+            of every ODE solver at every budget, at ``data[:B]`` or else at the reference.
+        repeats, warmup: timed and untimed solves per (solver, budget).
+        norm: ``"rms"``, ``"mean"`` or ``"max"`` over the batch of ``||x_hat - x_ref||``.
+        t0, t1: the interval; max_steps: step budget of the adaptive solves.
+        generator: draws the shared Brownian path of the SDE solvers.
+
+    Returns:
+        :class:`Study`: ``records`` (one dict per solver and budget, keys
+        :data:`RECORD_FIELDS`), ``orders`` (declared and fitted, per solver) and ``meta``.
+
+    Example:
+        >>> import torch, flowsolve as fs
+        >>> path = fs.AffineGaussianPath(fs.CondOTScheduler())
+        >>> u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4, radius=2.0), path)
+        >>> x0 = torch.randn(16, 2, dtype=torch.float64,
+        ...                  generator=torch.Generator().manual_seed(0))
+        >>> study = compare_solvers(u, x0, solvers=["euler", "rk4"], steps=[16, 32, 64],
+        ...                         repeats=1, warmup=0)
+        >>> [round(study.orders[s]["fitted"]) for s in ("euler", "rk4")]
+        [1, 4]
+    """
+    if not torch.is_tensor(x0) or x0.dim() < 2 or not x0.is_floating_point():
+        raise ValueError("x0 must be a floating tensor shaped (B, *event_shape); got "
+                         f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+    specs = _parse_solvers(solvers, steps, tolerances, budgets)
+    repeats, warmup = _count("repeats", repeats, 1), _count("warmup", warmup, 0)
+    if norm not in _NORMS:
+        raise ValueError(f"norm={norm!r}; accepted: {', '.join(_NORMS)}")
+    if data is not None:
+        if not torch.is_tensor(data) or data.dim() < 2 or data[0].numel() != x0[0].numel():
+            raise ValueError(f"data must be (M, *event_shape) with {x0[0].numel()} entries per "
+                             f"sample like x0; got {getattr(data, 'shape', type(data))}")
+        data = data.detach().to(dtype=x0.dtype, device=x0.device).reshape(-1, *x0.shape[1:])
+    high = x0.dtype == torch.float64
+    ref_solver = reference_solver or ("DOP853" if x0.device.type == "cpu" else "dopri8")
+    if not ODE_SOLVERS[ref_solver].adaptive:
+        raise ValueError(f"reference_solver must be adaptive; {ref_solver!r} is fixed-step "
+                         f"(accepted: {', '.join(ODE_SOLVERS.names(adaptive=True))})")
+    ref_tol = reference_tol if reference_tol is not None else (1e-10 if high else 1e-6)
+
+    x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1)
+    sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
+    points = data[: x0.shape[0]] if data is not None else x_ref
+    t_interval = (min(t0, t1), max(t0, t1))
+    ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval)
+
+    ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
+                   data, ll, t_interval)
+    records = [_measure(ctx, spec, budget) for spec in specs for budget in spec.budgets]
+
+    sde_meta = sde_setup[2] if sde_setup else None
+    orders = {}
+    for spec in specs:  # SDE: points too close to the fine solve are biased low
+        orders[spec.name] = order_entry(
+            records, spec.name, spec.kind, spec.info.order,
+            floor=0.0 if spec.kind == "sde" else meta.get("order_floor", 0.0),
+            max_steps=sde_meta["reference_steps"] // 4 if spec.kind == "sde" else None)
+    meta.update(dtype=str(x0.dtype).removeprefix("torch."), device=str(x0.device),
+                batch=x0.shape[0], t0=t0, t1=t1, repeats=repeats, warmup=warmup, norm=norm,
+                data_samples=None if data is None else data.shape[0],
+                likelihood=None if ll is None else ("reference solve" if likelihood is True
+                                                    else "given"),
+                sde=sde_meta, torch=torch.__version__)
+    return Study(records, orders, meta)
