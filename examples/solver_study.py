@@ -17,8 +17,9 @@ from flowsolve.studies import compare_solvers
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path("solver-study"), help="output folder")
-parser.add_argument("--batch", type=int, default=256, help="number of source points")
+parser.add_argument("--batch", type=int, default=128, help="number of source points")
 args = parser.parse_args()
+torch.set_num_threads(1)  # small 2-D batches: more threads only add synchronisation
 
 gen = torch.Generator().manual_seed(0)
 path = fs.AffineGaussianPath(fs.CondOTScheduler())
@@ -36,7 +37,10 @@ study = compare_solvers(
     budgets={"sde:euler": [16, 32, 64], "sde:srk": [16, 32, 64]},
     data=data.sample(1000, generator=gen, dtype=torch.float64),  # W2 to data samples
     likelihood=data.log_prob,  # log-likelihood error against the exact mixture density
-    sde=dict(score=score, path=path, diffusion=0.5, reference_steps=512),
+    # SDE solvers share one Brownian path; the reference is srk with 512 steps on it. (With
+    # well-separated modes and much noise, a few paths switch modes at coarse steps and the
+    # strong error is noisy: g = 0.2 keeps the order visible.)
+    sde=dict(score=score, path=path, diffusion=0.2, reference_steps=512),
     repeats=3, warmup=1, generator=gen,
 )
 

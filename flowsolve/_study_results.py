@@ -11,7 +11,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,12 +77,12 @@ def order_entry(records: list[dict], solver: str, kind: str, declared: float | N
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it: readers see
-    the old file or the new one, never half of one."""
+    the old file or the new one, never half of one (permissions follow the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -213,8 +213,11 @@ class Study:
             raise ValueError(f"no positive {metric!r} values to plot (was it measured?)")
         ax_nfe.set_xlabel("NFE")
         ax_time.set_xlabel("wall time, median (s)")
+        ylabel = metric
+        if metric == "error":
+            ylabel = f"error at t1 ({self.meta.get('norm', 'rms')}; SDE: strong)"
         for ax in (ax_nfe, ax_time):
-            ax.set_ylabel(metric)
+            ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
         ax_nfe.legend(fontsize="small")
         fmt = Path(path).suffix.lstrip(".").lower() or "png"

@@ -1,4 +1,4 @@
-"""The ``flowsolve`` command: ``demo | train | sample | likelihood | transfer``.
+"""The ``flowsolve`` command: ``demo | train | sample | likelihood | compare | transfer``.
 
 Models are saved by ``flowsolve train`` as one file holding the MLP's shape, its (EMA)
 weights and how it was trained, loaded with ``torch.load(weights_only=True)``. No command
@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from . import analytic
 from .bridges import GaussianBridge
 from .couplings import IndependentCoupling, OTCoupling
 from .data import DATASETS, sample_dataset
+from .demo import closed_form_tour, fresh_folder, run_demo
 from .likelihood import log_likelihood
 from .metrics import wasserstein2
 from .nets import MLP
 from .paths import AffineGaussianPath
 from .schedules import SCHEDULERS, CondOTScheduler, get_scheduler
 from .solve import ODE_SOLVERS, sample
+from .studies import compare_solvers
 from .train import TrainConfig, train
 from .transfer import transfer
 
@@ -179,34 +180,36 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Closed-form tour of a path on the built-in 8-Gaussians mixture."""
-    data = analytic.GaussianMixture.ring(n_components=8, radius=4.0, std=0.5)
-    path = AffineGaussianPath(get_scheduler(args.scheduler))
-    log_p = analytic.marginal_log_prob(data, path)
-    u = analytic.marginal_velocity(data, path)
-    score = analytic.marginal_score(data, path)
-    points = torch.tensor([[0.0, 0.0], [4.0, 0.0], [2.0, 2.0], [0.0, -3.0]], dtype=torch.float64)
-    times = [0.0, 0.25, 0.5, 0.75, 1.0]
-    print(f"data:  {data!r}  (8 Gaussians, radius 4, std 0.5)")
-    print(f"path:  {path!r}   x_t = alpha_t x1 + sigma_t x0, t: 0 = noise -> 1 = data\n")
-    heads = ("t", "alpha_t", "sigma_t", "d_alpha_t", "d_sigma_t")
-    print(f"{heads[0]:>6} " + " ".join(f"{h:>10}" for h in heads[1:]))
-    for t in times:
-        v = path.scheduler(torch.tensor(t, dtype=torch.float64))
-        row = [v.alpha_t, v.sigma_t, v.d_alpha_t, v.d_sigma_t]
-        print(f"{t:6.2f} " + " ".join(f"{float(c):10.4f}" for c in row))
-    print("\nexact marginal log-density log p_t(x)")
-    print(f"{'x':>14} " + " ".join(f"{'t=' + format(t, '.2f'):>10}" for t in times))
-    for x in points:
-        vals = [float(log_p(x[None], t)) for t in times]
-        print(f"{str(tuple(x.tolist())):>14} " + " ".join(f"{v:10.4f}" for v in vals))
-    print("\nexact marginal velocity u_t(x) and score at t = 0.5")
-    for x in points:
-        ux, sx = u(x[None], 0.5)[0].tolist(), score(x[None], 0.5)[0].tolist()
-        print(f"{str(tuple(x.tolist())):>14}  u = ({ux[0]:8.4f}, {ux[1]:8.4f})"
-              f"   score = ({sx[0]:8.4f}, {sx[1]:8.4f})")
-    x1 = data.sample(4096, generator=_generator(args.seed), dtype=torch.float64)
-    print(f"\nmean log p_1 over 4096 data samples: {float(data.log_prob(x1).mean()):.4f} nats")
+    if args.closed_form:
+        print("\n".join(closed_form_tour(args.scheduler, args.seed)))
+        return 0
+    torch.set_num_threads(args.threads)  # small tensors: one thread is fastest on a shared CPU
+    out = fresh_folder(args.out, args.force)
+    summary = run_demo(out, steps=args.steps, seed=args.seed)
+    print(f"\nreport: {summary}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    model, saved = _load_model(args.model, args.device)
+    out = fresh_folder(args.out, args.force)
+    net = model.double()
+    x0 = _source(saved, args.n, _generator(args.seed), args.device).double()
+    with torch.no_grad():
+        study = compare_solvers(lambda x, t: net(x, t), x0, solvers=args.solvers,
+                                steps=args.budget_steps, tolerances=args.tolerances,
+                                repeats=args.repeats, generator=_generator(args.seed))
+    print(study.table())
+    for name, o in study.orders.items():
+        fitted = "-" if o["fitted"] is None else f"{o['fitted']:.2f}"
+        print(f"{name:<16} order: declared {o['declared']}, fitted {fitted}")
+    study.to_csv(out / "study.csv")
+    study.to_json(out / "study.json")
+    try:
+        study.plot(out / "study.png")
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install flowsolve[plot])")
+    print(f"wrote {out}")
     return 0
 
 
@@ -231,10 +234,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowsolve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="closed-form tour of a path on built-in data")
-    p.add_argument("--scheduler", default="condot", choices=sorted(SCHEDULERS))
+    p = sub.add_parser("demo", help="train, likelihood, solver study, transfer on built-in data")
+    p.add_argument("--out", default="flowsolve-demo",
+                   help="report folder (a numbered sibling if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it exists")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--closed-form", action="store_true",
+                   help="only print the closed-form tour of a path (no training)")
+    p.add_argument("--scheduler", default="condot", choices=sorted(SCHEDULERS),
+                   help="with --closed-form")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser("compare", help="solver comparison study on a trained model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "dopri5"])
+    p.add_argument("--budget-steps", nargs="+", type=int, default=[2, 4, 8, 16, 32],
+                   help="step counts of the fixed-step solvers")
+    p.add_argument("--tolerances", nargs="+", type=float, default=[1e-3, 1e-5, 1e-7],
+                   help="tolerances of the adaptive solvers")
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="solver-study", help="report folder")
+    p.add_argument("--force", action="store_true", help="write into --out even if it exists")
+    p.set_defaults(run=_compare)
 
     p = sub.add_parser("train", help="train a 2-D velocity model (CFM / I-CFM / OT-CFM / SB-CFM)")
     p.add_argument("--data", default="8gaussians", choices=list(DATASETS))
@@ -286,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("n", "steps", "batch_size", "probes", "hidden", "depth"):
+    for name in ("n", "steps", "batch_size", "probes", "hidden", "depth", "threads",
+                 "repeats"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")

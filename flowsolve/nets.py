@@ -78,6 +78,11 @@ class MLP(nn.Module):
         depth: number of hidden layers (>= 1).
         time_embedding_dim: size of ``e(t)`` (even).
         num_classes: number of labels for a conditional model, ``None`` for none.
+        max_frequency: highest frequency of ``e(t)``. The default 30 (not the DDPM / transformer
+            1000) keeps the field smooth in t: an ODE solver of order p converges at that
+            order only once its step resolves the field's fastest time scale, and with
+            frequencies up to 1000 a trained 2-D model's fixed-step errors stalled near 1e-2
+            at 32 steps (fitted orders below 1 for euler, midpoint and rk4).
 
     Example:
         >>> net = MLP(2, hidden=16, depth=2, time_embedding_dim=8, num_classes=3)
@@ -92,6 +97,7 @@ class MLP(nn.Module):
         depth: int = 3,
         time_embedding_dim: int = 64,
         num_classes: int | None = None,
+        max_frequency: float = 30.0,
     ):
         super().__init__()
         self.dim = _positive_int(dim, "dim")
@@ -100,7 +106,7 @@ class MLP(nn.Module):
         if num_classes is not None:
             _positive_int(num_classes, "num_classes")
         self.num_classes = num_classes
-        self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim)
+        self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
         cond = time_embedding_dim
         self.label_embedding: nn.Embedding | None = None
         if num_classes is not None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-__all__ = ["SolverInfo", "SolverRegistry"]
+__all__ = ["SolverInfo", "SolverRegistry", "UnknownSolverError"]
+
+
+class UnknownSolverError(ValueError, KeyError):
+    """An unknown solver name: a ValueError for users, a KeyError for ``Mapping`` methods
+    (so ``name in registry`` and ``registry.get(name)`` work)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class SolverRegistry(Mapping[str, SolverInfo]):
         try:
             return self._infos[name]
         except KeyError:
-            raise ValueError(
+            raise UnknownSolverError(
                 f"unknown {self._what} {name!r}; accepted: {', '.join(sorted(self._infos))}"
             ) from None
 

@@ -13,12 +13,12 @@ LAYERS = {
     "schedules": 1,
     "paths": 2,
     "analytic": 3, "losses": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
-    "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4, "dequantize": 0,
+    "_study_results": 0, "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4, "dequantize": 0,
     "fields": 4,
     "dynamics": 5, "sde": 5, "brownian": 4, "diffusions": 4,
     "transfer": 4,
-    "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "cli": 9, "__main__": 10,
-    "__init__": 10,
+    "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "demo": 9, "cli": 10, "__main__": 11,
+    "__init__": 11,
 }
 THIRD_PARTY_OWNERS = {
     "ot": {"couplings", "metrics"},

@@ -8,6 +8,7 @@ finished runs.
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load_example():
     spec = importlib.util.spec_from_file_location("ot_cfm_2d", ROOT / "examples" / "ot_cfm_2d.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.metrics import wasserstein2
 from flowsolve.sde import SDE_SOLVERS, GridBrownian, sample_sde
 from flowsolve.solve import ODE_SOLVERS, sample
 from flowsolve.studies import RECORD_FIELDS, Study, compare_solvers, fit_order
@@ -221,6 +220,17 @@ def test_likelihood_error_against_exact_and_reference_likelihoods():
         assert abs(a["ll_error"] - b["ll_error"]) < 1e-8  # the reference solve is that good
         assert a["ll_nfe"] == 4 * a["budget"]
     assert exact.meta["likelihood"] == "given" and solved.meta["likelihood"] == "reference solve"
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(likelihood=True, reference=None), ValueError, "likelihood needs points"),
+    (dict(likelihood=lambda x: x.sum(), reference=None, data=RING.sample(4, dtype=F64)),
+     ValueError, r"must return \(4,\)"),
+    (dict(likelihood="exact"), TypeError, "likelihood must be"),
+])
+def test_bad_likelihood_settings_raise(kw, err, match):
+    with pytest.raises(err, match=match):
+        compare_solvers(U_RING, _x0(4), solvers=["rk4"], steps=[2], **kw)
 
 
 # -- files and plots --------------------------------------------------------------------------
