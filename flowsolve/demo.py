@@ -124,7 +124,8 @@ def run_demo(out: Path, *, steps: int = 1500, seed: int = 0, say=print) -> Path:
             lines.append(f"  {name:<10} {float(wasserstein2(x1, ref)):.4f}")
         traj = sample(field, noise[:500], "rk4", steps=50,
                       times=torch.linspace(0, 1, 51).tolist()).trajectory
-    lines.append(f"path energy of the learned flow (rk4, 50 steps): {float(path_energy(traj).mean()):.3f}")
+    energy = float(path_energy(traj).mean())
+    lines.append(f"path energy of the learned flow (rk4, 50 steps): {energy:.3f}")
     section("5. scheduler transfer", lines)
 
     try:
