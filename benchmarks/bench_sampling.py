@@ -3,11 +3,14 @@ small MLP field (3 x 256, SiLU), 100 steps at batch 1024, d = 2, fp32; and flows
 synchronisation-free fixed-step loop (``fast_*``, optionally replayed from a CUDA graph)
 against both. Every row is timed round-robin (one call of each per round, so a drift in the
 machine's load hits all rows alike); medians, minima and their ratios come from one run (on a
-shared, loaded machine the minimum is the steadier estimate of intrinsic cost). A second
+shared, loaded machine the minimum is the steadier estimate of intrinsic cost; on the CPU
+the default clock is the process's CPU time, which does not count the time the process
+waits for a core while other jobs run). A second
 table repeats the paths with a field that costs almost nothing (``u = -x``), which exposes
 the per-step overhead of each driver in microseconds.
 
 Run: .venv/bin/python benchmarks/bench_sampling.py [--device cuda] [--repeats 15] [--threads 1]
+     [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class MLP(nn.Module):
         return self.net(torch.cat([x, t[:, None]], dim=1))
 
 
-def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median, minimum) wall time in ms of each row, after two warm-up rounds."""
+def round_robin(rows: dict, device: torch.device, repeats: int, clock=time.perf_counter
+                ) -> dict[str, tuple[float, float]]:
+    """(median, minimum) time in ms of each row by ``clock``, after two warm-up rounds."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -49,11 +53,11 @@ def round_robin(rows: dict, device: torch.device, repeats: int) -> dict[str, tup
     for round_ in range(repeats + 2):
         for name, fn in rows.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
             if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: (1e3 * statistics.median(ts), 1e3 * min(ts)) for name, ts in times.items()}
 
 
@@ -96,10 +100,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                        help="wall time or process CPU time (default: cpu on the CPU, wall on "
+                             "CUDA, where GPU time is not CPU time)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock_name = args.clock or ("cpu" if device.type == "cpu" else "wall")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     torch.manual_seed(0)  # network initialisation only
     u = MLP(DIM).to(device)
     x0 = torch.randn(BATCH, DIM, device=device, generator=torch.Generator(device).manual_seed(1))
@@ -107,7 +116,8 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, {dev_name}, "
           f"threads {torch.get_num_threads()}; Euler {STEPS} steps, B={BATCH}, d={DIM}, "
-          f"fp32, {args.repeats} rounds (round-robin); us/step = (min - hand min) / {STEPS}")
+          f"fp32, {args.repeats} rounds (round-robin), {clock_name} clock; "
+          f"us/step = (min - hand min) / {STEPS}")
     rows = paths(u, x0, grid)
     with torch.no_grad():
         if device.type == "cuda":  # untested here: written where no GPU was available
@@ -116,9 +126,9 @@ def main() -> None:
         same = sample(u, x0, "euler", steps=STEPS).x
         assert torch.allclose(sample(u, x0, "fast_euler", steps=STEPS).x, same, atol=1e-5)
         assert torch.allclose(rows["hand-written Euler loop"](), same, atol=1e-5)
-        results = round_robin(rows, device, args.repeats)
+        results = round_robin(rows, device, args.repeats, clock)
         report("MLP 3x256 SiLU field", results)
-        light = round_robin(paths(lambda x, t: -x, x0, grid), device, args.repeats)
+        light = round_robin(paths(lambda x, t: -x, x0, grid), device, args.repeats, clock)
         report("near-free field u = -x", light)
 
     (hand, hand_min), (front, front_min) = (results["hand-written Euler loop"],

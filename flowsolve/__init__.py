@@ -55,6 +55,7 @@ from .schedules import (
 )
 from .sde import SDE_SOLVERS, SDESolution, langevin, sample_sde
 from .solve import ODE_SOLVERS, Solution, sample
+from .studies import Study, compare_solvers
 from .train import EMA, TrainConfig, TrainResult, load_weights, train
 from .transfer import TransferredField, transfer
 from .unet import UNet
@@ -84,6 +85,7 @@ __all__ = [
     "sample", "Solution", "ODE_SOLVERS", "sample_sde", "SDESolution", "SDE_SOLVERS",
     "langevin", "GridBrownian", "DiffusionSchedule", "DIFFUSIONS", "diffusion_schedule",
     "SolverInfo", "SolverRegistry", "IntegrationError", "NonFiniteStateError",
+    "compare_solvers", "Study",
     # likelihood
     "log_likelihood", "score_log_likelihood", "dataset_log_likelihood",
     "dataset_bits_per_dim", "LikelihoodResult", "value_and_divergence", "dequantize",

@@ -37,3 +37,14 @@ def test_design_sketch_runs_and_agrees_with_closed_forms():
     v = fs.transfer(u, source=fs.CondOTScheduler(), target=fs.CosineScheduler())
     exact = fs.analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CosineScheduler()))
     torch.testing.assert_close(v(x1, 0.4), exact(x1, 0.4))
+
+
+def test_compare_solvers_front_door_on_the_design_sketch():
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    data = fs.GaussianMixture.ring(4, radius=2.0, std=0.4)
+    u = fs.analytic.marginal_velocity(data, path)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    table = fs.compare_solvers(u, x0, solvers=["euler", "rk4"], steps=[16, 32, 64], repeats=1)
+    assert abs(table.orders["euler"]["fitted"] - 1) < 0.3
+    assert abs(table.orders["rk4"]["fitted"] - 4) < 0.5
+    assert {r["solver"] for r in table.records} == {"euler", "rk4"}
