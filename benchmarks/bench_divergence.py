@@ -42,7 +42,8 @@ class ConvField(nn.Module):
         return self.net(torch.cat([x, tt], dim=1))
 
 
-def timed(calls: dict, device: torch.device, rounds: int, max_seconds: float) -> dict:
+def timed(calls: dict, device: torch.device, rounds: int, max_seconds: float,
+          clock=time.perf_counter) -> dict:
     """{name: (min ms, median ms, extra peak MiB or nan)} of each call after a warm-up.
 
     Calls are interleaved round by round, so that load from other processes hits every
@@ -64,22 +65,24 @@ def timed(calls: dict, device: torch.device, rounds: int, max_seconds: float) ->
     start_all = time.perf_counter()
     for r in range(rounds):
         for name, fn in calls.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if cuda:
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         if r >= 2 and time.perf_counter() - start_all > max_seconds:
             break
     return {name: (1e3 * min(ts), 1e3 * statistics.median(ts), peaks[name])
             for name, ts in times.items()}
 
 
-def case_calls(model, x, t, methods, probes) -> dict:
+def case_calls(model, x, t, methods, probes, chunks, create_graph) -> dict:
     """{column: zero-argument call} for one case."""
-    vd = functools.partial(value_and_divergence, model, x, t)
+    vd = functools.partial(value_and_divergence, model, x, t, create_graph=create_graph)
     calls = {"forward": functools.partial(model, x, t)}
     calls.update({m: functools.partial(vd, method=m) for m in methods})
+    calls.update({f"bvjp/{c}": functools.partial(vd, method="batched-vjp", chunk_size=c)
+                  for c in chunks})
     calls.update({f"hutch k={k}": functools.partial(vd, method="hutchinson", probes=p)
                   for k, p in probes.items()})
     return calls
@@ -90,44 +93,55 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64, 256])
+    ap.add_argument("--chunks", type=int, nargs="*", default=[16],
+                    help="extra batched-vjp columns with these chunk sizes")
+    ap.add_argument("--create-graph", action="store_true", help="time create_graph=True")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="process: CPU time of this process (with --threads 1, robust to "
+                         "other processes on a shared machine)")
     ap.add_argument("--rounds", type=int, default=7, help="timed calls of each method")
     ap.add_argument("--seconds", type=float, default=20.0, help="stop after 3 rounds past this")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads {torch.get_num_threads()}, device {device}, float32, batch {args.batch}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, {args.clock} "
+          f"clock, float32, batch {args.batch}, create_graph={args.create_graph}")
 
     cases = [(f"MLP 3x256, d={d}", fs.MLP(d, hidden=256, depth=3), (args.batch, d))
              for d in args.dims]
     cases.append(("conv 1x8x8 (d=64)", ConvField(1, 32), (args.batch, 1, 8, 8)))
     methods = ["loop", *(m for m in EXACT_METHODS if m != "loop")]
-    cols = ["forward", *methods, "hutch k=1", "hutch k=8"]
-    print(f"{'case':<20}" + "".join(f"{c:>14}" for c in cols) + "   (ms; CUDA: ms / MiB)")
+    fast = [*methods[1:], *(f"bvjp/{c}" for c in args.chunks)]
+    cols = ["forward", *methods, *fast[len(methods) - 1:], "hutch k=1", "hutch k=8"]
+    print(f"{'case':<20}" + "".join(f"{c:>13}" for c in cols) + "   (ms; CUDA: ms/MiB)")
     ratios = []
-    for name, model, shape in cases:
+    for case, model, shape in cases:
         model = model.to(device).eval()
         x = torch.randn(shape, generator=gen).to(device)
         t = torch.rand(shape[0], generator=gen).to(device)
-        p1 = make_probes(shape, 1, generator=gen, device=device)
-        p8 = make_probes(shape, 8, generator=gen, device=device)
-        calls = case_calls(model, x, t, methods, {1: p1, 8: p8})
+        probes = {k: make_probes(shape, k, generator=gen, device=device) for k in (1, 8)}
+        calls = case_calls(model, x, t, methods, probes, args.chunks, args.create_graph)
         ref = value_and_divergence(model, x, t, method="loop").divergence
-        worst = max((value_and_divergence(model, x, t, method=m).divergence - ref).abs().max()
-                    .item() for m in methods)
+        worst = max((calls[m]().divergence - ref).abs().max().item() for m in fast)
         with torch.no_grad():
-            row = timed(calls, device, args.rounds, args.seconds)
-        cells = [f"{ms:.2f}" if mb != mb else f"{ms:.2f}/{mb:.0f}"
+            row = timed(calls, device, args.rounds, args.seconds, clock)
+        cells = [f"{ms:.2f}" if mb != mb else f"{ms:.1f}/{mb:.0f}"
                  for ms, _, mb in (row[c] for c in cols)]
-        print(f"{name:<20}" + "".join(f"{c:>14}" for c in cells) + f"   max|diff| {worst:.1e}")
-        ratios.append((name, {m: row["loop"][0] / row[m][0] for m in methods[1:]}))
+        print(f"{case:<20}" + "".join(f"{c:>13}" for c in cells) + f"   max|diff| {worst:.1e}")
+        ratios.append((case, {m: row["loop"][0] / row[m][0] for m in fast}))
         spread = max(row[c][1] / row[c][0] for c in cols)
         print(f"{'':<20}(median / min up to {spread:.2f}x over the row)")
-    print("\nspeed-up over the loop (loop time / method time):")
-    print(f"{'case':<20}" + "".join(f"{m:>14}" for m in methods[1:]))
-    for name, r in ratios:
-        print(f"{name:<20}" + "".join(f"{r[m]:>13.2f}x" for m in methods[1:]))
+    print("\nspeed-up over the loop (loop time / method time, same run):")
+    print(f"{'case':<20}" + "".join(f"{m:>13}" for m in fast))
+    for case, r in ratios:
+        print(f"{case:<20}" + "".join(f"{r[m]:>12.2f}x" for m in fast))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ __all__ = [
     "PROBE_KINDS",
     "DivergenceResult",
     "auto_method",
+    "default_chunk",
     "divergence",
     "make_probes",
     "value_and_divergence",
@@ -147,16 +148,20 @@ def default_chunk(x: Tensor) -> int:
     return max(1, min(d, _CHUNK_BUDGET // max(1, x.numel())))
 
 
-def auto_method(x: Tensor) -> str:
+def auto_method(x: Tensor, create_graph: bool = False) -> str:
     """The exact method ``method="auto"`` picks for ``x``.
 
-    Rule: on CUDA and other accelerators ``"batched-vjp"`` (measured on an H100 within 20%
-    of ``vmap-jacrev`` at d <= 256, with 6-19x less memory and no per-sample reshaping);
-    on CPU ``"batched-vjp"`` as well, except ``d = 1`` where the cotangent is ``1`` itself
-    and ``"loop"`` does the same single backward with no vmap overhead (on a 2-core CPU all
-    exact methods were within about 30% of each other; ``benchmarks/bench_divergence.py``).
+    Rule: on CUDA and other accelerators ``"batched-vjp"`` (measured on an H100: within 20%
+    of ``vmap-jacrev`` at d <= 256 with 6-19x less memory, and it calls the field on the
+    whole batch, so fields that ``torch.func`` cannot transform work too). On CPU, where
+    every exact method costs about ``d`` backward passes, ``"loop"`` without
+    ``create_graph`` (fastest or within 10% of the fastest for the MLP 3x256 at B=256,
+    d = 2..256, and the least memory) and ``"batched-vjp"`` with it (1.4-2x faster than the
+    loop, which keeps ``d`` graphs); ``benchmarks/bench_divergence.py``.
     """
-    return "loop" if x[0].numel() == 1 else "batched-vjp"
+    if x.device.type == "cpu" and not create_graph:
+        return "loop"
+    return "batched-vjp"
 
 
 def _requires_grad(x: Tensor) -> Tensor:
@@ -399,7 +404,7 @@ def value_and_divergence(
         return _hutchinson(field, x, t, probes.to(dtype=x.dtype, device=x.device), create_graph)
     if probes is not None:
         raise ValueError(f"probes are used only by method='hutchinson'; got method={method!r}")
-    name = auto_method(x) if method == "auto" else method
+    name = auto_method(x, create_graph) if method == "auto" else method
     u, div = EXACT_METHODS[name](field, x, t, chunk_size, create_graph)
     return DivergenceResult(u, div, None, None, name)
 

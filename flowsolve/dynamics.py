@@ -4,18 +4,19 @@ the probability-flow ODE of a score model, and the failures a solve can end in.
 * :class:`ODESystem` is torchdiffeq's ``func(t, x)``. It counts field evaluations by
   wrapping the field (:class:`~flowsolve._counting.CountingField`, a Python int: no device
   work), counts attempted / accepted / rejected steps through torchdiffeq's step callbacks,
-  enforces a step budget, and records whether each evaluation was finite *on the device*
-  (no host synchronisation per call); the record is read at a rejected step and once at
-  the end of the solve. torchdiffeq integrates forwards (``t0 < t1``, noise to data) or
-  backwards (``t0 > t1``, data to noise): it negates time internally and calls the
-  system with the original ``t``, so the field always sees times in [0, 1].
+  enforces a step budget, and records whether each evaluation was finite
+  (:class:`FiniteRecord`: on an accelerator the record stays on the device and is read at a
+  rejected step and once at the end, never per call). torchdiffeq integrates forwards
+  (``t0 < t1``, noise to data) or backwards (``t0 > t1``, data to noise): it negates time
+  internally and calls the system with the original ``t``, so the field always sees times
+  in [0, 1].
 * :class:`ScipySystem` is scipy's ``fun(t, y)`` on the flattened float64 state, with the
   sparsity of its Jacobian (samples evolve independently: block diagonal) for the implicit
   methods.
 * :class:`Tableau` and :class:`FixedStepLoop` are flowsolve's own explicit Runge-Kutta
-  loop over a precomputed grid, written so that it never synchronises with the host (no
-  ``.item()``, no Python branch on a device tensor, finiteness recorded on the device) and
-  can therefore be captured whole in a CUDA graph.
+  loop over a precomputed grid, written so that on an accelerator it never synchronises
+  with the host (no ``.item()``, no Python branch on a device tensor, finiteness recorded
+  on the device) and can therefore be captured whole in a CUDA graph.
 * :func:`probability_flow` is the ODE whose marginals are those of a score model's
   diffusion, ``u_t = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t)
   s_t`` (Song et al. 2021), an adapter of :mod:`flowsolve.fields`.
@@ -88,8 +89,8 @@ class FiniteRecord:
     was measured to slow each evaluation of a 3x256 MLP at batch 1024 by ~20%.
     """
 
-    def __init__(self, device: torch.device):
-        self.eager = device.type == "cpu"
+    def __init__(self, device: torch.device, *, eager: bool | None = None):
+        self.eager = device.type == "cpu" if eager is None else eager
         self._extrema: list[Tensor] = []
         self._keys: list = []
         self._bad = None

@@ -168,13 +168,26 @@ def test_image_shaped_input(method, gen):
     assert (res.divergence - ref).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("method", [*EXACT, "hutchinson"])
+def test_field_independent_of_x_has_zero_divergence(method, gen):
+    x = torch.randn(4, 2, 3, generator=gen, dtype=F64)
+    probes = make_probes(x.shape, 2, generator=gen, dtype=F64) if method == "hutchinson" else None
+    for create_graph in (False, True):
+        res = value_and_divergence(lambda x, t: torch.ones_like(x) * t, x, 0.5, method=method,
+                                   probes=probes, create_graph=create_graph)
+        assert torch.equal(res.divergence, torch.zeros(4, dtype=F64))
+        assert torch.equal(res.value, torch.full_like(x, 0.5))
+
+
 def test_scalar_events_and_auto_rule(gen):
     x = torch.randn(5, generator=gen, dtype=F64)  # (B,): event shape ()
     res = value_and_divergence(lambda x, t: torch.sin(x) * t, x, 0.5)
     torch.testing.assert_close(res.divergence, 0.5 * torch.cos(x))
-    assert res.method == auto_method(x) == "loop"
-    assert auto_method(torch.zeros(4, 3)) == "batched-vjp"
-    assert value_and_divergence(lambda x, t: x, torch.zeros(4, 3), 0.1).method == "batched-vjp"
+    assert res.method == auto_method(x) == "loop"  # CPU, no graph
+    res = value_and_divergence(lambda x, t: x, torch.zeros(4, 3), 0.1, create_graph=True)
+    assert res.method == auto_method(x, create_graph=True) == "batched-vjp"
+    if torch.cuda.is_available():
+        assert auto_method(x.cuda()) == "batched-vjp"
 
 
 # ----------------------------------------------------------------- closed forms: flow

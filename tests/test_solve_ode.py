@@ -13,6 +13,7 @@ from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 import flowsolve as fs
 from flowsolve.dynamics import (
     TABLEAUS,
+    FiniteRecord,
     IntegrationError,
     NonFiniteStateError,
     Tableau,
@@ -322,6 +323,21 @@ def test_non_finite_state_raises_naming_time_and_solver(solver, x0):
         sample(nan_after_half, x0, solver, **kwargs)
     assert isinstance(err.value, FloatingPointError) and err.value.status == "non_finite"
     assert 0.5 < err.value.t <= 1.0 and f"t={err.value.t:.10g}" in str(err.value)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["cpu-eager", "device-lazy"])
+def test_finite_record_names_the_first_non_finite_key(eager):
+    """Both modes of the record: read at once (CPU) or kept on the device and read once (the
+    mode used on accelerators, exercised here on CPU tensors)."""
+    rec = FiniteRecord(torch.device("cpu"), eager=eager)
+    values = [1.0, -2.0, math.inf, math.nan, -math.inf]
+    flags = [rec.add(torch.tensor([[0.0, v]]), key) for key, v in zip("abcde", values,
+                                                                       strict=True)]
+    assert rec.first_bad() == "c"
+    assert flags == ([False, False, True, True, True] if eager else [False] * 5)
+    fine = FiniteRecord(torch.device("cpu"), eager=eager)
+    fine.add(torch.ones(3, 2), 0.5)
+    assert fine.first_bad() is None
 
 
 @pytest.mark.parametrize("kwargs, match", [
