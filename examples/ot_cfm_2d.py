@@ -264,7 +264,7 @@ def evaluate(model: nn.Module, data: dict, proto: Protocol, ref: dict) -> dict:
     model.eval()
     x0, x1, n = data["x0_test"], data["x1_test"], proto.w2_size
     k = proto.euler_steps
-    grid = torch.linspace(0, 1, k + 1, dtype=torch.float64)  # float32 misses the grid
+    grid = torch.linspace(0, 1, k + 1, dtype=torch.float64)
     sol = sample(model, x0, "fast_euler", steps=k, times=grid)
     pe = float(path_energy(sol.trajectory).mean())
     npe = float(normalized_path_energy(sol.trajectory, ref["w2sq_q0_q1"]))

@@ -12,7 +12,13 @@ from torch import Tensor
 
 
 def _on_host(t: Tensor) -> bool:
-    return t.device.type == "cpu"
+    """A CPU tensor whose values can be read: not inside a torch.func transform (vmap,
+    jacrev), where reading a value is impossible."""
+    if t.device.type != "cpu":
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    return not (wrapped is not None and wrapped(t))
 
 
 def check_unit_interval(t: Tensor, name: str = "t") -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .dequantize import BitsPerDim, discrete_bits_per_dim
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
@@ -94,16 +94,18 @@ def _prior_fn(prior: Prior | Any | None) -> Prior:
     )
 
 
-class _Augmented:
-    """``z = [x.flatten(1), l]`` -> ``[u.flatten(1), div]`` for the front door."""
+class _Augmented(nn.Module):
+    """``z = [x.flatten(1), l]`` -> ``[u.flatten(1), div]`` for the front door (a module, so
+    that the adjoint method finds the field's parameters when the field is one)."""
 
     def __init__(self, field: Field, shape: torch.Size, method: str, probes: Tensor | None,
                  create_graph: bool, chunk_size: int | None):
+        super().__init__()
         self.field, self.shape, self.method = field, shape, method
         self.probes, self.create_graph, self.chunk_size = probes, create_graph, chunk_size
         self.d = math.prod(shape[1:])
 
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
+    def forward(self, z: Tensor, t: Tensor) -> Tensor:
         x = z[:, : self.d].reshape(self.shape)
         with torch.enable_grad():
             res = value_and_divergence(
@@ -129,6 +131,7 @@ def log_likelihood(
     generator: torch.Generator | None = None,
     t_interval: tuple[float, float] = (0.0, 1.0),
     create_graph: bool = False,
+    adjoint: bool = False,
     chunk_size: int | None = None,
     **solver_options: Any,
 ) -> LikelihoodResult:
@@ -151,6 +154,10 @@ def log_likelihood(
         create_graph: keep the graph through the divergence so the result can be
             differentiated with respect to the field's parameters (maximum-likelihood
             fine-tuning); otherwise the result is detached.
+        adjoint: with ``create_graph``: differentiate by the adjoint method (memory
+            independent of the number of steps; torchdiffeq solvers; ``field`` must be the
+            ``nn.Module`` holding the parameters). The backward solve's evaluations are not
+            in ``nfe`` unless the gradient was computed before reading it.
 
     Returns:
         :class:`LikelihoodResult`.
@@ -178,13 +185,18 @@ def log_likelihood(
     else:
         raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
                          f"{', '.join(EXACT_METHODS)}")
+    if adjoint and not create_graph:
+        raise ValueError("adjoint=True is for gradients: pass create_graph=True with it")
+    if adjoint and not isinstance(field, nn.Module):
+        raise ValueError("adjoint=True needs field to be the nn.Module holding the parameters; "
+                         f"got {type(field).__name__}")
     k = n_probes if probes is not None else 1
     system = _Augmented(field, x.shape, method, probes, create_graph, chunk_size)
     z1 = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], k)], dim=1)
     context = torch.enable_grad() if create_graph else torch.no_grad()
     with context:
         sol = sample(system, z1, solver=solver, steps=steps, t0=t_hi, t1=t_lo, rtol=rtol,
-                     atol=atol, **solver_options)
+                     atol=atol, adjoint=adjoint, **solver_options)
     z0 = sol.x
     x0 = z0[:, : system.d].reshape(x.shape)
     channels = z0[:, system.d:]  # l_0 = -int div, one column per probe

@@ -34,6 +34,7 @@ to float64 round-off.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from scipy.integrate._ivp.ivp import METHODS as _SCIPY_METHODS  # solve_ivp's {name: class}
 from torch import Tensor
-from torchdiffeq import odeint
+from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
@@ -147,7 +148,8 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
            t0: float = 0.0, t1: float = 1.0, rtol: float | None = None,
            atol: float | None = None, max_steps: int | None = None,
            times: Sequence[float] | Tensor | None = None, options: dict | None = None,
-           check_finite: bool = True, cuda_graph: bool = False) -> Solution:
+           check_finite: bool = True, cuda_graph: bool = False,
+           adjoint: bool = False) -> Solution:
     r"""Integrate ``dx/dt = u_t(x)`` from ``x(t0) = x0`` to ``t1``.
 
     Args:
@@ -170,6 +172,10 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
             raise at the end (the library paths always check).
         cuda_graph: ``fast_*`` solvers with ``x0`` on CUDA: capture the loop in a CUDA graph
             and replay it (for repeated sampling keep a :class:`CapturedSampler` instead).
+        adjoint: torchdiffeq solvers only: differentiate by the adjoint method
+            (``odeint_adjoint``, seminorm; Chen et al. 2018): memory independent of the
+            number of steps, gradients to the parameters of ``field``, which must then be an
+            ``nn.Module`` holding them. The backward solve's evaluations add to ``nfe``.
 
     Returns:
         :class:`Solution`: ``x`` at ``t1``, counted ``nfe``, accepted (and rejected) steps,
@@ -217,6 +223,9 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         raise ValueError(f"cuda_graph=True needs a fast_* solver and x0 on a CUDA device; got "
                          f"solver={solver!r}, x0 on {x0.device}")
     out_times = _check_times(times, t0, t1)
+    if adjoint and (info.library != "torchdiffeq" or out_times and not info.adaptive):
+        raise ValueError(f"adjoint=True needs a torchdiffeq solver (and, fixed-step, no times); "
+                         f"got solver={solver!r}, times={times!r}")
     if info.library == "flowsolve":
         if cuda_graph:
             return CapturedSampler(field, x0, solver, steps=steps, t0=t0, t1=t1, times=times,
@@ -226,7 +235,7 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
     if info.library == "scipy":
         return _solve_scipy(field, x0, info, t0, t1, rtol, atol, max_steps, out_times, options)
     return _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps,
-                              out_times, options)
+                              out_times, options, adjoint)
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -303,7 +312,7 @@ def _times_tensor(out_times: list[float], x0: Tensor) -> Tensor | None:
 
 # -- torchdiffeq -------------------------------------------------------------------------------
 def _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps, out_times,
-                       options) -> Solution:
+                       options, adjoint=False) -> Solution:
     cls = _TORCHDIFFEQ_SOLVERS[info.method]
     span = (min(t0, t1), max(t0, t1)) if info.adaptive else None
     system = ODESystem(field, info.name, callbacks=frozenset(cls.valid_callbacks()),
@@ -326,8 +335,23 @@ def _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps, ou
         opts["grid_constructor"] = lambda func, y0, t: grid_dev
         out_times = [grid[k] for k in _grid_indices(out_times, grid)]
     t = torch.tensor(t_out, dtype=torch.float64, device=x0.device)
+    if adjoint:
+        params = tuple(p for p in system.parameters() if p.requires_grad)
+        if not params:
+            raise ValueError("adjoint=True needs a field that is an nn.Module holding the "
+                             "parameters to differentiate (a lambda hides them)")
+        adjoint_opts = {"norm": "seminorm"}
+        if not info.adaptive:  # the backward pass: the same number of equal steps, t1 to t0
+            def equal_steps(func, y0, tt):  # tt in torchdiffeq's own (maybe negated) time
+                return torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)
+
+            adjoint_opts["grid_constructor"] = equal_steps
+        run = functools.partial(odeint_adjoint, adjoint_params=params,
+                                adjoint_options=adjoint_opts)
+    else:
+        run = odeint
     try:
-        ys = odeint(system, x0, t, method=info.method, options=opts, **kwargs)
+        ys = run(system, x0, t, method=info.method, options=opts, **kwargs)
     except AssertionError as err:  # torchdiffeq reports user-triggerable failures by assert
         system.check_finite()
         if "underflow in dt" in str(err):
