@@ -161,6 +161,7 @@ class KernelSinkhorn(Coupling):
     def __init__(self, reg: float, tol: float = 1e-4, max_iter: int = 20_000):
         self.reg, self.tol, self.max_iter = float(reg), float(tol), int(max_iter)
         self.stats = {"kernel": 0, "log_domain": 0, "iterations": 0}
+        self._log_domain = OTCoupling("sinkhorn", reg=reg, normalize=None, tol=tol)
 
     def plan(self, x0, x1, *extras, generator=None):
         c = torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()).square()
@@ -182,8 +183,7 @@ class KernelSinkhorn(Coupling):
                         self.stats["iterations"] += it
                         return self._pairs(pi, c, err, it, generator, x0.device)
         self.stats["log_domain"] += 1
-        fallback = OTCoupling("sinkhorn", reg=self.reg, normalize=None, tol=self.tol)
-        return fallback.plan(x0, x1, *extras, generator=generator)
+        return self._log_domain.plan(x0, x1, *extras, generator=generator)
 
     def _pairs(self, pi, c, err, it, generator, device) -> CouplingResult:
         i0 = torch.multinomial(pi.T, 1, generator=generator).squeeze(1)  # x0 | x1 for each x1
