@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,12 +106,13 @@ def _batches(x0: Tensor, x1: Tensor, extras: tuple) -> tuple[Tensor, Tensor]:
     return x0.detach().flatten(1), x1.detach().flatten(1)
 
 
-class Coupling:
+class Coupling(ABC):
     """Base class: subclasses implement :meth:`plan`."""
 
+    @abstractmethod
     def plan(self, x0: Tensor, x1: Tensor, *extras: Tensor,
              generator: torch.Generator | None = None) -> CouplingResult:
-        raise NotImplementedError
+        """The pairing of ``x0`` with ``x1`` as a :class:`CouplingResult`."""
 
     def __call__(self, x0: Tensor, x1: Tensor, *extras: Tensor,
                  generator: torch.Generator | None = None, **kwargs) -> tuple[Tensor, ...]:
