@@ -49,13 +49,8 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 from ._counting import CountingField
-from .dynamics import (
-    TABLEAUS,
-    FixedStepLoop,
-    IntegrationError,
-    ODESystem,
-    ScipySystem,
-)
+from .dynamics import IntegrationError, ODESystem, ScipySystem
+from .fixed_step import TABLEAUS, FixedStepLoop
 from .registry import SolverInfo, SolverRegistry
 
 __all__ = ["ODE_SOLVERS", "Solution", "sample", "CapturedSampler"]

@@ -16,7 +16,7 @@ LAYERS = {
     "_study_results": 0, "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4,
     "dequantize": 0,
     "fields": 4,
-    "dynamics": 5, "sde": 5, "brownian": 4, "diffusions": 4,
+    "dynamics": 5, "fixed_step": 5.5, "sde": 5, "brownian": 4, "diffusions": 4,
     "transfer": 4,
     "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "demo": 9, "cli": 10, "__main__": 11,
     "__init__": 11,

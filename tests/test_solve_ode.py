@@ -12,14 +12,13 @@ from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 import flowsolve as fs
 from flowsolve.dynamics import (
-    TABLEAUS,
     FiniteRecord,
     IntegrationError,
     NonFiniteStateError,
-    Tableau,
     probability_flow,
 )
 from flowsolve.fields import guided
+from flowsolve.fixed_step import TABLEAUS, Tableau
 from flowsolve.solve import ODE_SOLVERS, CapturedSampler, sample
 
 F64 = torch.float64
