@@ -65,6 +65,16 @@ def per_sample(c: Tensor, x: Tensor) -> Tensor:
     return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
+def first_singular_time(t: Tensor, *coefficients: Tensor) -> float | None:
+    """The first time at which any coefficient is inf or NaN, or None (reads the device)."""
+    bad = torch.zeros_like(coefficients[0], dtype=torch.bool)
+    for c in coefficients:
+        bad = bad | ~torch.isfinite(c)
+    if not bool(bad.any()):
+        return None
+    return t.expand_as(bad)[bad].flatten()[0].item()
+
+
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise ValueError(

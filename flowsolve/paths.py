@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_same_shape, per_sample
+from ._checks import as_time, check_same_shape, first_singular_time, per_sample
 from .schedules import Scheduler, ScheduleValues
 
 __all__ = ["PathSample", "AffineGaussianPath", "PREDICTIONS"]
@@ -239,13 +239,10 @@ class AffineGaussianPath:
         check_same_shape(prediction, x, "prediction", "x")
         t = as_time(t, x)
         a_t, b_t = self.conversion_coefficients(t, from_kind, to_kind)
-        if check:
-            bad = ~(torch.isfinite(a_t) & torch.isfinite(b_t))
-            if bool(bad.any()):
-                where = t.expand_as(bad)[bad].flatten()[0].item()
-                raise ValueError(
-                    f"converting {from_kind!r} to {to_kind!r} is singular at t={where!r} "
-                    f"for {self.scheduler!r}; restrict t to an interval [eps, 1 - eps] "
-                    "or use the velocity parameterisation, which is regular on [0, 1]"
-                )
+        if check and (where := first_singular_time(t, a_t, b_t)) is not None:
+            raise ValueError(
+                f"converting {from_kind!r} to {to_kind!r} is singular at t={where!r} "
+                f"for {self.scheduler!r}; restrict t to an interval [eps, 1 - eps] "
+                "or use the velocity parameterisation, which is regular on [0, 1]"
+            )
         return per_sample(a_t, x) * x + per_sample(b_t, x) * prediction

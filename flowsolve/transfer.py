@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, per_sample
+from ._checks import as_time, first_singular_time, per_sample
 from .schedules import Scheduler
 
 __all__ = ["TransferredField", "transfer"]
@@ -93,15 +93,13 @@ class TransferredField:
     def __call__(self, x: Tensor, r: Tensor | float) -> Tensor:
         r = as_time(r, x, "r")
         t_r, s_r, a_r, b_r = self.coefficients(r)
-        if self.check and r.device.type == "cpu":
-            bad = ~(torch.isfinite(a_r) & torch.isfinite(b_r))
-            if bool(bad.any()):
-                where = r.expand_as(bad)[bad].flatten()[0].item()
-                raise ValueError(
-                    f"the transfer from {self.source!r} to {self.target!r} is singular at "
-                    f"r={where!r} (the source velocity does not determine the target's there); "
-                    "integrate over a smaller interval [eps, 1 - eps]"
-                )
+        if (self.check and r.device.type == "cpu"
+                and (where := first_singular_time(r, a_r, b_r)) is not None):
+            raise ValueError(
+                f"the transfer from {self.source!r} to {self.target!r} is singular at "
+                f"r={where!r} (the source velocity does not determine the target's there); "
+                "integrate over a smaller interval [eps, 1 - eps]"
+            )
         s = per_sample(s_r, x)
         return per_sample(a_r, x) * x + per_sample(b_r, x) * self.field(x / s, t_r)
 

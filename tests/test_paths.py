@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _cases import SCHEDULER_CASES
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -23,23 +24,12 @@ from flowsolve.schedules import (
     CosineScheduler,
     LinearVPScheduler,
     PolynomialScheduler,
-    VEScheduler,
 )
 
 F64 = torch.float64
 
-SCHEDS = [
-    CondOTScheduler(),
-    PolynomialScheduler(1),
-    PolynomialScheduler(2),
-    PolynomialScheduler(3.5),
-    PolynomialScheduler(0.5),
-    CosineScheduler(),
-    LinearVPScheduler(),
-    LinearVPScheduler(beta_min=0.5, beta_max=5.0),
-    VEScheduler(),
-    VEScheduler(sigma_min=0.002, sigma_max=80.0),
-]
+SCHEDS = [s for s in SCHEDULER_CASES  # constant beta adds nothing to the path tests
+          if not (isinstance(s, LinearVPScheduler) and s.beta_min == s.beta_max)]
 each_path = pytest.mark.parametrize(
     "path", [AffineGaussianPath(s) for s in SCHEDS], ids=[repr(s) for s in SCHEDS]
 )

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _cases import SCHEDULER_CASES
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -28,19 +29,7 @@ from flowsolve.schedules import (
 
 F64 = torch.float64
 
-SCHEDS = [
-    CondOTScheduler(),
-    PolynomialScheduler(1),
-    PolynomialScheduler(2),
-    PolynomialScheduler(3.5),
-    PolynomialScheduler(0.5),
-    CosineScheduler(),
-    LinearVPScheduler(),
-    LinearVPScheduler(beta_min=0.5, beta_max=5.0),
-    LinearVPScheduler(beta_min=1.0, beta_max=1.0),
-    VEScheduler(),
-    VEScheduler(sigma_min=0.002, sigma_max=80.0),
-]
+SCHEDS = SCHEDULER_CASES
 each_scheduler = pytest.mark.parametrize("sched", SCHEDS, ids=[repr(s) for s in SCHEDS])
 
 # Interior grid: the derivative of t^n at t = 0 (n <= 1) and of the linear-beta VP sigma_t
