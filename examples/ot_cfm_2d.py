@@ -13,8 +13,8 @@ loop and evaluated on fresh test sets:
 * **W2 at low NFE**: W2 of the samples of 1, 2, 4 and 8 Euler steps.
 
 The paper's setup (``--protocol paper``): an MLP of three 64-wide SELU layers on ``[x, t]``
-(torchcfm's ``MLP(dim, w=64, time_varying=True)``, defined below: flowsolve's MLP has a
-sinusoidal time embedding and SiLU); AdamW, lr 1e-3, weight decay 1e-5, no EMA; batch 512,
+(torchcfm's ``MLP(dim, w=64, time_varying=True)``; flowsolve's ``MLP`` with the raw time and
+SELU); AdamW, lr 1e-3, weight decay 1e-5, no EMA; batch 512,
 which is also the OT batch; 1000 epochs over 10,000 training points (19 batches of 512 per
 epoch, the remainder dropped: 19,000 steps); sigma = 0.1 (constant) for I-CFM and OT-CFM,
 exact minibatch OT for OT-CFM; SB-CFM: the Brownian bridge ``sigma sqrt(t (1 - t))`` with
@@ -58,9 +58,10 @@ import torch
 from torch import Tensor, nn
 
 from flowsolve.bridges import GaussianBridge
-from flowsolve.couplings import Coupling, CouplingResult, OTCoupling
+from flowsolve.couplings import Coupling, OTCoupling
 from flowsolve.data import sample_dataset
 from flowsolve.metrics import normalized_path_energy, path_energy, wasserstein2
+from flowsolve.nets import MLP
 from flowsolve.solve import sample
 from flowsolve.train import TrainConfig, train
 
@@ -121,75 +122,11 @@ PROTOCOLS: dict[str, tuple[Protocol, list[int]]] = {
 }
 
 
-# -- the paper's network -------------------------------------------------------------------------
-class VelocityMLP(nn.Module):
-    """``v(x, t)``: ``[x, t]`` -> 3 x (Linear(width), SELU) -> Linear(dim), as torchcfm's
-    ``MLP(dim, w=64, time_varying=True)``. ``t`` is 0-d or ``(B,)``."""
-
-    def __init__(self, dim: int = 2, width: int = 64):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim + 1, width), nn.SELU(),
-            nn.Linear(width, width), nn.SELU(),
-            nn.Linear(width, width), nn.SELU(),
-            nn.Linear(width, dim),
-        )
-
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        return self.net(torch.cat([x, t[:, None]], dim=1))
-
-
-# -- SB-CFM's coupling ---------------------------------------------------------------------------
-class KernelSinkhorn(Coupling):
-    r"""Entropic OT on the unnormalised squared distance, ``pi = diag(u) K diag(v)`` with
-    ``K = exp(-C / reg)``, by Sinkhorn's iterations ``u = a / K v``, ``v = b / K^T u``
-    (Cuturi 2013) in float64, until the marginal error ``|pi 1 - a|_1 + |pi^T 1 - b|_1 <=
-    tol``. x1 is kept in order; each x0 partner is drawn from ``pi(. | x1)``.
-
-    Why not ``OTCoupling("sinkhorn", normalize=None)``: its log-domain solve (POT's torch
-    backend) costs about 12 ms an iteration on a 512 x 512 batch on a 2-core CPU, and
-    moons->8gaussians at ``reg = 2`` (costs up to about 1000) needs about 700 iterations,
-    8 s a training step; these kernel iterations cost about 0.1 ms. The kernel domain
-    underflows when a row or column of ``K`` is all but zero: then, and when the
-    iterations do not converge, the library's log-domain coupling solves the batch
-    (counted in ``stats``).
-    """
-
-    def __init__(self, reg: float, tol: float = 1e-4, max_iter: int = 20_000):
-        self.reg, self.tol, self.max_iter = float(reg), float(tol), int(max_iter)
-        self.stats = {"kernel": 0, "log_domain": 0, "iterations": 0}
-        self._log_domain = OTCoupling("sinkhorn", reg=reg, normalize=None, tol=tol)
-
-    def plan(self, x0, x1, *extras, generator=None):
-        c = torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()).square()
-        n, m = c.shape
-        a = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        b = torch.full((m,), 1.0 / m, dtype=torch.float64)
-        k = torch.exp(-c / self.reg)
-        tiny = 1e-200  # kernel rows / columns this small make u or v overflow
-        if bool(k.amax(1).min() > tiny) and bool(k.amax(0).min() > tiny):
-            v = torch.ones(m, dtype=torch.float64)
-            for it in range(1, self.max_iter + 1):
-                u = a / (k @ v)
-                v = b / (k.T @ u)
-                if it % 10 == 0:  # the column marginal is exact after the v update
-                    pi = u[:, None] * k * v[None, :]
-                    err = float((pi.sum(1) - a).abs().sum() + (pi.sum(0) - b).abs().sum())
-                    if err <= self.tol:
-                        self.stats["kernel"] += 1
-                        self.stats["iterations"] += it
-                        return self._pairs(pi, c, err, it, generator, x0.device)
-        self.stats["log_domain"] += 1
-        return self._log_domain.plan(x0, x1, *extras, generator=generator)
-
-    def _pairs(self, pi, c, err, it, generator, device) -> CouplingResult:
-        i0 = torch.multinomial(pi.T, 1, generator=generator).squeeze(1)  # x0 | x1 for each x1
-        i1 = torch.arange(pi.shape[1])
-        return CouplingResult(i0.to(device), i1.to(device), pi, (pi * c).sum(), "sinkhorn",
-                              "converged", it, err, "x1")
+# -- the paper's network and couplings -----------------------------------------------------------
+def make_model() -> nn.Module:
+    """``[x, t]`` -> 3 x (Linear(64), SELU) -> Linear(2): torchcfm's ``MLP(2, w=64,
+    time_varying=True)``, the network of both papers' 2-D experiments."""
+    return MLP(2, hidden=64, depth=3, time_embedding_dim=None, activation="selu")
 
 
 def make_coupling(method: Method) -> Coupling | None:
@@ -197,7 +134,10 @@ def make_coupling(method: Method) -> Coupling | None:
         return None  # the batch producer's independent draws
     if method.coupling == "exact":
         return OTCoupling("exact")
-    return KernelSinkhorn(reg=2 * method.sigma**2)
+    # SB-CFM's plan: reg = 2 sigma^2 on the unnormalised squared distance (as torchcfm's
+    # ot.sinkhorn(a, b, M, reg=2 sigma^2)), solved to a marginal error <= 1e-4 (torchcfm
+    # stops after 1000 iterations whatever the error; moons->8gaussians needs about 700).
+    return OTCoupling("sinkhorn", reg=2 * method.sigma**2, normalize=None, max_iter=20_000)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -283,7 +223,7 @@ def run_one(task: str, name: str, seed: int, proto: Protocol, out: Path, quiet: 
     method, data = METHODS[name], task_data(task, seed, proto)
     with torch.random.fork_rng():  # same initial weights for every method of a seed
         torch.manual_seed(seed)
-        model = VelocityMLP()
+        model = make_model()
     config = TrainConfig(steps=proto.total_steps, batch_size=proto.batch_size, lr=proto.lr,
                          weight_decay=proto.weight_decay, ema_decay=None, log_every=100,
                          checkpoint_every=500, progress=not quiet)
@@ -299,7 +239,7 @@ def run_one(task: str, name: str, seed: int, proto: Protocol, out: Path, quiet: 
         "protocol": asdict(proto), "steps": res.step, "resumed_from_step": res.start_step,
         "train_seconds": res.wall_time, "data_seconds": res.data_wait,
         "final_loss": res.losses[-1] if res.losses else None,
-        "coupling_stats": getattr(coupling, "stats", None), **metrics,
+        **metrics,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
     }

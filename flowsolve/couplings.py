@@ -59,8 +59,8 @@ class CouplingResult:
     Attributes:
         i0, i1: ``(K,)`` int64 on the inputs' device; pair k is ``(x0[i0[k]], x1[i1[k]])``.
         plan: ``(N, M)`` plan summing to 1 (rows x0), ``None`` for independent / paired;
-            exact plans are float64 on the CPU (where POT solves), entropic ones on the
-            inputs' device.
+            exact plans are float64 on the CPU (where POT solves), entropic ones float64 on
+            the inputs' device.
         cost: 0-d ``<plan, C>`` in units of the unnormalised cost; ``None`` without plan.
         method: ``"independent"``, ``"paired"``, ``"exact"``, ``"sinkhorn"``.
         status: ``"given"`` (no solve), ``"optimal"``, ``"optimal_after_retry"`` (the
@@ -69,6 +69,8 @@ class CouplingResult:
         n_iter: solver iterations (Sinkhorn), else ``None``.
         marginal_error: ``|plan 1 - a|_1 + |plan^T 1 - b|_1`` of the returned plan.
         kept: ``"x1"`` (then ``i1 = arange(M)``), ``"x0"`` (``i0 = arange(N)``) or ``None``.
+        solver: the algorithm that produced the plan: ``"network_simplex"`` (exact),
+            ``"sinkhorn_knopp"`` (kernel domain), ``"sinkhorn_log"`` or ``None`` (no plan).
     """
 
     i0: Tensor
@@ -80,6 +82,7 @@ class CouplingResult:
     n_iter: int | None = None
     marginal_error: float | None = None
     kept: str | None = None
+    solver: str | None = None
 
     def take0(self, t: Tensor) -> Tensor:
         """Per-sample tensor of x0 (first dim N) reordered to the pairs."""
@@ -167,17 +170,24 @@ class OTCoupling(Coupling):
     codes raise at once.
 
     ``method="sinkhorn"`` solves the entropic problem
-    :math:`\min_\pi \langle \pi, \tilde C \rangle - \varepsilon H(\pi)` (Cuturi 2013) by
-    log-domain Sinkhorn (``ot.sinkhorn(..., method="sinkhorn_log")``, POT's torch backend:
-    the plan stays on the inputs' device). The cost is normalised, :math:`\tilde C = C /
-    \mathrm{mean}(C)` (``normalize="mean"``; ``"max"`` divides by the largest entry,
-    ``None`` keeps C so that ``reg = 2 sigma^2`` gives the Schrodinger-bridge plan), so
-    ``reg`` = :math:`\varepsilon` is relative to a typical pair cost; the log domain never
-    underflows, whatever ``reg``. Convergence is checked on the returned plan: marginal
-    error (L1, both marginals) ``<= tol``. Otherwise a warning with reg, iterations and
-    error is issued once per object and, with ``fallback="exact"``, the exact plan (the
-    :math:`\varepsilon \to 0` limit, a valid coupling) is used, status
-    ``"fallback_exact"``; ``fallback=None`` raises :class:`CouplingError`.
+    :math:`\min_\pi \langle \pi, \tilde C \rangle - \varepsilon H(\pi)` (Cuturi 2013),
+    :math:`\pi = \mathrm{diag}(u) K \mathrm{diag}(v)`, :math:`K = e^{-\tilde C/\varepsilon}`,
+    by Sinkhorn's iterations on POT's torch backend (the plan stays on the inputs' device).
+    The cost is normalised, :math:`\tilde C = C / \mathrm{mean}(C)` (``normalize="mean"``;
+    ``"max"`` divides by the largest entry, ``None`` keeps C so that ``reg = 2 sigma^2``
+    gives the Schrodinger-bridge plan), so ``reg`` = :math:`\varepsilon` is relative to a
+    typical pair cost. ``domain="auto"`` (default) iterates on the kernel K
+    (``method="sinkhorn"``, about 10x cheaper an iteration than the log domain: 0.14 ms
+    against 1.35 ms at 512 x 512 on one CPU thread) when every row and column of K has an
+    entry above :math:`\sqrt{\text{tiny}}` of the dtype, and in the log domain
+    (``method="sinkhorn_log"``, never underflows, whatever ``reg``) otherwise, or when the
+    kernel iterations end non-finite or unconverged; ``domain="log"`` always uses the log
+    domain. :attr:`CouplingResult.solver` says which one produced the plan. Convergence is
+    checked on the returned plan: marginal error (L1, both marginals) ``<= tol``.
+    Otherwise a warning with reg, iterations and error is issued once per object and, with
+    ``fallback="exact"``, the exact plan (the :math:`\varepsilon \to 0` limit, a valid
+    coupling) is used, status ``"fallback_exact"``; ``fallback=None`` raises
+    :class:`CouplingError`.
 
     Args:
         method: ``"exact"`` or ``"sinkhorn"``.
@@ -189,6 +199,8 @@ class OTCoupling(Coupling):
         tol: largest accepted marginal error of a Sinkhorn plan.
         keep: ``"x1"`` (data kept in order, x0 matched to it) or ``"x0"``.
         fallback: ``"exact"`` or ``None`` (raise) when Sinkhorn does not converge.
+        domain: ``"auto"`` (kernel iterations where they cannot underflow, else the log
+            domain) or ``"log"`` (Sinkhorn).
 
     Pairs are drawn (unequal batches, Sinkhorn) with the call's ``generator``, which must
     be on the plan's device: the CPU for exact plans, the inputs' device for Sinkhorn.
@@ -203,8 +215,10 @@ class OTCoupling(Coupling):
 
     def __init__(self, method: str = "exact", *, cost: str | CostFn = "sqeuclidean",
                  reg: float = 0.05, normalize: str | None = "mean", max_iter: int | None = None,
-                 tol: float = 1e-4, keep: str = "x1", fallback: str | None = "exact"):
+                 tol: float = 1e-4, keep: str = "x1", fallback: str | None = "exact",
+                 domain: str = "auto"):
         _choice("method", method, ("exact", "sinkhorn"))
+        _choice("domain", domain, ("auto", "log"))
         _choice("normalize", normalize, ("mean", "max", None))
         _choice("keep", keep, ("x1", "x0"))
         _choice("fallback", fallback, ("exact", None))
@@ -217,6 +231,7 @@ class OTCoupling(Coupling):
             raise ValueError(f"max_iter must be a positive int or None; got {max_iter!r}")
         self.method, self.cost, self.reg, self.normalize = method, cost, float(reg), normalize
         self.max_iter, self.tol, self.keep, self.fallback = max_iter, float(tol), keep, fallback
+        self.domain = domain
         self._warned: set[str] = set()
 
     def plan(self, x0, x1, *extras, generator=None):
@@ -282,19 +297,28 @@ class OTCoupling(Coupling):
             i0, i1 = self._draw(plan_t, generator)
             i0, i1 = i0.to(device), i1.to(device)
         cost = torch.tensor(float((plan * c_np).sum()), dtype=c.dtype, device=device)
-        return CouplingResult(i0, i1, plan_t, cost, self.method, status, None, err, self.keep)
+        return CouplingResult(i0, i1, plan_t, cost, self.method, status, None, err, self.keep,
+                              "network_simplex")
 
     def _sinkhorn(self, c: Tensor, generator) -> CouplingResult:
         n, m = c.shape
+        # float64 whatever the inputs: a float32 kernel exp(-C / reg) underflows once C / reg
+        # passes 87 (float64: 708), and POT's float32 log-domain iterations measured 3.7x
+        # slower than float64 ones on a CPU (512 x 512: 4.9 ms against 1.35 ms).
+        dtype, c = c.dtype, c.to(torch.float64)
         scale = {"mean": c.mean, "max": c.max, None: lambda: c.new_ones(())}[self.normalize]
         cn = c / scale().clamp_min(torch.finfo(c.dtype).tiny)
         a = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device)
         b = torch.full((m,), 1.0 / m, dtype=c.dtype, device=c.device)
         max_iter = self.max_iter or 1000
-        plan, log = ot.sinkhorn(a, b, cn, self.reg, method="sinkhorn_log", numItermax=max_iter,
-                                stopThr=self.tol / math.sqrt(m), log=True, warn=False)
-        err = float((plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum())  # one sync
-        n_iter = int(log["niter"]) + 1
+        err = math.nan  # not tried yet
+        if self.domain == "auto" and self._kernel_is_safe(cn):
+            plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn", max_iter, self.tol)
+            solver = "sinkhorn_knopp"
+        if not err <= self.tol:  # nan: not tried, or a non-finite kernel-domain plan
+            plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn_log", max_iter,
+                                              self.tol)
+            solver = "sinkhorn_log"
         if not err <= self.tol:
             msg = (f"log-domain Sinkhorn did not converge on a {n}x{m} batch: marginal error "
                    f"{err:.3g} > tol={self.tol:g} after {n_iter} iterations (max_iter="
@@ -305,8 +329,14 @@ class OTCoupling(Coupling):
             self._warn_once("sinkhorn", msg + "; using the exact OT plan (reg -> 0) instead.")
             return self._exact(c, generator, "fallback_exact")
         i0, i1 = self._draw(plan, generator)
-        return CouplingResult(i0, i1, plan, (plan * c).sum(), "sinkhorn", "converged", n_iter,
-                              err, self.keep)
+        return CouplingResult(i0, i1, plan, (plan * c).sum().to(dtype), "sinkhorn", "converged",
+                              n_iter, err, self.keep, solver)
+
+    def _kernel_is_safe(self, cn: Tensor) -> bool:
+        """Every row and column of ``K = exp(-cn / reg)`` has an entry above sqrt(tiny), so
+        the scalings ``u = a / K v`` and ``v = b / K^T u`` stay finite (one sync)."""
+        worst = torch.maximum(cn.amin(1).max(), cn.amin(0).max()) / self.reg
+        return bool(worst < -0.5 * math.log(torch.finfo(cn.dtype).tiny))
 
     def _draw(self, plan: Tensor, generator) -> tuple[Tensor, Tensor]:
         """One partner per kept sample from the plan's conditional, by inverse CDF (a cumsum
@@ -328,6 +358,19 @@ class OTCoupling(Coupling):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, CouplingWarning, stacklevel=2)
+
+
+def _sinkhorn_pot(a: Tensor, b: Tensor, c: Tensor, reg: float, method: str, max_iter: int,
+                  tol: float) -> tuple[Tensor, int, float]:
+    """POT's Sinkhorn (``method`` "sinkhorn": kernel domain, "sinkhorn_log": log domain) and
+    the L1 marginal error of its plan, nan when the plan is not finite (one sync)."""
+    with warnings.catch_warnings():  # kernel-domain numerical errors: the caller falls back
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ot\.")
+        plan, log = ot.sinkhorn(a, b, c, reg, method=method, numItermax=max_iter,
+                                stopThr=tol / math.sqrt(b.shape[0]), log=True, warn=False)
+    err = (plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum()
+    err = float(torch.where(torch.isfinite(plan).all(), err, torch.nan))
+    return plan, int(log["niter"]) + 1, err
 
 
 def _emd(a: np.ndarray, b: np.ndarray, c: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
@@ -402,9 +445,10 @@ class ClassConditionalOT(OTCoupling):
         status = min(statuses, key=lambda s: {"fallback_exact": 0, "optimal_after_retry": 1}
                      .get(s, 2))
         iters = max(r.n_iter or 0 for _, _, r in parts) if self.method == "sinkhorn" else None
+        solvers = sorted({r.solver for _, _, r in parts})  # one name, or the mix
         order = torch.argsort(i1 if self.keep == "x1" else i0)
         return CouplingResult(i0[order], i1[order], plan, cost, self.method, status, iters, err,
-                              self.keep)
+                              self.keep, "+".join(solvers))
 
 
 #: coupling name -> class, for configuration files and the command line.

@@ -13,7 +13,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalTimeEmbedding", "MLP"]
+__all__ = ["ACTIVATIONS", "SinusoidalTimeEmbedding", "MLP"]
+
+#: activation name -> module class, for :class:`MLP`.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU, "selu": nn.SELU, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU,
+    "tanh": nn.Tanh, "softplus": nn.Softplus,
+}
 
 
 def _positive_int(value: object, name: str, minimum: int = 1) -> int:
@@ -64,9 +70,14 @@ class MLP(nn.Module):
     r"""A velocity / score / noise network for vectors: ``f(x, t, y) -> (B, dim)``.
 
     ``h_0 = [x, e(t), E(y)]`` (``e`` a :class:`SinusoidalTimeEmbedding` of size
-    ``time_embedding_dim``; ``E`` a learned label embedding of the same size, only when
-    ``num_classes`` is set), then ``depth`` layers ``h <- SiLU(W h + b)`` of width
-    ``hidden`` and a linear read-out to ``dim``.
+    ``time_embedding_dim``, or ``e(t) = t`` itself when ``time_embedding_dim=None``; ``E`` a
+    learned label embedding of size ``label_embedding_dim``, only when ``num_classes`` is
+    set), then ``depth`` layers ``h <- act(W h + b)`` of width ``hidden`` and a linear
+    read-out to ``dim``.
+
+    ``MLP(2, hidden=64, depth=3, time_embedding_dim=None, activation="selu")`` is the network
+    of the OT-CFM / [SF]2M 2-D experiments (Tong et al. 2024; torchcfm's ``MLP(2, w=64,
+    time_varying=True)``: ``[x, t]``, three 64-wide SELU layers, a linear read-out).
 
     Class labels run over ``0 .. num_classes - 1``; the extra index ``null_label =
     num_classes`` is the "no label" class of classifier-free guidance (train with
@@ -76,18 +87,23 @@ class MLP(nn.Module):
         dim: the event size, ``x`` is ``(B, dim)``.
         hidden: width of the hidden layers.
         depth: number of hidden layers (>= 1).
-        time_embedding_dim: size of ``e(t)`` (even).
+        time_embedding_dim: size of ``e(t)`` (even), or ``None`` for the raw time ``t``.
         num_classes: number of labels for a conditional model, ``None`` for none.
         max_frequency: highest frequency of ``e(t)``. The default 30 (not the DDPM / transformer
             1000) keeps the field smooth in t: an ODE solver of order p converges at that
             order only once its step resolves the field's fastest time scale, and with
             frequencies up to 1000 a trained 2-D model's fixed-step errors stalled near 1e-2
             at 32 steps (fitted orders below 1 for euler, midpoint and rk4).
+        activation: a name in :data:`ACTIVATIONS` (default ``"silu"``).
+        label_embedding_dim: size of ``E(y)``; default ``time_embedding_dim`` (16 with the
+            raw time).
 
     Example:
         >>> net = MLP(2, hidden=16, depth=2, time_embedding_dim=8, num_classes=3)
         >>> net(torch.zeros(5, 2), torch.tensor(0.5), y=torch.tensor([0, 1, 2, 3, 0])).shape
         torch.Size([5, 2])
+        >>> MLP(2, hidden=64, time_embedding_dim=None, activation="selu").net[0]
+        Linear(in_features=3, out_features=64, bias=True)
     """
 
     def __init__(
@@ -95,9 +111,11 @@ class MLP(nn.Module):
         dim: int,
         hidden: int = 256,
         depth: int = 3,
-        time_embedding_dim: int = 64,
+        time_embedding_dim: int | None = 64,
         num_classes: int | None = None,
         max_frequency: float = 30.0,
+        activation: str = "silu",
+        label_embedding_dim: int | None = None,
     ):
         super().__init__()
         self.dim = _positive_int(dim, "dim")
@@ -105,17 +123,27 @@ class MLP(nn.Module):
         _positive_int(depth, "depth")
         if num_classes is not None:
             _positive_int(num_classes, "num_classes")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got "
+                             f"{activation!r}")
         self.num_classes = num_classes
-        self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
-        cond = time_embedding_dim
+        self.time_embedding: SinusoidalTimeEmbedding | None = None
+        cond = 1
+        if time_embedding_dim is not None:
+            self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
+            cond = time_embedding_dim
         self.label_embedding: nn.Embedding | None = None
         if num_classes is not None:
-            self.label_embedding = nn.Embedding(num_classes + 1, time_embedding_dim)
-            cond += time_embedding_dim
+            size = label_embedding_dim
+            if size is None:
+                size = 16 if time_embedding_dim is None else time_embedding_dim
+            _positive_int(size, "label_embedding_dim")
+            self.label_embedding = nn.Embedding(num_classes + 1, size)
+            cond += size
         layers: list[nn.Module] = []
         width = dim + cond
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
             width = hidden
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
@@ -139,7 +167,8 @@ class MLP(nn.Module):
                 f"t must be 0-d or shaped (B,) = ({b},) to match x {tuple(x.shape)}; "
                 f"got t of shape {tuple(t.shape)}"
             )
-        parts = [x, self.time_embedding(t).to(x.dtype)]
+        e = t[:, None] if self.time_embedding is None else self.time_embedding(t).to(x.dtype)
+        parts = [x, e]
         if self.label_embedding is not None:
             parts.append(self.label_embedding(self._labels(y, b, x.device)).to(x.dtype))
         elif y is not None:

@@ -190,6 +190,43 @@ def test_sinkhorn_does_not_underflow_where_plain_sinkhorn_does(gen):
     assert res.cost.item() < 0.6 * c.mean()  # independent pairing costs c.mean()
 
 
+def test_kernel_and_log_domain_sinkhorn_give_the_same_plan(gen):
+    # SB-CFM's regime (reg = 2 sigma^2 = 2 on the unnormalised cost, pair costs ~30): the
+    # kernel does not underflow, so "auto" iterates on it; the fixed point is the log domain's.
+    x1, _ = _ring(gen, 96)
+    x0 = torch.randn(96, 2, generator=gen, dtype=F64)
+    kw = dict(reg=2.0, normalize=None, tol=1e-9, max_iter=20_000)
+    fast = OTCoupling("sinkhorn", **kw).plan(x0, x1, generator=gen)
+    slow = OTCoupling("sinkhorn", domain="log", **kw).plan(x0, x1, generator=gen)
+    assert (fast.solver, slow.solver) == ("sinkhorn_knopp", "sinkhorn_log")
+    assert fast.marginal_error <= 1e-9 and slow.marginal_error <= 1e-9
+    assert torch.allclose(fast.plan, slow.plan, rtol=0, atol=1e-9 / 96)
+    # and it is POT's entropic optimum: the plan of ot.sinkhorn on the same problem
+    ref = ot.sinkhorn(np.full(96, 1 / 96), np.full(96, 1 / 96), _sqcost(x0, x1), 2.0,
+                      numItermax=20_000, stopThr=1e-12)
+    assert np.abs(fast.plan.numpy() - ref).max() < 1e-9 / 96
+
+
+def test_auto_domain_uses_the_log_domain_where_the_kernel_underflows(gen):
+    x1, _ = _ring(gen, 128)
+    x0 = torch.randn(128, 2, generator=gen, dtype=F64)
+    c = _sqcost(x0, x1)
+    # reg 0.02 on costs of ~30: some rows of exp(-C / reg) are below sqrt(tiny) everywhere
+    assert (c.min(1) / 0.02).max() > -0.5 * np.log(np.finfo(np.float64).tiny)
+    res = OTCoupling("sinkhorn", reg=0.02, normalize=None, max_iter=5000).plan(
+        x0, x1, generator=gen)
+    assert res.solver == "sinkhorn_log" and res.status == "converged"
+    assert np.isfinite(res.plan.numpy()).all()
+
+
+def test_exact_and_class_conditional_results_name_their_solver(gen):
+    x0, x1 = _batches(gen, 12)
+    assert OTCoupling("exact").plan(x0, x1).solver == "network_simplex"
+    y = torch.arange(12) % 3
+    res = ClassConditionalOT("sinkhorn", reg=0.5).plan(x0, x1, y, y0=y, generator=gen)
+    assert res.solver == "sinkhorn_knopp"
+
+
 def test_non_converging_sinkhorn_warns_and_falls_back_to_the_exact_plan(gen):
     x0, x1 = _batches(gen, 40)
     coupling = OTCoupling("sinkhorn", reg=1e-3, max_iter=20)

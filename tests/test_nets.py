@@ -129,7 +129,9 @@ def test_mlp_rejects_bad_inputs(gen):
     "kwargs, match",
     [({"dim": 0}, "dim must be an int >= 1"), ({"dim": 2, "depth": 0}, "depth must be"),
      ({"dim": 2, "hidden": 2.5}, "hidden must be"), ({"dim": 2, "num_classes": 0},
-     "num_classes must be"), ({"dim": 2, "time_embedding_dim": 5}, "dim must be even")],
+     "num_classes must be"), ({"dim": 2, "time_embedding_dim": 5}, "dim must be even"),
+     ({"dim": 2, "activation": "swish"}, r"activation must be one of \['elu', 'gelu'"),
+     ({"dim": 2, "num_classes": 3, "label_embedding_dim": 0}, "label_embedding_dim must")],
 )
 def test_mlp_rejects_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -159,3 +161,26 @@ def test_mlp_runs_under_torch_func_jacobians(gen):
     for i in range(5):
         want = torch.autograd.functional.jacobian(lambda xi, i=i: single(xi, t[i]), x[i])
         torch.testing.assert_close(jac[i], want, rtol=1e-12, atol=1e-14)
+
+
+def test_raw_time_selu_mlp_is_the_ot_cfm_papers_network(gen):
+    """``[x, t]`` -> 3 x (Linear(64), SELU) -> Linear(2), written out by hand."""
+    net = MLP(2, hidden=64, depth=3, time_embedding_dim=None, activation="selu").double()
+    x = torch.randn(7, 2, generator=gen, dtype=F64)
+    t = torch.rand(7, generator=gen, dtype=F64)
+    lin = [m for m in net.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(3, 64), (64, 64), (64, 64),
+                                                              (64, 2)]
+    h = torch.cat([x, t[:, None]], 1)
+    for m in lin[:-1]:
+        h = torch.nn.functional.selu(h @ m.weight.T + m.bias)
+    torch.testing.assert_close(net(x, t), h @ lin[-1].weight.T + lin[-1].bias, rtol=0,
+                               atol=1e-14)
+    torch.testing.assert_close(net(x, t[0]), net(x, t[0].expand(7)), rtol=0, atol=0)
+
+
+def test_raw_time_mlp_with_labels_has_a_label_embedding(gen):
+    net = MLP(2, hidden=8, depth=1, time_embedding_dim=None, num_classes=3)
+    assert net.label_embedding.embedding_dim == 16 and net.net[0].in_features == 2 + 1 + 16
+    x = torch.randn(4, 2, generator=gen)
+    assert not torch.equal(net(x, 0.5, y=torch.tensor([0, 0, 0, 0])), net(x, 0.5))
