@@ -22,7 +22,7 @@ from .dequantize import BitsPerDim, bits_per_dim, dequantize
 from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
 from .divergence import value_and_divergence
 from .dynamics import IntegrationError, NonFiniteStateError, probability_flow
-from .fields import as_score, as_velocity, convert_field, guided
+from .fields import GuidedField, as_score, as_velocity, convert_field, guided
 from .likelihood import (
     LikelihoodResult,
     dataset_bits_per_dim,
@@ -79,8 +79,8 @@ __all__ = [
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",
     "CouplingResult", "get_coupling", "wasserstein2", "mmd", "path_energy", "straightness",
     # fields and transfer
-    "as_velocity", "as_score", "convert_field", "guided", "probability_flow", "transfer",
-    "TransferredField",
+    "as_velocity", "as_score", "convert_field", "guided", "GuidedField", "probability_flow",
+    "transfer", "TransferredField",
     # solving
     "sample", "Solution", "ODE_SOLVERS", "sample_sde", "SDESolution", "SDE_SOLVERS",
     "langevin", "GridBrownian", "DiffusionSchedule", "DIFFUSIONS", "diffusion_schedule",

@@ -180,8 +180,8 @@ class GuidedField:
     (e.g. :class:`flowsolve.nets.MLP`, trained with label dropout). Each call evaluates the
     conditional and unconditional halves in **one** batched model call of ``2B`` samples
     (``x`` and ``t`` repeated, labels ``[y, null]``), so one guided evaluation is one model
-    evaluation. ``w = 1`` returns the conditional half and ``w = 0`` the unconditional one
-    exactly (the weights multiply, they do not interpolate a difference).
+    evaluation. ``w = 1`` is the conditional model and ``w = 0`` the unconditional one,
+    exactly and at the cost of a ``B``-sample call (the other half would be multiplied by 0).
 
     Attributes:
         labels: ``(B, ...)`` labels of the samples being generated.
@@ -222,6 +222,8 @@ class GuidedField:
                              f"{self.labels.shape[0]}; got x of shape "
                              f"{tuple(getattr(x, 'shape', ()))}")
         t = as_time(t, x)
+        if self.w in (0.0, 1.0):
+            return self.model(x, t, self._both[b:] if self.w == 0 else self.labels)
         t2 = t if t.dim() == 0 else torch.cat([t, t])
         out = self.model(torch.cat([x, x]), t2, self._both)
         cond, uncond = out[:b], out[b:]

@@ -132,7 +132,8 @@ def test_guidance_is_one_batched_call_with_exact_endpoints(t):
     for w, want in ((1.0, cond), (0.0, uncond), (3.0, 3 * cond - 2 * uncond)):
         got = guided(model, labels, w, null_label=0.0)(x, t)
         assert torch.equal(got, want) if w in (0.0, 1.0) else close(got, want, 1e-14)
-    assert model.batch_sizes == [6, 6, 6]  # conditional and unconditional halves together
+    # w = 1 and w = 0: one half alone; otherwise both halves in one call
+    assert model.batch_sizes == [3, 3, 6]
     # the "(1 + w') cond - w' uncond" convention is w = 1 + w'
     w_prime = 2.0
     assert close(guided(model, labels, 1 + w_prime, null_label=0.0)(x, t),

@@ -74,6 +74,42 @@ def test_ema_is_the_closed_form_geometric_average(gen):
     assert not ema.model.training and not ema.model.weight.requires_grad
 
 
+def test_warmed_up_ema_is_the_closed_form_with_step_dependent_decay(gen):
+    net = nn.Linear(3, 2).double()
+    beta, n = 0.999, 40
+    thetas = [torch.randn(2, 3, generator=gen, dtype=F64) for _ in range(n + 1)]
+    with torch.no_grad():
+        net.weight.copy_(thetas[0])
+    ema = EMA(net, beta, warmup=True)
+    for k in range(1, n + 1):
+        with torch.no_grad():
+            net.weight.copy_(thetas[k])
+        ema.update(net, k)
+    betas = [min(beta, (1 + k) / (10 + k)) for k in range(1, n + 1)]  # 0.18, 0.25, ...
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(10**5) == beta
+    # theta_ema_n = prod_k beta_k theta_0 + sum_k (1 - beta_k) prod_{j > k} beta_j theta_k
+    expected = math.prod(betas) * thetas[0] + sum(
+        (1 - betas[k - 1]) * math.prod(betas[k:]) * thetas[k] for k in range(1, n + 1))
+    torch.testing.assert_close(ema.model.weight, expected, rtol=1e-13, atol=1e-13)
+    assert math.prod(betas) < 1e-8  # the initial weights are gone (no warm-up: 0.96)
+
+
+def test_training_passes_the_step_number_to_the_ema(gen):
+    # after one step theta_ema_1 = beta_1 theta_0 + (1 - beta_1) theta_1; beta_1 = 2/11 with
+    # the warm-up (a 0-based step would give 1/10), ema_decay without it
+    for warmup, beta in ((True, 2 / 11), (False, 0.999)):
+        torch.manual_seed(0)
+        net = fs.MLP(2, hidden=8, depth=1, time_embedding_dim=4).double()
+        start = [p.detach().clone() for p in net.parameters()]
+        res = train(net, "moons", quiet(steps=1, batch_size=32, ema_warmup=warmup, lr=1e-2))
+        for e, p0, p1 in zip(res.ema_model.parameters(), start, res.model.parameters(),
+                             strict=True):
+            assert (p1 - p0).abs().max() > 1e-4  # the step moved the weights
+            torch.testing.assert_close(e, beta * p0 + (1 - beta) * p1, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="ema_warmup must be True or False"):
+        TrainConfig(ema_warmup=1)
+
+
 # -- exact resumption -------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, log_every", [("finite", 1), ("stream", 3)])
 def test_a_checkpoint_resumes_bit_for_bit(tmp_path, kind, log_every):
