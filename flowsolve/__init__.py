@@ -38,7 +38,7 @@ from .losses import (
     regression_loss,
     sample_time,
 )
-from .metrics import mmd, path_energy, straightness, wasserstein2
+from .metrics import mmd, normalized_path_energy, path_energy, straightness, wasserstein2
 from .nets import MLP, SinusoidalTimeEmbedding
 from .paths import PREDICTIONS, AffineGaussianPath, PathSample
 from .registry import SolverInfo, SolverRegistry
@@ -78,6 +78,7 @@ __all__ = [
     # couplings and metrics
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",
     "CouplingResult", "get_coupling", "wasserstein2", "mmd", "path_energy", "straightness",
+    "normalized_path_energy",
     # fields and transfer
     "as_velocity", "as_score", "convert_field", "guided", "GuidedField", "probability_flow",
     "transfer", "TransferredField",

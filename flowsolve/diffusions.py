@@ -69,6 +69,7 @@ DIFFUSIONS: dict[str, str] = {
                "= 2 scale^2 sigma_t^2 d/dt log(alpha_t / sigma_t): scale 1 is the reverse of the "
                "forward noising SDE (g_t^2 = beta for linear VP); infinite where alpha_t = 0",
 }
+"""Named diffusion coefficients ``g_t`` of :func:`diffusion_schedule`, with their formulas."""
 
 
 def _need_path(path, what: str) -> AffineGaussianPath:

@@ -33,9 +33,10 @@ Hutchinson's estimator (Hutchinson 1989; FFJORD, Grathwohl et al. 2019): for pro
 
     div ~= mean_j e_j^T J e_j,   stderr = std_j(e_j^T J e_j) / sqrt(k),
 
-all ``k`` vector-Jacobian products in one batched backward. Rademacher probes (entries
-+-1) have variance ``2 sum_{i != j} J_ij^2`` (only off-diagonal entries; exact when
-``J = c I`` or diagonal), Gaussian probes ``2 ||J||_F^2``. Probes must stay fixed for a
+all ``k`` vector-Jacobian products in one batched backward. With ``S = (J + J^T) / 2`` the
+symmetric part of ``J`` (``e^T J e = e^T S e``), Rademacher probes (entries +-1) have
+variance ``2 sum_{i != j} S_ij^2`` (only off-diagonal entries; exact when ``S`` is
+diagonal, e.g. ``J = c I``), Gaussian probes ``2 ||S||_F^2``. Probes must stay fixed for a
 whole ODE solve (:func:`make_probes` once, then pass them to every call).
 """
 

@@ -96,9 +96,10 @@ class FixedStepLoop:
     CUDA graph.
 
     Args:
-        tableau: the method; grid: ``t_0 .. t_N`` (Python floats, either direction);
-        x_like: a tensor with the state's dtype and device; record: grid indices whose
-        states to keep.
+        tableau: the method.
+        grid: ``t_0 .. t_N`` (Python floats, either direction).
+        x_like: a tensor with the state's dtype and device.
+        record: grid indices whose states to keep.
     """
 
     def __init__(self, tableau: Tableau, grid: list[float], x_like: Tensor,

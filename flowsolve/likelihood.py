@@ -217,8 +217,11 @@ def score_log_likelihood(
 ) -> LikelihoodResult:
     """Log-likelihood of a score model through its probability-flow ODE on ``path``
     (``u = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigma sigma') s``), with the prior
-    ``N(0, source_std^2 I)`` at ``t_lo`` (the velocity is singular where alpha_t = 0, so
-    ``t_lo`` defaults to 1e-5, as in Song et al. 2021). Other keywords as
+    ``N(0, source_std^2 I)`` at ``t_lo``: the velocity is singular where alpha_t = 0, so
+    ``t_lo`` defaults to 1e-5 at the noise end, where the prior is a close approximation
+    of p_{t_lo}. (Song et al. 2021 also cut at 1e-5, but at the *data* end, tau = 1e-5 in
+    their reversed time, our t_hi = 1 - 1e-5, where a score trained on sigma_t > 0 is
+    singular; pass ``t_interval=(1e-5, 1 - 1e-5)`` for that.) Other keywords as
     :func:`log_likelihood`."""
     field = probability_flow(score, path, interval=tuple(t_interval))
     kwargs.setdefault("prior", lambda z: standard_normal_log_prob(z, path.source_std))

@@ -321,9 +321,10 @@ def denoising_score_matching_loss(
     minimiser is the marginal score ``grad log p_t`` (Vincent 2011). The code evaluates
     ``(lambda_t / sigma_t^2) (1/D) ||sigma_t s_theta + x0||^2``. Weightings ``lambda_t``:
 
-    * ``"sigma_squared"`` (default): ``lambda_t = sigma_t^2``, i.e. ``(1/D) ||sigma_t s_theta
-      + x0||^2``, finite on all of [0, 1]; equal to :func:`epsilon_loss` of the model
-      ``eps_theta = -sigma_t s_theta`` (Song et al. 2021, Ho et al. 2020).
+    * ``"sigma_squared"`` (default): ``lambda_t = sigma_t^2``, i.e.
+      ``(1/D) ||sigma_t s_theta + x0||^2``, finite on all of [0, 1]; equal to
+      :func:`epsilon_loss` of the model ``eps_theta = -sigma_t s_theta`` (Song et al. 2021,
+      Ho et al. 2020).
     * ``"none"``: ``lambda_t = 1``; infinite where ``sigma_t = 0``.
     * ``"likelihood"``: ``lambda_t = g_t^2 = 2 sigma_t^2 d/dt log(alpha_t / sigma_t)
       = 2 (sigma_t^2 alpha'_t / alpha_t - sigma_t sigma'_t)``, the squared diffusion

@@ -35,6 +35,8 @@ from .schedules import Scheduler, ScheduleValues
 __all__ = ["PathSample", "AffineGaussianPath", "PREDICTIONS"]
 
 PREDICTIONS = ("velocity", "score", "epsilon", "x1", "v")
+"""The five parameterisations (aliases: ``x0``, ``noise``, ``eps`` for ``epsilon``; ``data``
+for ``x1``)."""
 _ALIASES = {"x0": "epsilon", "noise": "epsilon", "eps": "epsilon", "data": "x1"}
 
 

@@ -305,6 +305,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "linear_vp": LinearVPScheduler,
     "ve": VEScheduler,
 }
+"""Scheduler name -> class, for :func:`get_scheduler`, configuration files and the CLI."""
 
 
 def get_scheduler(name: str, **kwargs) -> Scheduler:
