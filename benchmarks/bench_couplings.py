@@ -7,6 +7,7 @@ ratios are to the independent coupling from the same run. The OT solve needs no 
 in training it can run in DataLoader workers and overlap the step (see couplings.py).
 
 Run: .venv/bin/python benchmarks/bench_couplings.py [--threads 1] [--device cuda] [--dim 2]
+     [--sizes 256 1024 2048] [--repeats N]
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls of the OT solves (default: 20 / 5 / 3 by size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -55,7 +58,7 @@ def main() -> None:
     for b in args.sizes:
         x0 = torch.randn(b, args.dim, generator=gen, device=device)
         x1 = 0.5 * torch.randn(b, args.dim, generator=gen, device=device) + 3
-        reps = 20 if b <= 256 else 5 if b <= 1024 else 3
+        reps = args.repeats or (20 if b <= 256 else 5 if b <= 1024 else 3)
         t_ind = median_ms(lambda x0=x0, x1=x1: independent(x0, x1, generator=gen), 50, sync)
         t_ex = median_ms(lambda x0=x0, x1=x1: exact(x0, x1), reps, sync)
         t_sk = median_ms(lambda x0=x0, x1=x1: sinkhorn(x0, x1, generator=gen), reps, sync)

@@ -1,7 +1,8 @@
 """Cost of SDE sampling: Brownian-motion choices and torchsde solvers, 100 steps at batch 1024
 with a small MLP field (3 x 256, SiLU), d = 2. Reports medians and ratios from one run.
 
-Run: .venv/bin/python benchmarks/bench_sde.py [--device cuda] [--repeats 5]
+Run: .venv/bin/python benchmarks/bench_sde.py [--device cuda] [--repeats 5] [--warmups 2]
+     [--batch 1024] [--steps 100]
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ class TorchsdeSystem(nn.Module):
         return v
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
+def timed(fn, device: torch.device, repeats: int, warmups: int = 2) -> float:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    fn()
-    fn()  # two warm-ups
+    for _ in range(warmups):  # two by default
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -68,16 +69,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmups", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
+    batch, steps, warm = args.batch, args.steps, args.warmups
     device = torch.device(args.device)
     torch.manual_seed(0)  # network initialisation only; sampling noise uses generators
     u, s = MLP(DIM).to(device), MLP(DIM).to(device)
-    x0 = torch.randn(BATCH, DIM, device=device)
-    h = 1.0 / STEPS
-    shape = (BATCH, DIM)
+    x0 = torch.randn(batch, DIM, device=device)
+    h = 1.0 / steps
+    shape = (batch, DIM)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, torchsde {torchsde.__version__}, {dev_name}, "
-          f"threads {torch.get_num_threads()}; {STEPS} steps, B={BATCH}, d={DIM}, fp32, "
+          f"threads {torch.get_num_threads()}; {steps} steps, B={batch}, d={DIM}, fp32, "
           f"median of {args.repeats}")
 
     def interval(**kw):
@@ -91,7 +96,7 @@ def main() -> None:
 
     def hand_loop():
         x, g = x0, gen()
-        for k in range(STEPS):
+        for k in range(steps):
             t = torch.full((), k * h, device=device)
             x = x + h * (u(x, t) + 0.5 * s(x, t)) + h**0.5 * torch.randn(
                 x.shape, generator=g, device=device)
@@ -105,15 +110,15 @@ def main() -> None:
             "sdeint, BrownianInterval(dt, cache_size=None)": lambda: torchsde.sdeint(
                 system, x0, ts, dt=h, method="euler", bm=interval(dt=h, cache_size=None)),
             "sample_sde, default BrownianInterval": lambda: sample_sde(
-                u, x0, score=s, steps=STEPS, bm=interval()),
+                u, x0, score=s, steps=steps, bm=interval()),
             "sample_sde, BrownianInterval(dt, cache_size=None)": lambda: sample_sde(
-                u, x0, score=s, steps=STEPS, bm=interval(dt=h, cache_size=None)),
+                u, x0, score=s, steps=steps, bm=interval(dt=h, cache_size=None)),
             "sample_sde, GridBrownian (default)": lambda: sample_sde(
-                u, x0, score=s, steps=STEPS, generator=gen()),
+                u, x0, score=s, steps=steps, generator=gen()),
             "GridBrownian construction alone": lambda: GridBrownian(
-                shape, steps=STEPS, generator=gen(), device=device),
+                shape, steps=steps, generator=gen(), device=device),
         }
-        results = {name: timed(fn, device, args.repeats) for name, fn in rows.items()}
+        results = {name: timed(fn, device, args.repeats, warm) for name, fn in rows.items()}
         base = results["sample_sde, GridBrownian (default)"]
         print(f"\n{'Brownian motion / driver (euler)':<52} {'ms':>9} {'/ GridBrownian':>14}")
         for name, ms in results.items():
@@ -122,9 +127,10 @@ def main() -> None:
         print(f"\n{'solver (GridBrownian)':<20} {'nfe':>5} {'ms':>9} {'/ euler':>8} {'ms/nfe':>8}")
         euler_ms = 1.0
         for name in ["euler"] + [n for n in SDE_SOLVERS if n != "euler"]:
-            res = sample_sde(u, x0, score=s, steps=STEPS, solver=name, generator=gen())
-            ms = timed(lambda name=name: sample_sde(u, x0, score=s, steps=STEPS, solver=name,
-                                                    generator=gen()), device, args.repeats)
+            res = sample_sde(u, x0, score=s, steps=steps, solver=name, generator=gen())
+            ms = timed(lambda name=name: sample_sde(u, x0, score=s, steps=steps, solver=name,
+                                                    generator=gen()), device, args.repeats,
+                       warm)
             euler_ms = ms if name == "euler" else euler_ms
             print(f"{name:<20} {res.nfe:5d} {ms:9.1f} {ms / euler_ms:8.2f} {ms / res.nfe:8.3f}")
 

@@ -87,6 +87,19 @@ class GaussianMixture:
         self.means, self.weights = means, weights / weights.sum()
         self.eigvals, self.eigvecs = eigvals, eigvecs
         self._covariances = covs
+        self._copies: dict[tuple[torch.dtype, torch.device], tuple] = {}
+
+    def parameters_like(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """``(means, eigvals, eigvecs or None, log weights)`` in ``x``'s dtype and device,
+        copied once per (dtype, device) and cached: a field evaluation then makes no
+        host-to-device copy, so it runs inside a CUDA graph and never waits on the host."""
+        key = (x.dtype, x.device)
+        if key not in self._copies:
+            like = dict(dtype=x.dtype, device=x.device)
+            vecs = None if self.eigvecs is None else self.eigvecs.to(**like)
+            self._copies[key] = (self.means.to(**like), self.eigvals.to(**like), vecs,
+                                 torch.log(self.weights).to(**like))
+        return self._copies[key]
 
     @property
     def dim(self) -> int:
@@ -195,17 +208,14 @@ class _MixtureAtTime:
             )
         self.shape, self.mix = x.shape, mix
         x = x.reshape(x.shape[0], mix.dim)
-        like = dict(dtype=x.dtype, device=x.device)
-        self.mu = mix.means.to(**like)
-        self.lam = mix.eigvals.to(**like)
-        self.vecs = None if mix.eigvecs is None else mix.eigvecs.to(**like)
+        self.mu, self.lam, self.vecs, log_w = mix.parameters_like(x)
         self.alpha = alpha.reshape(-1, 1, 1) if alpha.dim() else alpha
         sigma_sq = sigma_sq.reshape(-1, 1, 1) if sigma_sq.dim() else sigma_sq
         diff = x[:, None, :] - self.alpha * self.mu  # (B, K, d)
         self.z = diff if self.vecs is None else torch.einsum("bkd,kde->bke", diff, self.vecs)
         self.c = self.alpha**2 * self.lam + sigma_sq  # eigenvalues of C_k, (B, K, d)
         self.log_joint = (
-            torch.log(mix.weights.to(**like))
+            log_w
             - 0.5 * torch.log(2 * math.pi * self.c).sum(-1)
             - 0.5 * (self.z * self.z / self.c).sum(-1)
         )  # (B, K)

@@ -247,3 +247,17 @@ def test_bad_points_and_times_raise(gen):
         u(torch.zeros(4, 2, dtype=F64), torch.zeros(3, dtype=F64))
     with pytest.raises(TypeError, match="AffineGaussianPath"):
         analytic.marginal_velocity(mix, fs.CondOTScheduler())
+
+
+def test_mixture_parameters_are_copied_once_per_dtype_and_device():
+    """A field evaluation makes no host-to-device copy after the first (CUDA-graph capture
+    forbids them, and each would synchronise a GPU)."""
+    mix = fs.GaussianMixture.ring(n_components=5, radius=3.0)
+    u = fs.analytic.marginal_velocity(mix, fs.AffineGaussianPath(fs.CosineScheduler()))
+    x64 = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = mix.parameters_like(x64)
+    u(x64, 0.3)
+    assert all(a is b for a, b in zip(first, mix.parameters_like(x64), strict=True))
+    v32 = u(x64.float(), 0.3)
+    assert mix.parameters_like(x64.float())[0].dtype == torch.float32
+    torch.testing.assert_close(v32.double(), u(x64, 0.3), rtol=1e-5, atol=1e-5)

@@ -299,7 +299,7 @@ def test_guided_sampling_w1_is_conditional_and_w0_unconditional(kind):
                      t0=0.1)
         want = sample(as_field(expected), x, "rk4", steps=8, t0=0.1)
         assert (got.x - want.x).abs().max() < 1e-12
-        assert calls[-got.nfe:] == [64] * got.nfe  # one batched call (2B) per evaluation
+        assert calls[-got.nfe:] == [32] * got.nfe  # w = 0, 1: one B-sample call per evaluation
 
 
 # -- failures ----------------------------------------------------------------------------------
