@@ -14,29 +14,18 @@ w          class fidelity   within-class std class MMD^2
 The thresholds below leave wide margins around those ranges.
 """
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from _examples import load_example
 
 pytest.importorskip("sklearn", reason="the digits and the classifier need scikit-learn")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("cfg_digits", ROOT / "examples" / "cfg_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    example = _load_example()
+    example = load_example("cfg_digits")
     settings = replace(example.DEFAULT, steps=300, warmup_steps=50, per_class=20,
                        solver_steps=8, weights=(0.0, 1.0, 2.0))
     out = tmp_path_factory.mktemp("cfg_digits")

@@ -58,14 +58,6 @@ U = fs.analytic.marginal_velocity(DATA, PATH)
 S = fs.analytic.marginal_score(DATA, PATH)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -6,27 +6,15 @@ initial weights (only the coupling differs), and a second invocation must skip t
 finished runs.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("ot_cfm_2d", ROOT / "examples" / "ot_cfm_2d.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from _examples import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    return _load_example()
+    return load_example("ot_cfm_2d")
 
 
 @pytest.fixture(scope="module")
