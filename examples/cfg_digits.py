@@ -141,7 +141,7 @@ def generate(model: nn.Module, labels: Tensor, x0: Tensor, w: float,
              settings: Settings) -> tuple[Tensor, float, int]:
     """Guided samples ``(B, 1, 8, 8)`` clamped to [-1, 1], the fraction of pixels that lay
     more than 0.05 outside [-1, 1] before the clamp, and the solver's NFE (each one guided
-    evaluation: a single model call on ``2B`` samples)."""
+    evaluation: a single model call on ``2B`` samples, ``B`` at w = 0 and 1)."""
     sol = fs.sample(fs.guided(model, labels, w), x0, settings.solver, steps=settings.solver_steps)
     outside = float((sol.x.abs() > 1.05).float().mean())
     return sol.x.clamp(-1, 1), outside, sol.nfe

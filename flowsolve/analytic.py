@@ -51,8 +51,9 @@ class GaussianMixture:
         covariances: ``(K, d)`` diagonal variances or ``(K, d, d)`` full, positive definite.
         weights: ``(K,)`` positive (normalised here); uniform when omitted.
 
-    Parameters are kept in float64; every method returns the dtype and device of its
-    input (``sample``: of its ``dtype`` / ``device`` arguments).
+    Parameters are kept in float64 and are fixed once built (copies in other dtypes and on
+    other devices are cached); every method returns the dtype and device of its input
+    (``sample``: of its ``dtype`` / ``device`` arguments).
     """
 
     def __init__(self, means: Tensor, covariances: Tensor, weights: Tensor | None = None):
@@ -96,10 +97,18 @@ class GaussianMixture:
         key = (x.dtype, x.device)
         if key not in self._copies:
             like = dict(dtype=x.dtype, device=x.device)
-            vecs = None if self.eigvecs is None else self.eigvecs.to(**like)
-            self._copies[key] = (self.means.to(**like), self.eigvals.to(**like), vecs,
-                                 torch.log(self.weights).to(**like))
+            # ordinary tensors even when first called under inference_mode, so that a later
+            # call with autograd can save them for backward
+            with torch.inference_mode(False), torch.no_grad():
+                vecs = None if self.eigvecs is None else self.eigvecs.to(**like)
+                self._copies[key] = (self.means.to(**like), self.eigvals.to(**like), vecs,
+                                     torch.log(self.weights).to(**like))
         return self._copies[key]
+
+    def __getstate__(self) -> dict:
+        """Pickles without the device copies (a CUDA copy cannot be unpickled on a CPU-only
+        host or in every DataLoader worker)."""
+        return {**self.__dict__, "_copies": {}}
 
     @property
     def dim(self) -> int:

@@ -23,7 +23,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ot
@@ -60,8 +60,9 @@ class CouplingResult:
         i0, i1: ``(K,)`` int64 on the inputs' device; pair k is ``(x0[i0[k]], x1[i1[k]])``.
         plan: ``(N, M)`` plan summing to 1 (rows x0), ``None`` for independent / paired;
             exact plans are float64 on the CPU (where POT solves), entropic ones float64 on
-            the inputs' device.
-        cost: 0-d ``<plan, C>`` in units of the unnormalised cost; ``None`` without plan.
+            the inputs' device (MPS, which has no float64: the inputs' dtype).
+        cost: 0-d ``<plan, C>`` in units of the unnormalised cost, in the inputs' dtype
+            (at least float32); ``None`` without plan.
         method: ``"independent"``, ``"paired"``, ``"exact"``, ``"sinkhorn"``.
         status: ``"given"`` (no solve), ``"optimal"``, ``"optimal_after_retry"`` (the
             iteration limit was hit, a 100x limit reached optimality), ``"converged"``
@@ -172,7 +173,8 @@ class OTCoupling(Coupling):
     ``method="sinkhorn"`` solves the entropic problem
     :math:`\min_\pi \langle \pi, \tilde C \rangle - \varepsilon H(\pi)` (Cuturi 2013),
     :math:`\pi = \mathrm{diag}(u) K \mathrm{diag}(v)`, :math:`K = e^{-\tilde C/\varepsilon}`,
-    by Sinkhorn's iterations on POT's torch backend (the plan stays on the inputs' device).
+    by Sinkhorn's iterations on POT's torch backend, in float64 (the plan stays on the
+    inputs' device).
     The cost is normalised, :math:`\tilde C = C / \mathrm{mean}(C)` (``normalize="mean"``;
     ``"max"`` divides by the largest entry, ``None`` keeps C so that ``reg = 2 sigma^2``
     gives the Schrodinger-bridge plan), so ``reg`` = :math:`\varepsilon` is relative to a
@@ -181,9 +183,11 @@ class OTCoupling(Coupling):
     against 1.35 ms at 512 x 512 on one CPU thread) when every row and column of K has an
     entry above :math:`\sqrt{\text{tiny}}` of the dtype, and in the log domain
     (``method="sinkhorn_log"``, never underflows, whatever ``reg``) otherwise, or when the
-    kernel iterations end non-finite or unconverged; ``domain="log"`` always uses the log
-    domain. :attr:`CouplingResult.solver` says which one produced the plan. Convergence is
-    checked on the returned plan: marginal error (L1, both marginals) ``<= tol``.
+    kernel iterations end non-finite or stop on POT's numerical-error check (not when they
+    merely run out of iterations: the log domain would repeat the same iterates);
+    ``domain="log"`` always uses the log domain. :attr:`CouplingResult.solver` says which
+    one produced the plan. Convergence is checked on the returned plan: marginal error (L1,
+    both marginals) ``<= tol``.
     Otherwise a warning with reg, iterations and error is issued once per object and, with
     ``fallback="exact"``, the exact plan (the :math:`\varepsilon \to 0` limit, a valid
     coupling) is used, status ``"fallback_exact"``; ``fallback=None`` raises
@@ -302,39 +306,49 @@ class OTCoupling(Coupling):
 
     def _sinkhorn(self, c: Tensor, generator) -> CouplingResult:
         n, m = c.shape
-        # float64 whatever the inputs: a float32 kernel exp(-C / reg) underflows once C / reg
-        # passes 87 (float64: 708), and POT's float32 log-domain iterations measured 3.7x
-        # slower than float64 ones on a CPU (512 x 512: 4.9 ms against 1.35 ms).
-        dtype, c = c.dtype, c.to(torch.float64)
-        scale = {"mean": c.mean, "max": c.max, None: lambda: c.new_ones(())}[self.normalize]
-        cn = c / scale().clamp_min(torch.finfo(c.dtype).tiny)
-        a = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device)
-        b = torch.full((m,), 1.0 / m, dtype=c.dtype, device=c.device)
+        # float64 (where the device has it; MPS has not): a float32 kernel exp(-C / reg)
+        # underflows once C / reg passes 87 (float64: 708), and float32 log-domain
+        # iterations ran 3.8x slower than float64 ones on SB-CFM's moons->8gaussians batches
+        # (512 x 512, costs up to 1000, reg 2: 5.0 ms against 1.33 ms on a CPU), whose
+        # exponentials reach float32's subnormal range.
+        dtype = c.dtype
+        c64 = c if c.device.type == "mps" else c.to(torch.float64)
+        scale = {"mean": c64.mean, "max": c64.max, None: lambda: c64.new_ones(())}[
+            self.normalize]
+        cn = c64 / scale().clamp_min(torch.finfo(c64.dtype).tiny)
+        a = torch.full((n,), 1.0 / n, dtype=c64.dtype, device=c64.device)
+        b = torch.full((m,), 1.0 / m, dtype=c64.dtype, device=c64.device)
         max_iter = self.max_iter or 1000
-        err = math.nan  # not tried yet
+        err, n_iter = math.nan, 0  # not tried yet
         if self.domain == "auto" and self._kernel_is_safe(cn):
             plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn", max_iter, self.tol)
             solver = "sinkhorn_knopp"
-        if not err <= self.tol:  # nan: not tried, or a non-finite kernel-domain plan
+        # the log domain runs the same iterations from the same start: retry there only when
+        # the kernel was not tried, went non-finite (nan) or stopped early on POT's numerical
+        # error check, not when it merely ran out of iterations
+        if not err <= self.tol and (math.isnan(err) or n_iter < max_iter):
             plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn_log", max_iter,
                                               self.tol)
             solver = "sinkhorn_log"
         if not err <= self.tol:
-            msg = (f"log-domain Sinkhorn did not converge on a {n}x{m} batch: marginal error "
+            msg = (f"Sinkhorn ({solver}) did not converge on a {n}x{m} batch: marginal error "
                    f"{err:.3g} > tol={self.tol:g} after {n_iter} iterations (max_iter="
                    f"{max_iter}) at reg={self.reg:g} (cost normalised by its "
                    f"{self.normalize or 'identity'}). Increase reg or max_iter")
             if self.fallback is None:
                 raise CouplingError(msg + ".")
             self._warn_once("sinkhorn", msg + "; using the exact OT plan (reg -> 0) instead.")
-            return self._exact(c, generator, "fallback_exact")
+            res = self._exact(c64, generator, "fallback_exact")
+            return replace(res, cost=res.cost.to(dtype))
         i0, i1 = self._draw(plan, generator)
-        return CouplingResult(i0, i1, plan, (plan * c).sum().to(dtype), "sinkhorn", "converged",
-                              n_iter, err, self.keep, solver)
+        return CouplingResult(i0, i1, plan, (plan * c64).sum().to(dtype), "sinkhorn",
+                              "converged", n_iter, err, self.keep, solver)
 
     def _kernel_is_safe(self, cn: Tensor) -> bool:
-        """Every row and column of ``K = exp(-cn / reg)`` has an entry above sqrt(tiny), so
-        the scalings ``u = a / K v`` and ``v = b / K^T u`` stay finite (one sync)."""
+        """Every row and column of ``K = exp(-cn / reg)`` has an entry above sqrt(tiny) (one
+        sync). A heuristic for the first iterations only (later scalings can still
+        overflow); what makes the kernel path safe is the finiteness and marginal check of
+        its plan, after which the log domain takes over."""
         worst = torch.maximum(cn.amin(1).max(), cn.amin(0).max()) / self.reg
         return bool(worst < -0.5 * math.log(torch.finfo(cn.dtype).tiny))
 

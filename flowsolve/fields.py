@@ -177,8 +177,9 @@ class GuidedField:
     r"""Classifier-free guidance ``f_w(x, t) = (1 - w) f(x, t | null) + w f(x, t | y)``.
 
     ``model(x, t, y)`` is a conditional model whose ``null_label`` means "no label"
-    (e.g. :class:`flowsolve.nets.MLP`, trained with label dropout). Each call evaluates the
-    conditional and unconditional halves in **one** batched model call of ``2B`` samples
+    (e.g. :class:`flowsolve.nets.MLP`, trained with label dropout). For ``w`` other than 0
+    and 1 each call evaluates the conditional and unconditional halves in **one** batched
+    model call of ``2B`` samples
     (``x`` and ``t`` repeated, labels ``[y, null]``), so one guided evaluation is one model
     evaluation. ``w = 1`` is the conditional model and ``w = 0`` the unconditional one,
     exactly and at the cost of a ``B``-sample call (the other half would be multiplied by 0).

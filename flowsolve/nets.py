@@ -123,9 +123,17 @@ class MLP(nn.Module):
         _positive_int(depth, "depth")
         if num_classes is not None:
             _positive_int(num_classes, "num_classes")
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got "
                              f"{activation!r}")
+        if time_embedding_dim is not None and (
+                isinstance(time_embedding_dim, bool) or not isinstance(time_embedding_dim, int)
+                or time_embedding_dim < 2 or time_embedding_dim % 2):
+            raise ValueError(f"time_embedding_dim must be an even int >= 2 (sin and cos "
+                             f"pairs), or None for the raw time; got {time_embedding_dim!r}")
+        if label_embedding_dim is not None and num_classes is None:
+            raise ValueError(f"label_embedding_dim={label_embedding_dim!r} needs num_classes "
+                             "(an unconditional MLP has no label embedding)")
         self.num_classes = num_classes
         self.time_embedding: SinusoidalTimeEmbedding | None = None
         cond = 1

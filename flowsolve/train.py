@@ -166,14 +166,20 @@ class EMA:
             raise ValueError(f"decay must be in [0, 1); got {decay!r}")
         self.decay, self.warmup = float(decay), bool(warmup)
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.num_updates = 0
 
     def decay_at(self, n: int) -> float:
         """``beta_n`` of the n-th update (n >= 1)."""
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, n: int = 1) -> None:
-        """The n-th update (n counts from 1; it matters only with ``warmup``)."""
+    def update(self, model: nn.Module, n: int | None = None) -> None:
+        """The n-th update: by default the one after the last (``num_updates + 1``); the
+        training loop passes its global step + 1, so a resumed run continues the warm-up."""
+        n = self.num_updates + 1 if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be the update's number, an int >= 1; got {n!r}")
+        self.num_updates = n
         mine = list(self.model.parameters())
         torch._foreach_lerp_(mine, [p.detach() for p in model.parameters()],
                              1 - self.decay_at(n))
@@ -229,10 +235,15 @@ def _load(path: Path, cfg: TrainConfig, world: int) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
-    for key, now in (("batch_size", cfg.batch_size), ("world_size", world),
-                     ("prediction", cfg.prediction)):
-        if state[key] != now:
-            raise ValueError(f"checkpoint {path} was written with {key}={state[key]!r}; this "
+    # checkpoints written before the EMA warm-up existed ran without it
+    written = {**state, "ema_warmup": state.get("config", {}).get("ema_warmup", False)}
+    checked = [("batch_size", cfg.batch_size), ("world_size", world),
+               ("prediction", cfg.prediction)]
+    if cfg.ema_decay is not None:
+        checked.append(("ema_warmup", cfg.ema_warmup))
+    for key, now in checked:
+        if written[key] != now:
+            raise ValueError(f"checkpoint {path} was written with {key}={written[key]!r}; this "
                              f"call has {key}={now!r}. Use the same value to resume, or "
                              "another checkpoint path to start afresh")
     return state

@@ -1,6 +1,7 @@
 """Closed-form Gaussian-mixture ground truth, checked against independent computations."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -255,9 +256,24 @@ def test_mixture_parameters_are_copied_once_per_dtype_and_device():
     mix = fs.GaussianMixture.ring(n_components=5, radius=3.0)
     u = fs.analytic.marginal_velocity(mix, fs.AffineGaussianPath(fs.CosineScheduler()))
     x64 = torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    first = mix.parameters_like(x64)
-    u(x64, 0.3)
-    assert all(a is b for a, b in zip(first, mix.parameters_like(x64), strict=True))
-    v32 = u(x64.float(), 0.3)
-    assert mix.parameters_like(x64.float())[0].dtype == torch.float32
-    torch.testing.assert_close(v32.double(), u(x64, 0.3), rtol=1e-5, atol=1e-5)
+    assert mix._copies == {}
+    u(x64, 0.3)  # the field fills the cache itself
+    cached = mix._copies[(torch.float64, x64.device)]
+    u(x64, 0.7)
+    assert len(mix._copies) == 1 and mix._copies[(torch.float64, x64.device)] is cached
+    torch.testing.assert_close(u(x64.float(), 0.3).double(), u(x64, 0.3), rtol=1e-5,
+                               atol=1e-5)
+    assert set(mix._copies) == {(torch.float64, x64.device), (torch.float32, x64.device)}
+    assert pickle.loads(pickle.dumps(mix))._copies == {}
+
+
+def test_a_cache_filled_under_inference_mode_still_serves_autograd():
+    cov = torch.tensor([[[1.0, 0.3], [0.3, 0.5]], [[0.4, -0.1], [-0.1, 0.9]]])
+    mix = fs.GaussianMixture(torch.tensor([[-1.0, 0.0], [1.5, 0.5]]), cov)
+    u = fs.analytic.marginal_velocity(mix, fs.AffineGaussianPath(fs.CondOTScheduler()))
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        u(x, 0.5)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(u(xg, 0.5).sum(), xg)  # saves the cached eigenvectors
+    assert torch.isfinite(g).all()

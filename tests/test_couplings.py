@@ -219,6 +219,33 @@ def test_auto_domain_uses_the_log_domain_where_the_kernel_underflows(gen):
     assert np.isfinite(res.plan.numpy()).all()
 
 
+def test_a_kernel_that_underflows_mid_solve_hands_over_to_the_log_domain():
+    # every row and column has a zero-cost partner, so the kernel passes the entry check, but
+    # the optimum needs x0[2] -> x1[0] at cost 1, whose kernel entry exp(-800) underflows
+    x0 = torch.tensor([[0.0], [0.0], [1.0]], dtype=F64)
+    x1 = torch.tensor([[0.0], [1.0], [1.0]], dtype=F64)
+    res = OTCoupling("sinkhorn", reg=1 / 800, normalize=None, max_iter=5000).plan(x0, x1)
+    assert res.solver == "sinkhorn_log" and res.status == "converged"
+    ref = ot.sinkhorn(np.full(3, 1 / 3), np.full(3, 1 / 3), _sqcost(x0, x1), 1 / 800,
+                      method="sinkhorn_log", numItermax=5000, stopThr=1e-10)
+    assert np.abs(res.plan.numpy() - ref).max() < 1e-4
+
+
+def test_sinkhorn_on_float32_inputs_solves_in_float64_and_costs_in_float32(gen):
+    x0, x1 = _batches(gen, 24, dtype=torch.float32)
+    res = OTCoupling("sinkhorn", reg=0.1).plan(x0, x1, generator=gen)
+    assert res.plan.dtype == F64 and res.cost.dtype == torch.float32
+    ref = OTCoupling("sinkhorn", reg=0.1).plan(x0.double(), x1.double(), generator=gen)
+    assert res.cost.item() == pytest.approx(ref.cost.item(), rel=1e-5)
+    # out of iterations on the kernel: straight to the fallback (the log domain would repeat
+    # the same iterates), the message naming the kernel solver
+    with pytest.warns(CouplingWarning, match=r"Sinkhorn \(sinkhorn_knopp\) did not converge"):
+        fell = OTCoupling("sinkhorn", reg=0.05, max_iter=2).plan(x0, x1, generator=gen)
+    assert fell.status == "fallback_exact" and fell.cost.dtype == torch.float32
+    assert fell.plan.dtype == F64 and fell.cost.item() == pytest.approx(_emd2(x0, x1),
+                                                                         rel=1e-5)
+
+
 def test_exact_and_class_conditional_results_name_their_solver(gen):
     x0, x1 = _batches(gen, 12)
     assert OTCoupling("exact").plan(x0, x1).solver == "network_simplex"

@@ -92,6 +92,13 @@ def test_warmed_up_ema_is_the_closed_form_with_step_dependent_decay(gen):
         (1 - betas[k - 1]) * math.prod(betas[k:]) * thetas[k] for k in range(1, n + 1))
     torch.testing.assert_close(ema.model.weight, expected, rtol=1e-13, atol=1e-13)
     assert math.prod(betas) < 1e-8  # the initial weights are gone (no warm-up: 0.96)
+    # numbered by default: the update after the last; bad numbers are refused
+    counting = EMA(net, beta, warmup=True)
+    counting.update(net)
+    counting.update(net)
+    assert counting.num_updates == 2 and ema.num_updates == n
+    with pytest.raises(ValueError, match="an int >= 1; got 0"):
+        counting.update(net, 0)
 
 
 def test_training_passes_the_step_number_to_the_ema(gen):
@@ -169,6 +176,15 @@ def test_a_checkpoint_of_another_setup_is_refused(tmp_path):
     train(mlp(), "moons", quiet(steps=2, batch_size=8), checkpoint=ckpt)
     with pytest.raises(ValueError, match="batch_size=8; this call has batch_size=16"):
         train(mlp(), "moons", quiet(steps=4, batch_size=16), checkpoint=ckpt)
+    with pytest.raises(ValueError, match="ema_warmup=True; this call has ema_warmup=False"):
+        train(mlp(), "moons", quiet(steps=4, batch_size=8, ema_warmup=False), checkpoint=ckpt)
+    # a checkpoint from before the warm-up existed (no such config key) ran without it
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["ema_warmup"]
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="ema_warmup=False; this call has ema_warmup=True"):
+        train(mlp(), "moons", quiet(steps=4, batch_size=8), checkpoint=ckpt)
+    train(mlp(), "moons", quiet(steps=4, batch_size=8, ema_warmup=False), checkpoint=ckpt)
 
 
 # -- the batch producer --------------------------------------------------------------------------
