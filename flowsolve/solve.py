@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +47,16 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 from ._counting import CountingField
+from ._solve_args import (
+    check_span,
+    check_state,
+    check_times,
+    count,
+    grid_indices,
+    positive,
+    times_tensor,
+    uniform_grid,
+)
 from .dynamics import IntegrationError, ODESystem, ScipySystem
 from .fixed_step import TABLEAUS, FixedStepLoop
 from .registry import SolverInfo, SolverRegistry
@@ -191,23 +199,23 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
     info = ODE_SOLVERS[solver]
     if not callable(field):
         raise TypeError(f"field must be callable (x, t) -> Tensor; got {type(field).__name__}")
-    _check_state(x0)
-    t0, t1 = _check_span(t0, t1)
+    check_state(x0)
+    t0, t1 = check_span(t0, t1)
     if callable(getattr(field, "on_interval", None)):
         field = field.on_interval(min(t0, t1), max(t0, t1))
     if info.adaptive:
         if steps is not None:
             raise ValueError(f"steps={steps!r}: solver {solver!r} is adaptive; it takes rtol, "
                              "atol and max_steps, not steps")
-        rtol = _positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
-        atol = _positive("atol", DEFAULT_ATOL if atol is None else atol)
-        max_steps = _count("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
+        rtol = positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
+        atol = positive("atol", DEFAULT_ATOL if atol is None else atol)
+        max_steps = count("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
     else:
         if steps is None:
             raise ValueError(f"solver {solver!r} is fixed-step: give steps=N (the grid "
                              f"linspace(t0, t1, N + 1)); adaptive solvers: "
                              f"{', '.join(ODE_SOLVERS.names(adaptive=True))}")
-        steps = _count("steps", steps)
+        steps = count("steps", steps)
         if max_steps is not None:
             raise ValueError(f"max_steps={max_steps!r} applies to adaptive solvers; {solver!r} "
                              f"takes exactly steps={steps}")
@@ -217,7 +225,7 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
     if cuda_graph and (info.library != "flowsolve" or not x0.is_cuda):
         raise ValueError(f"cuda_graph=True needs a fast_* solver and x0 on a CUDA device; got "
                          f"solver={solver!r}, x0 on {x0.device}")
-    out_times = _check_times(times, t0, t1)
+    out_times = check_times(times, t0, t1)
     if adjoint and (info.library != "torchdiffeq" or out_times and not info.adaptive):
         raise ValueError(f"adjoint=True needs a torchdiffeq solver (and, fixed-step, no times); "
                          f"got solver={solver!r}, times={times!r}")
@@ -231,78 +239,6 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         return _solve_scipy(field, x0, info, t0, t1, rtol, atol, max_steps, out_times, options)
     return _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps,
                               out_times, options, adjoint)
-
-
-# -- argument checks ---------------------------------------------------------------------------
-def _check_state(x0) -> None:
-    if not torch.is_tensor(x0) or x0.dim() < 1 or not x0.is_floating_point():
-        raise TypeError("x0 must be a floating-point tensor shaped (B, *event_shape); got "
-                        f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
-    if x0.numel() == 0:
-        raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
-    if x0.device.type == "cpu" and not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 contains inf or NaN")
-
-
-def _check_span(t0, t1) -> tuple[float, float]:
-    for name, v in (("t0", t0), ("t1", t1)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
-    t0, t1 = float(t0), float(t1)
-    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
-        raise ValueError(f"t0 and t1 must be distinct times in [0, 1] (0 = noise, 1 = data; "
-                         f"t0 > t1 integrates backwards); got t0={t0!r}, t1={t1!r}")
-    return t0, t1
-
-
-def _positive(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a positive number; got {type(v).__name__}")
-    if not 0 < v < math.inf:
-        raise ValueError(f"{name} must be a positive number; got {v!r}")
-    return float(v)
-
-
-def _count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int; got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be a positive int; got {v!r}")
-    return int(v)
-
-
-def _check_times(times, t0: float, t1: float) -> list[float]:
-    if times is None:
-        return []
-    out = torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()
-    sign = 1.0 if t1 > t0 else -1.0
-    inside = all(sign * (t - t0) >= 0 and sign * (t1 - t) >= 0 for t in out)
-    monotone = all(sign * (b - a) > 0 for a, b in zip(out[:-1], out[1:], strict=True))
-    if not out or not inside or not monotone:
-        raise ValueError(f"times must be non-empty, strictly monotone from t0={t0!r} towards "
-                         f"t1={t1!r} and inside that interval; got {out!r}")
-    return out
-
-
-def _grid(t0: float, t1: float, steps: int) -> list[float]:
-    return torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
-
-
-def _grid_indices(out_times: list[float], grid: list[float]) -> list[int]:
-    n, span = len(grid) - 1, grid[-1] - grid[0]
-    idx = []
-    for t in out_times:
-        k = round((t - grid[0]) / span * n)
-        # within 1e-3 of a cell: times given in float32 (1e-7 off) still name their point
-        if not 0 <= k <= n or abs(grid[k] - t) > 1e-3 * abs(span) / n:
-            raise ValueError(f"times must be points of the grid linspace({grid[0]!r}, "
-                             f"{grid[-1]!r}, {n + 1}) of a fixed-step solve; got {t!r}")
-        idx.append(k)
-    return idx
-
-
-def _times_tensor(out_times: list[float], x0: Tensor) -> Tensor | None:
-    return torch.tensor(out_times, dtype=x0.dtype, device=x0.device) if out_times else None
 
 
 # -- torchdiffeq -------------------------------------------------------------------------------
@@ -324,11 +260,11 @@ def _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps, ou
             if key in opts:
                 raise ValueError(f"options[{key!r}] is not accepted: the grid is "
                                  f"linspace(t0, t1, steps + 1); pass steps=N")
-        grid = _grid(t0, t1, steps)
-        t_out = [grid[k] for k in sorted({0, steps, *_grid_indices(out_times, grid)})]
+        grid = uniform_grid(t0, t1, steps)
+        t_out = [grid[k] for k in sorted({0, steps, *grid_indices(out_times, grid)})]
         grid_dev = torch.tensor(grid, dtype=torch.float64, device=x0.device)
         opts["grid_constructor"] = lambda func, y0, t: grid_dev
-        out_times = [grid[k] for k in _grid_indices(out_times, grid)]
+        out_times = [grid[k] for k in grid_indices(out_times, grid)]
     t = torch.tensor(t_out, dtype=torch.float64, device=x0.device)
     if adjoint:
         params = tuple(p for p in system.parameters() if p.requires_grad)
@@ -360,7 +296,7 @@ def _solve_torchdiffeq(field, x0, info, t0, t1, steps, rtol, atol, max_steps, ou
     rejected = system.rejected if "callback_reject_step" in cls.valid_callbacks() else (
         None if info.adaptive else 0)
     return Solution(ys[-1], system.nfe, accepted, rejected, info.name, t0, t1,
-                    _times_tensor(out_times, x0), traj)
+                    times_tensor(out_times, x0), traj)
 
 
 # -- scipy -------------------------------------------------------------------------------------
@@ -371,14 +307,14 @@ def _solve_scipy(field, x0, info, t0, t1, rtol, atol, max_steps, out_times,
                                       atol=atol, max_steps=max_steps, times=out_times,
                                       options=options)
     return Solution(x, system.nfe, taken, None, info.name, t0, t1,
-                    _times_tensor(out_times, x0), traj)
+                    times_tensor(out_times, x0), traj)
 
 
 # -- flowsolve's own fixed-step loop -----------------------------------------------------------
 def _fast_loop(info: SolverInfo, x0: Tensor, t0: float, t1: float, steps: int,
                out_times: list[float]) -> FixedStepLoop:
-    grid = _grid(t0, t1, steps)
-    return FixedStepLoop(TABLEAUS[info.method], grid, x0, _grid_indices(out_times, grid))
+    grid = uniform_grid(t0, t1, steps)
+    return FixedStepLoop(TABLEAUS[info.method], grid, x0, grid_indices(out_times, grid))
 
 
 def _fast_solution(loop: FixedStepLoop, info: SolverInfo, out, nfe: int) -> Solution:
@@ -386,7 +322,7 @@ def _fast_solution(loop: FixedStepLoop, info: SolverInfo, out, nfe: int) -> Solu
     loop.check(finite, info.name)
     times = [loop.grid[k] for k in loop.record]
     return Solution(x, nfe, len(loop.h), 0, info.name, loop.grid[0], loop.grid[-1],
-                    _times_tensor(times, x), torch.stack(saved) if saved else None)
+                    times_tensor(times, x), torch.stack(saved) if saved else None)
 
 
 def _solve_fast(field, x0, info, loop: FixedStepLoop, check_finite: bool) -> Solution:
@@ -426,10 +362,10 @@ class CapturedSampler:
         if not torch.is_tensor(x_like) or not x_like.is_cuda:
             raise ValueError("a CUDA graph needs x_like on a CUDA device; got "
                              f"{getattr(x_like, 'device', type(x_like).__name__)}")
-        t0, t1 = _check_span(t0, t1)
+        t0, t1 = check_span(t0, t1)
         self.info = info
-        self.loop = _fast_loop(info, x_like, t0, t1, _count("steps", steps),
-                               _check_times(times, t0, t1))
+        self.loop = _fast_loop(info, x_like, t0, t1, count("steps", steps),
+                               check_times(times, t0, t1))
         self._x = x_like.detach().clone()
         counter = CountingField(field)
         current = torch.cuda.current_stream(x_like.device)

@@ -1,0 +1,92 @@
+"""Argument checks and time grids of the ODE front door (:mod:`flowsolve.solve`).
+
+Value checks read CPU tensors only (``x0`` on an accelerator is not inspected), so no check
+synchronises a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_state(x0) -> None:
+    """``x0``: a non-empty floating tensor ``(B, *event_shape)``, finite (checked on CPU)."""
+    if not torch.is_tensor(x0) or x0.dim() < 1 or not x0.is_floating_point():
+        raise TypeError("x0 must be a floating-point tensor shaped (B, *event_shape); got "
+                        f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+    if x0.numel() == 0:
+        raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
+    if x0.device.type == "cpu" and not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 contains inf or NaN")
+
+
+def check_span(t0, t1) -> tuple[float, float]:
+    """Distinct ``t0``, ``t1`` in [0, 1] as floats (``t0 > t1``: backwards)."""
+    for name, v in (("t0", t0), ("t1", t1)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
+    t0, t1 = float(t0), float(t1)
+    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
+        raise ValueError(f"t0 and t1 must be distinct times in [0, 1] (0 = noise, 1 = data; "
+                         f"t0 > t1 integrates backwards); got t0={t0!r}, t1={t1!r}")
+    return t0, t1
+
+
+def positive(name: str, v) -> float:
+    """A finite number > 0 (tolerances)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a positive number; got {type(v).__name__}")
+    if not 0 < v < math.inf:
+        raise ValueError(f"{name} must be a positive number; got {v!r}")
+    return float(v)
+
+
+def count(name: str, v) -> int:
+    """An int >= 1 (steps, step budgets)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int; got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    return int(v)
+
+
+def check_times(times, t0: float, t1: float) -> list[float]:
+    """Output times: strictly monotone from ``t0`` towards ``t1``, inside the interval."""
+    if times is None:
+        return []
+    out = torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()
+    sign = 1.0 if t1 > t0 else -1.0
+    inside = all(sign * (t - t0) >= 0 and sign * (t1 - t) >= 0 for t in out)
+    monotone = all(sign * (b - a) > 0 for a, b in zip(out[:-1], out[1:], strict=True))
+    if not out or not inside or not monotone:
+        raise ValueError(f"times must be non-empty, strictly monotone from t0={t0!r} towards "
+                         f"t1={t1!r} and inside that interval; got {out!r}")
+    return out
+
+
+def uniform_grid(t0: float, t1: float, steps: int) -> list[float]:
+    """The explicit fixed-step grid ``linspace(t0, t1, steps + 1)`` (float64 values)."""
+    return torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+
+
+def grid_indices(out_times: list[float], grid: list[float]) -> list[int]:
+    """Indices of ``out_times`` in ``grid``; each must be a grid point (to 1e-3 cell)."""
+    n, span = len(grid) - 1, grid[-1] - grid[0]
+    idx = []
+    for t in out_times:
+        k = round((t - grid[0]) / span * n)
+        # within 1e-3 of a cell: times given in float32 (1e-7 off) still name their point
+        if not 0 <= k <= n or abs(grid[k] - t) > 1e-3 * abs(span) / n:
+            raise ValueError(f"times must be points of the grid linspace({grid[0]!r}, "
+                             f"{grid[-1]!r}, {n + 1}) of a fixed-step solve; got {t!r}")
+        idx.append(k)
+    return idx
+
+
+def times_tensor(out_times: list[float], x0: Tensor) -> Tensor | None:
+    """``out_times`` as a tensor in ``x0``'s dtype and device (None when empty)."""
+    return torch.tensor(out_times, dtype=x0.dtype, device=x0.device) if out_times else None
