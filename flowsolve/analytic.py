@@ -95,15 +95,16 @@ class GaussianMixture:
         copied once per (dtype, device) and cached: a field evaluation then makes no
         host-to-device copy, so it runs inside a CUDA graph and never waits on the host."""
         key = (x.dtype, x.device)
-        if key not in self._copies:
+        copies = self.__dict__.setdefault("_copies", {})  # also for objects pickled before it
+        if key not in copies:
             like = dict(dtype=x.dtype, device=x.device)
             # ordinary tensors even when first called under inference_mode, so that a later
             # call with autograd can save them for backward
             with torch.inference_mode(False), torch.no_grad():
                 vecs = None if self.eigvecs is None else self.eigvecs.to(**like)
-                self._copies[key] = (self.means.to(**like), self.eigvals.to(**like), vecs,
-                                     torch.log(self.weights).to(**like))
-        return self._copies[key]
+                copies[key] = (self.means.to(**like), self.eigvals.to(**like), vecs,
+                               torch.log(self.weights).to(**like))
+        return copies[key]
 
     def __getstate__(self) -> dict:
         """Pickles without the device copies (a CUDA copy cannot be unpickled on a CPU-only
