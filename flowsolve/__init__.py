@@ -39,7 +39,7 @@ from .losses import (
     sample_time,
 )
 from .metrics import mmd, normalized_path_energy, path_energy, straightness, wasserstein2
-from .nets import MLP, SinusoidalTimeEmbedding
+from .nets import MLP, SinusoidalTimeEmbedding, initial_weights_from
 from .paths import PREDICTIONS, AffineGaussianPath, PathSample
 from .registry import SolverInfo, SolverRegistry
 from .schedules import (
@@ -74,6 +74,7 @@ __all__ = [
     # losses and training
     "flow_matching_loss", "denoising_score_matching_loss", "epsilon_loss", "regression_loss",
     "bridge_matching_loss", "sample_time", "label_dropout", "MLP", "SinusoidalTimeEmbedding",
+    "initial_weights_from",
     "UNet", "train", "TrainConfig", "TrainResult", "EMA", "load_weights",
     # couplings and metrics
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",

@@ -9,17 +9,48 @@ solver loops without host synchronisation (except the class-label range check, o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "SinusoidalTimeEmbedding", "MLP"]
+__all__ = ["ACTIVATIONS", "SinusoidalTimeEmbedding", "MLP", "initial_weights_from"]
 
 #: activation name -> module class, for :class:`MLP`.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU, "selu": nn.SELU, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU,
     "tanh": nn.Tanh, "softplus": nn.Softplus,
 }
+
+
+@contextmanager
+def initial_weights_from(generator: torch.Generator | None) -> Iterator[None]:
+    """Modules built inside draw their initial weights from ``generator``.
+
+    ``nn.Module`` initialisers draw from torch's global CPU RNG; here they draw from a forked
+    copy of it seeded by one draw from ``generator``, so the same generator state gives the
+    same weights and the global RNG is left as it was. ``None``: the global RNG, as usual.
+
+    Example:
+        >>> g = lambda: torch.Generator().manual_seed(0)
+        >>> with initial_weights_from(g()):
+        ...     a = nn.Linear(3, 2)
+        >>> with initial_weights_from(g()):
+        ...     b = nn.Linear(3, 2)
+        >>> torch.equal(a.weight, b.weight)
+        True
+    """
+    if generator is None:
+        yield
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got "
+                        f"{type(generator).__name__}")
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _positive_int(value: object, name: str, minimum: int = 1) -> int:
@@ -97,6 +128,8 @@ class MLP(nn.Module):
         activation: a name in :data:`ACTIVATIONS` (default ``"silu"``).
         label_embedding_dim: size of ``E(y)``; default ``time_embedding_dim`` (16 with the
             raw time).
+        generator: draws the initial weights (:func:`initial_weights_from`); ``None``:
+            torch's global RNG.
 
     Example:
         >>> net = MLP(2, hidden=16, depth=2, time_embedding_dim=8, num_classes=3)
@@ -116,6 +149,7 @@ class MLP(nn.Module):
         max_frequency: float = 30.0,
         activation: str = "silu",
         label_embedding_dim: int | None = None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.dim = _positive_int(dim, "dim")
@@ -141,20 +175,21 @@ class MLP(nn.Module):
             self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
             cond = time_embedding_dim
         self.label_embedding: nn.Embedding | None = None
-        if num_classes is not None:
-            size = label_embedding_dim
-            if size is None:
-                size = 16 if time_embedding_dim is None else time_embedding_dim
-            _positive_int(size, "label_embedding_dim")
-            self.label_embedding = nn.Embedding(num_classes + 1, size)
-            cond += size
-        layers: list[nn.Module] = []
-        width = dim + cond
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
-            width = hidden
-        layers.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*layers)
+        with initial_weights_from(generator):
+            if num_classes is not None:
+                size = label_embedding_dim
+                if size is None:
+                    size = 16 if time_embedding_dim is None else time_embedding_dim
+                _positive_int(size, "label_embedding_dim")
+                self.label_embedding = nn.Embedding(num_classes + 1, size)
+                cond += size
+            layers: list[nn.Module] = []
+            width = dim + cond
+            for _ in range(depth):
+                layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+                width = hidden
+            layers.append(nn.Linear(width, dim))
+            self.net = nn.Sequential(*layers)
 
     @property
     def null_label(self) -> int | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nets import SinusoidalTimeEmbedding, _positive_int
+from .nets import SinusoidalTimeEmbedding, _positive_int, initial_weights_from
 
 __all__ = ["UNet"]
 
@@ -68,6 +68,8 @@ class UNet(nn.Module):
         embedding_dim: width ``E`` of the time / label conditioning vector.
         num_classes: number of labels of a conditional model, ``None`` for none.
         groups: GroupNorm groups (at most; reduced to a divisor of the channels).
+        generator: draws the initial weights (:func:`flowsolve.nets.initial_weights_from`);
+            ``None``: torch's global RNG.
 
     Shapes: ``x`` ``(B, c, H, W)`` with even ``H``, ``W`` (8x8 for the digits); ``t`` 0-d
     or ``(B,)``; ``y`` ``None``, 0-d or ``(B,)`` integer labels in ``0..num_classes``.
@@ -85,6 +87,7 @@ class UNet(nn.Module):
         embedding_dim: int = 96,
         num_classes: int | None = None,
         groups: int = 8,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
@@ -94,24 +97,25 @@ class UNet(nn.Module):
         if num_classes is not None:
             _positive_int(num_classes, "num_classes")
         self.num_classes = num_classes
-        freq = c + c % 2  # sin/cos pairs
-        self.time_embedding = nn.Sequential(
-            SinusoidalTimeEmbedding(freq), nn.Linear(freq, e), nn.SiLU(), nn.Linear(e, e)
-        )
-        self.label_embedding: nn.Embedding | None = None
-        if num_classes is not None:
-            self.label_embedding = nn.Embedding(num_classes + 1, e)
-        self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
-        self.enc1 = _ResBlock(c, c, e, groups)
-        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
-        self.enc2 = _ResBlock(c, 2 * c, e, groups)
-        self.mid = _ResBlock(2 * c, 2 * c, e, groups)
-        self.dec2 = _ResBlock(4 * c, 2 * c, e, groups)
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                nn.Conv2d(2 * c, c, 3, padding=1))
-        self.dec1 = _ResBlock(2 * c, c, e, groups)
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c, groups), c), nn.SiLU(),
-                                 nn.Conv2d(c, in_channels, 3, padding=1))
+        with initial_weights_from(generator):
+            freq = c + c % 2  # sin/cos pairs
+            self.time_embedding = nn.Sequential(
+                SinusoidalTimeEmbedding(freq), nn.Linear(freq, e), nn.SiLU(), nn.Linear(e, e)
+            )
+            self.label_embedding: nn.Embedding | None = None
+            if num_classes is not None:
+                self.label_embedding = nn.Embedding(num_classes + 1, e)
+            self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
+            self.enc1 = _ResBlock(c, c, e, groups)
+            self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+            self.enc2 = _ResBlock(c, 2 * c, e, groups)
+            self.mid = _ResBlock(2 * c, 2 * c, e, groups)
+            self.dec2 = _ResBlock(4 * c, 2 * c, e, groups)
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                    nn.Conv2d(2 * c, c, 3, padding=1))
+            self.dec1 = _ResBlock(2 * c, c, e, groups)
+            self.out = nn.Sequential(nn.GroupNorm(_groups(c, groups), c), nn.SiLU(),
+                                     nn.Conv2d(c, in_channels, 3, padding=1))
 
     @property
     def null_label(self) -> int | None:

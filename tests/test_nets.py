@@ -189,3 +189,30 @@ def test_raw_time_mlp_with_labels_has_a_label_embedding(gen):
     assert net.label_embedding.embedding_dim == 16 and net.net[0].in_features == 2 + 1 + 16
     x = torch.randn(4, 2, generator=gen)
     assert not torch.equal(net(x, 0.5, y=torch.tensor([0, 0, 0, 0])), net(x, 0.5))
+
+
+def test_initial_weights_come_from_the_generator_and_leave_the_global_rng_alone():
+    from flowsolve.nets import initial_weights_from
+    from flowsolve.unet import UNet
+
+    state = torch.random.get_rng_state()
+    a = MLP(2, hidden=8, depth=2, num_classes=3, generator=torch.Generator().manual_seed(5))
+    b = MLP(2, hidden=8, depth=2, num_classes=3, generator=torch.Generator().manual_seed(5))
+    c = MLP(2, hidden=8, depth=2, num_classes=3, generator=torch.Generator().manual_seed(6))
+    u1 = UNet(channels=8, embedding_dim=16, generator=torch.Generator().manual_seed(5))
+    u2 = UNet(channels=8, embedding_dim=16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG did not move
+    for x, y in ((a, b), (u1, u2)):
+        assert all(torch.equal(p, q) for p, q in zip(x.parameters(), y.parameters(),
+                                                     strict=True))
+    assert not torch.equal(a.net[0].weight, c.net[0].weight)
+    # without a generator: the global RNG, exactly as before (same draws in the same order)
+    torch.manual_seed(3)
+    d = MLP(2, hidden=8, depth=2, num_classes=3)
+    torch.manual_seed(3)
+    e = torch.nn.Embedding(4, 64), torch.nn.Linear(2 + 64 + 64, 8)
+    assert torch.equal(d.label_embedding.weight, e[0].weight)
+    assert torch.equal(d.net[0].weight, e[1].weight)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        with initial_weights_from(5):
+            pass
