@@ -1,5 +1,8 @@
-"""Scheduler cases shared by the scheduler and path tests."""
+"""Cases shared by several test files: the schedulers, and a small Gaussian mixture."""
 
+import torch
+
+from flowsolve.analytic import GaussianMixture
 from flowsolve.schedules import (
     CondOTScheduler,
     CosineScheduler,
@@ -21,3 +24,12 @@ SCHEDULER_CASES = [
     VEScheduler(),
     VEScheduler(sigma_min=0.002, sigma_max=80.0),
 ]
+
+
+def three_gaussians() -> GaussianMixture:
+    """Three unequal, anisotropic components in 2-D (the SDE and device tests' data)."""
+    return GaussianMixture(
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+        torch.tensor([[0.5, 0.3], [0.3, 0.8], [1.0, 0.2]]),
+        torch.tensor([0.5, 0.3, 0.2]),
+    )

@@ -18,6 +18,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+from _cases import three_gaussians
 from torch import nn
 
 import flowsolve as fs
@@ -49,11 +50,7 @@ needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need 
 F64 = torch.float64
 EXACT = 1e-10  # device against CPU, float64
 PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
-DATA = fs.GaussianMixture(
-    torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
-    torch.tensor([[0.5, 0.3], [0.3, 0.8], [1.0, 0.2]]),
-    torch.tensor([0.5, 0.3, 0.2]),
-)
+DATA = three_gaussians()
 U = fs.analytic.marginal_velocity(DATA, PATH)
 S = fs.analytic.marginal_score(DATA, PATH)
 

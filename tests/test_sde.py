@@ -6,6 +6,7 @@ import ot
 import pytest
 import torch
 import torchsde
+from _cases import three_gaussians
 
 import flowsolve as fs
 from flowsolve.sde import (
@@ -19,11 +20,7 @@ from flowsolve.sde import (
 
 F64 = torch.float64
 PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
-DATA = fs.GaussianMixture(
-    torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
-    torch.tensor([[0.5, 0.3], [0.3, 0.8], [1.0, 0.2]]),
-    torch.tensor([0.5, 0.3, 0.2]),
-)
+DATA = three_gaussians()
 U = fs.analytic.marginal_velocity(DATA, PATH)
 S = fs.analytic.marginal_score(DATA, PATH)
 # per drift evaluation, per step, for additive noise (read from torchsde's step functions)
