@@ -22,6 +22,7 @@ from .dequantize import BitsPerDim, bits_per_dim, dequantize
 from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
 from .divergence import value_and_divergence
 from .dynamics import IntegrationError, NonFiniteStateError, probability_flow
+from .ema import EMA
 from .fields import GuidedField, as_score, as_velocity, convert_field, guided
 from .likelihood import (
     LikelihoodResult,
@@ -56,7 +57,7 @@ from .schedules import (
 from .sde import SDE_SOLVERS, SDESolution, langevin, sample_sde
 from .solve import ODE_SOLVERS, Solution, sample
 from .studies import Study, compare_solvers
-from .train import EMA, TrainConfig, TrainResult, load_weights, train
+from .train import TrainConfig, TrainResult, load_weights, train
 from .transfer import TransferredField, transfer
 from .unet import UNet
 

@@ -41,7 +41,6 @@ is read then) and at checkpoints.
 
 from __future__ import annotations
 
-import copy
 import math
 import multiprocessing
 import os
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .bridges import GaussianBridge, bridge_matching_loss
+from .ema import EMA
 from .losses import (
     DSM_WEIGHTINGS,
     TIME_DISTRIBUTIONS,
@@ -70,7 +70,7 @@ from .paths import AffineGaussianPath, _canonical
 from .pipeline import _STEP, Batch, BatchProducer, _generator, _mix
 from .schedules import CondOTScheduler
 
-__all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "EMA", "train",
+__all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "train",
            "load_weights"]
 
 _FORMAT = "flowsolve.train/1"
@@ -151,46 +151,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_start_method": (lambda v: v is None or v in multiprocessing.get_all_start_methods(),
                             "None or a multiprocessing start method"),
 }
-
-
-# -- exponential moving average ------------------------------------------------------------
-class EMA:
-    r"""``theta_ema_n = beta_n theta_ema_{n-1} + (1 - beta_n) theta_n`` over the parameters
-    of a copy of ``model`` (buffers are copied); ``theta_ema_0 = theta_0``. ``beta_n =
-    decay``, or with ``warmup=True`` ``beta_n = min(decay, (1 + n) / (10 + n))``, so the
-    initial weights fade within tens of updates. One fused ``lerp`` per update, no host
-    synchronisation. ``ema.model`` is the averaged network (eval mode)."""
-
-    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False):
-        if not 0 <= decay < 1:
-            raise ValueError(f"decay must be in [0, 1); got {decay!r}")
-        self.decay, self.warmup = float(decay), bool(warmup)
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
-        self.num_updates = 0
-
-    def decay_at(self, n: int) -> float:
-        """``beta_n`` of the n-th update (n >= 1)."""
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, n: int | None = None) -> None:
-        """The n-th update: by default the one after the last (``num_updates + 1``); the
-        training loop passes its global step + 1, so a resumed run continues the warm-up."""
-        n = self.num_updates + 1 if n is None else n
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be the update's number, an int >= 1; got {n!r}")
-        self.num_updates = n
-        mine = list(self.model.parameters())
-        torch._foreach_lerp_(mine, [p.detach() for p in model.parameters()],
-                             1 - self.decay_at(n))
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.model.load_state_dict(state)
 
 
 # -- results ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ LAYERS = {
     "_checks": 0, "registry": 0, "_counting": 0, "_solve_args": 0,
     "schedules": 1,
     "paths": 2,
-    "analytic": 3, "losses": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
+    "analytic": 3, "losses": 3, "ema": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
     "_study_results": 0, "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4,
     "dequantize": 0,
     "fields": 4,

@@ -16,7 +16,8 @@ import flowsolve as fs
 from flowsolve import analytic
 from flowsolve.bridges import GaussianBridge
 from flowsolve.data import sample_labeled
-from flowsolve.train import EMA, BatchProducer, TrainConfig, load_weights, train
+from flowsolve.ema import EMA
+from flowsolve.train import BatchProducer, TrainConfig, load_weights, train
 
 F64 = torch.float64
 
