@@ -160,11 +160,6 @@ class MLP(nn.Module):
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got "
                              f"{activation!r}")
-        if time_embedding_dim is not None and (
-                isinstance(time_embedding_dim, bool) or not isinstance(time_embedding_dim, int)
-                or time_embedding_dim < 2 or time_embedding_dim % 2):
-            raise ValueError(f"time_embedding_dim must be an even int >= 2 (sin and cos "
-                             f"pairs), or None for the raw time; got {time_embedding_dim!r}")
         if label_embedding_dim is not None and num_classes is None:
             raise ValueError(f"label_embedding_dim={label_embedding_dim!r} needs num_classes "
                              "(an unconditional MLP has no label embedding)")
@@ -172,7 +167,11 @@ class MLP(nn.Module):
         self.time_embedding: SinusoidalTimeEmbedding | None = None
         cond = 1
         if time_embedding_dim is not None:
-            self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
+            try:  # the embedding checks its own size; say which argument it was
+                self.time_embedding = SinusoidalTimeEmbedding(time_embedding_dim, max_frequency)
+            except ValueError as exc:
+                raise ValueError(f"time_embedding_dim={time_embedding_dim!r}: {exc} (or None "
+                                 "for the raw time)") from None
             cond = time_embedding_dim
         self.label_embedding: nn.Embedding | None = None
         with initial_weights_from(generator):

@@ -130,9 +130,10 @@ def test_mlp_rejects_bad_inputs(gen):
     [({"dim": 0}, "dim must be an int >= 1"), ({"dim": 2, "depth": 0}, "depth must be"),
      ({"dim": 2, "hidden": 2.5}, "hidden must be"), ({"dim": 2, "num_classes": 0},
      "num_classes must be"),
-     ({"dim": 2, "time_embedding_dim": 5}, r"time_embedding_dim must be an even int >= 2 "
-      r"\(sin and cos pairs\), or None for the raw time; got 5"),
-     ({"dim": 2, "time_embedding_dim": 0}, "time_embedding_dim must be an even int"),
+     ({"dim": 2, "time_embedding_dim": 5}, r"time_embedding_dim=5: dim must be even \(sin and "
+      r"cos pairs\); got dim=5 \(or None for the raw time\)"),
+     ({"dim": 2, "time_embedding_dim": 0}, r"time_embedding_dim=0: dim must be an int >= 2; "
+      r"got 0 \(or None"),
      ({"dim": 2, "activation": "swish"}, r"activation must be one of \['elu', 'gelu'"),
      ({"dim": 2, "activation": ["selu"]}, r"activation must be one of .*; got \['selu'\]"),
      ({"dim": 2, "label_embedding_dim": 8}, "label_embedding_dim=8 needs num_classes"),
