@@ -6,8 +6,14 @@ median of repeats of a whole call ``coupling(x0, x1)`` (cost matrix, solve, pair
 ratios are to the independent coupling from the same run. The OT solve needs no model, so
 in training it can run in DataLoader workers and overlap the step (see couplings.py).
 
+``--assignment`` adds scipy's ``linear_sum_assignment`` (a shortest-augmenting-path
+Jonker-Volgenant solver) on the same squared-distance cost: for equal uniform batches the
+optimal plan is a permutation, so it is the other exact solver a library could call. The
+column checks that both reach the same optimum and shows why flowsolve calls POT's network
+simplex instead.
+
 Run: .venv/bin/python benchmarks/bench_couplings.py [--threads 1] [--device cuda] [--dim 2]
-     [--sizes 256 1024 2048] [--repeats N]
+     [--sizes 256 1024 2048] [--repeats N] [--assignment]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 import time
 
 import ot
+import scipy.optimize
 import torch
 
 import flowsolve.couplings as fc
@@ -43,6 +50,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls of the OT solves (default: 20 / 5 / 3 by size)")
+    parser.add_argument("--assignment", action="store_true",
+                        help="also time scipy's linear_sum_assignment on the same cost (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -65,6 +74,15 @@ def main() -> None:
         r_ex, r_sk = exact.plan(x0, x1), sinkhorn.plan(x0, x1, generator=gen)
         print(f"{b:>5} {t_ind:9.3f} {t_ex:9.1f} {t_ex / t_ind:8.0f} {t_sk:12.1f} "
               f"{t_sk / t_ind:8.0f} {r_sk.n_iter:>6} {r_sk.cost.item() / r_ex.cost.item():10.4f}")
+        if args.assignment:
+            cost = torch.cdist(x0.double(), x1.double()).square().cpu().numpy()
+            start = time.perf_counter()
+            rows, cols = scipy.optimize.linear_sum_assignment(cost)
+            t_lsa = 1e3 * (time.perf_counter() - start)
+            # the plan's cost is the mean pair cost (uniform 1/B weights)
+            gap = cost[rows, cols].mean() / r_ex.cost.item() - 1
+            print(f"      scipy linear_sum_assignment {t_lsa:.1f} ms ({t_lsa / t_ex:.1f}x the exact "
+                  f"call above), cost / exact - 1 = {gap:.1e}")
 
 
 if __name__ == "__main__":
