@@ -2,19 +2,23 @@
 
 Models are saved by ``flowsolve train`` as one file holding the MLP's shape, its (EMA)
 weights and how it was trained, loaded with ``torch.load(weights_only=True)``. No command
-overwrites an existing output unless ``--force`` is given.
+overwrites an existing output unless ``--force`` is given: ``--out`` and ``--device`` are
+checked before any work, outputs are written through a private temporary file and renamed
+into place, and a file that appears at ``--out`` during a long run is left as it is (the
+result is then kept beside it, and the message says where).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ._files import write_atomically
 from .bridges import GaussianBridge
 from .couplings import IndependentCoupling, OTCoupling
 from .data import DATASETS, sample_dataset
@@ -43,19 +47,49 @@ class CliError(Exception):
 
 
 def _out_path(path: str | None, force: bool) -> Path | None:
+    """Check ``--out`` before any work: free (or ``--force``), not a folder, and in a folder
+    that can be written, so that a long run is never lost at the end."""
     if path is None:
         return None
     out = Path(path)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give a file name")
     if out.exists() and not force:
         raise CliError(f"{out} exists; pass --force to overwrite it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") \
+            from None
     return out
 
 
-def _save_atomically(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save_atomically(obj, path: Path, force: bool) -> None:
+    write_atomically(path, lambda file: torch.save(obj, file), overwrite=force)
+
+
+def _device(name: str) -> str:
+    """``--device``: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CliError(f"--device {name!r} is not a device; accepted: cpu, cuda, cuda:N, mps") \
+            from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CliError(f"--device {name}: this machine (or this torch build) has no CUDA "
+                           "device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise CliError(f"--device {name}: only {count} CUDA device(s), cuda:0 to "
+                           f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {name}: accepted: cpu, cuda, cuda:N, mps")
+    return name
 
 
 def _load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
@@ -102,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     _save_atomically({"format": MODEL_FORMAT, "arch": arch, "state_dict": net.state_dict(),
                       "trained": {"data": args.data, "source": args.source or "normal",
                                   "method": args.method, "sigma": args.sigma,
-                                  "steps": args.steps, "seed": args.seed}}, out)
+                                  "steps": args.steps, "seed": args.seed}}, out, args.force)
     print(f"trained {args.method} on {args.data}: loss {run.losses[0]:.4f} -> "
           f"{run.losses[-1]:.4f} in {run.wall_time:.1f}s; wrote {out}")
     return 0
@@ -129,7 +163,7 @@ def _sample(args: argparse.Namespace) -> int:
         res = sample(lambda x, t: model(x, t), x0, args.solver, **_solver_kwargs(args))
     print(f"{args.n} samples with {args.solver}: NFE {res.nfe}")
     if out is not None:
-        _save_atomically({"x": res.x.cpu(), "nfe": res.nfe}, out)
+        _save_atomically({"x": res.x.cpu(), "nfe": res.nfe}, out, args.force)
         print(f"wrote {out}")
     return 0
 
@@ -146,9 +180,11 @@ def _likelihood(args: argparse.Namespace) -> int:
     res = log_likelihood(lambda z, t: net(z, t), x, solver=args.solver,
                          divergence=args.divergence, n_probes=args.probes, generator=gen,
                          **_solver_kwargs(args))
-    mean, se = res.log_prob.mean().item(), res.log_prob.std().item() / args.n**0.5
-    print(f"log-likelihood of {args.n} {data} points: {mean:.4f} +- {se:.4f} nats "
-          f"(mean +- s.e.), {res.divergence}, {args.solver}, NFE {res.nfe}")
+    mean = res.log_prob.mean().item()
+    spread = (f" +- {res.log_prob.std().item() / args.n**0.5:.4f} nats (mean +- s.e.)"
+              if args.n > 1 else " nats (one point: no standard error)")
+    print(f"log-likelihood of {args.n} {data} points: {mean:.4f}{spread}, {res.divergence}, "
+          f"{args.solver}, NFE {res.nfe}")
     if res.stderr is not None:
         print(f"mean Hutchinson standard error per point: {res.stderr.mean().item():.4f}")
     if out is not None:
@@ -158,9 +194,8 @@ def _likelihood(args: argparse.Namespace) -> int:
             if res.stderr is not None:
                 row += f",{res.stderr[i].item():.10g}"
             rows.append(row)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("\n".join(rows) + "\n")
-        os.replace(tmp, out)
+        text = ("\n".join(rows) + "\n").encode()
+        write_atomically(out, lambda file: file.write(text), overwrite=args.force)
         print(f"wrote {out}")
     return 0
 
@@ -195,13 +230,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     model, saved = _load_model(args.model, args.device)
+    reused = args.force and Path(args.out).is_dir()
     out = fresh_folder(args.out, args.force)
     net = model.double()
     x0 = _source(saved, args.n, _generator(args.seed), args.device).double()
-    with torch.no_grad():
-        study = compare_solvers(lambda x, t: net(x, t), x0, solvers=args.solvers,
-                                steps=args.budget_steps, tolerances=args.tolerances,
-                                repeats=args.repeats, generator=_generator(args.seed))
+    try:
+        with torch.no_grad():
+            study = compare_solvers(lambda x, t: net(x, t), x0, solvers=args.solvers,
+                                    steps=args.budget_steps, tolerances=args.tolerances,
+                                    repeats=args.repeats, generator=_generator(args.seed))
+    except BaseException:
+        if not reused and not any(out.iterdir()):
+            out.rmdir()  # a failed study leaves no empty report folder behind
+        raise
     print(study.table())
     for name, o in study.orders.items():
         fitted = "-" if o["fitted"] is None else f"{o['fitted']:.2f}"
@@ -320,11 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if any(v < 1 for v in getattr(args, "budget_steps", None) or ()):
+        parser.error(f"--budget-steps must all be >= 1; got {args.budget_steps}")
+    if any(not v > 0 for v in getattr(args, "tolerances", None) or ()):
+        parser.error(f"--tolerances must all be > 0; got {args.tolerances}")
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = _device(args.device)
         return args.run(args)
     except CliError as exc:
         parser.error(str(exc))
     except (ValueError, TypeError) as exc:
+        print(f"flowsolve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the command could not read or write
         print(f"flowsolve {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,8 @@ def fresh_folder(base: str | Path, force: bool) -> Path:
     out, k = base, 2
     while out.exists() and not force:
         out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: choose another folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = ["EMA"]
 
@@ -46,8 +46,16 @@ class EMA:
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.model.state_dict()
+    def state_dict(self) -> dict:
+        """``{"weights": the averaged model's state_dict, "num_updates": n}``: what a resume
+        needs to continue the warm-up at update n + 1."""
+        return {"weights": self.model.state_dict(), "num_updates": self.num_updates}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.model.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; a bare model state_dict (the averaged
+        weights alone) sets the weights and leaves ``num_updates`` as it is."""
+        if set(state) == {"weights", "num_updates"}:
+            self.model.load_state_dict(state["weights"])
+            self.num_updates = int(state["num_updates"])
+        else:
+            self.model.load_state_dict(state)

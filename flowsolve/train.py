@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ._files import write_atomically
 from .bridges import GaussianBridge, bridge_matching_loss
 from .ema import EMA
 from .losses import (
@@ -186,27 +187,38 @@ class TrainResult:
 
 # -- checkpoints ------------------------------------------------------------------------------
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda file: torch.save(state, file))
+
+
+# Settings a resumed run may change: they do not alter the weights' trajectory (workers give
+# the same batches as the main process). Every other setting must match the checkpoint's.
+_MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every", "num_workers",
+                                   "prefetch_factor", "worker_start_method", "progress"})
+# what a checkpoint written before a setting existed ran with
+_LEGACY_DEFAULTS = {"ema_warmup": False}
 
 
 def _load(path: Path, cfg: TrainConfig, world: int) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
-    # checkpoints written before the EMA warm-up existed ran without it
-    written = {**state, "ema_warmup": state.get("config", {}).get("ema_warmup", False)}
-    checked = [("batch_size", cfg.batch_size), ("world_size", world),
-               ("prediction", cfg.prediction)]
-    if cfg.ema_decay is not None:
-        checked.append(("ema_warmup", cfg.ema_warmup))
-    for key, now in checked:
-        if written[key] != now:
-            raise ValueError(f"checkpoint {path} was written with {key}={written[key]!r}; this "
-                             f"call has {key}={now!r}. Use the same value to resume, or "
-                             "another checkpoint path to start afresh")
+    written = {**_LEGACY_DEFAULTS, **state.get("config", {}), "world_size": state["world_size"]}
+    now = {**asdict(cfg), "world_size": world}
+    if cfg.ema_decay is None and written.get("ema_decay") is None:
+        now.pop("ema_warmup")  # no EMA either way: its warm-up is irrelevant
+    differ = [f"{key}={written[key]!r} (this call: {value!r})" for key, value in now.items()
+              if key not in _MAY_CHANGE_ON_RESUME and key in written
+              and _plain(written[key]) != _plain(value)]
+    if differ:
+        raise ValueError(f"checkpoint {path} was written with {', '.join(differ)}. A resumed run "
+                         "continues the same trajectory: use the same values to resume (only "
+                         f"{', '.join(sorted(_MAY_CHANGE_ON_RESUME))} may change), or another "
+                         "checkpoint path to start afresh")
     return state
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike, *, ema: bool = True) -> nn.Module:
@@ -259,7 +271,7 @@ class _Run:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed \
             else (0, 1)
         self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
-        state = _load(ckpt, cfg, self.world) if ckpt is not None and ckpt.exists() else None
+        state = self._resume_state(ckpt, cfg)
         if state is not None:
             self.seed = state["seed"]
             model.load_state_dict(state["model"])
@@ -284,9 +296,9 @@ class _Run:
         self.count, self.log_steps, self.losses, self.start = 0, [], [], 0
         if state is not None:
             self.opt.load_state_dict(state["optimizer"])
-            if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(state["ema"])
             self.start, self.count = state["step"], state["count"]
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict({"weights": state["ema"], "num_updates": self.start})
             self.log_steps = list(state["history"]["step"])
             self.losses = list(state["history"]["loss"])
             self.running.copy_(state["running"])
@@ -297,6 +309,28 @@ class _Run:
         self.producer = BatchProducer(*producer_args, batch_size=cfg.batch_size, seed=self.seed,
                                       rank=self.rank, world_size=self.world, dtype=self.dtype)
         self.step_seed = _mix(self.seed, _STEP)
+
+    def _resume_state(self, ckpt: Path | None, cfg: TrainConfig) -> dict | None:
+        """The checkpoint's state, or None to start afresh. Under DDP rank 0 decides and
+        reads, and the other ranks receive its state: their disks need not hold the file,
+        and no rank waits for a decision another rank did not make."""
+        if ckpt is None:
+            return None
+        if not self.distributed:
+            return _load(ckpt, cfg, self.world) if ckpt.exists() else None
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box = [("state", _load(ckpt, cfg, self.world) if ckpt.exists() else None)]
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                box, error = [("error", f"{type(exc).__name__}: {exc}")], exc
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            if self.rank == 0:
+                raise error
+            raise ValueError(f"rank 0 could not resume from {ckpt}: {value}")
+        return value
 
     def loss(self, batch: Batch, k: int) -> Tensor:
         cfg, path, net = self.cfg, self.path, self.net
@@ -362,7 +396,7 @@ class _Run:
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
             "batch_size": self.cfg.batch_size, "prediction": self.cfg.prediction,
             "config": asdict(self.cfg), "model": self.model.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
+            "ema": None if self.ema is None else self.ema.model.state_dict(),
             "optimizer": self.opt.state_dict(), "count": self.count,
             "history": {"step": self.log_steps, "loss": self.losses},
             "running": self.running.detach().cpu(),
@@ -404,6 +438,8 @@ def train(
     path = path if path is not None else AffineGaussianPath(CondOTScheduler())
     _check_setup(model, path, cfg, source, coupling)
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None:  # before the loop: a missing folder must not cost the run
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
     run = _Run(model, (data, source, coupling), cfg, path, ckpt, generator)
     start, begin, wait = run.start, time.perf_counter(), 0.0
     batches = iter(()) if start >= cfg.steps else _batches(

@@ -58,3 +58,71 @@ def test_errors_never_overwrite_and_name_the_problem(model_file, tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(model_file), "--solver", "rk5"])
     assert main(["sample", "--model", str(model_file), "--solver", "dopri5", "--rtol", "-1"]) == 2
+
+
+def test_bad_devices_and_outputs_are_refused_before_any_work(model_file, tmp_path, capsys):
+    for device, says in [("foo", "not a device"), ("cuda:99", "CUDA"), ("tpu", "not a device")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["sample", "--model", str(model_file), "--device", device])
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    for out, says in [(blocker / "sub" / "m.pt", "cannot write"), (tmp_path, "is a folder")]:
+        with pytest.raises(SystemExit):
+            main(["train", "--steps", "1", "--out", str(out)])
+        assert says in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def test_outputs_use_a_private_temporary_file(model_file, tmp_path, capsys):
+    # a file named like a fixed temporary name is a user's file: it is never touched
+    out = tmp_path / "s.pt"
+    theirs = tmp_path / "s.pt.tmp"
+    theirs.write_text("precious")
+    assert main(["sample", "--model", str(model_file), "--n", "5", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert theirs.read_text() == "precious"
+    assert torch.load(out, weights_only=True)["x"].shape == (5, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt", "s.pt.tmp"]
+
+
+def test_a_result_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+    from flowsolve._files import write_atomically
+
+    target = tmp_path / "result.csv"
+
+    def write(file):
+        target.write_text("written by someone else meanwhile")
+        file.write(b"our result")
+
+    with pytest.raises(FileExistsError, match="left as it is, and the result is in") as exc:
+        write_atomically(target, write, overwrite=False)
+    assert target.read_text() == "written by someone else meanwhile"
+    kept = str(exc.value).rsplit(" ", 1)[-1]
+    assert open(kept, "rb").read() == b"our result"  # nothing lost on either side
+    write_atomically(target, lambda f: f.write(b"forced"), overwrite=True)
+    assert target.read_bytes() == b"forced"
+
+
+def test_a_failed_study_leaves_no_empty_report_folder(model_file, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["compare", "--model", str(model_file), "--solvers", "rk5",
+                 "--out", str(out)]) == 2
+    assert "rk5" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", str(model_file), "--budget-steps", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", str(model_file), "--tolerances", "-1", "--out", str(out)])
+    assert not out.exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["compare", "--model", str(model_file), "--force", "--n", "8",
+                 "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_likelihood_of_one_point_has_no_standard_error(model_file, capsys):
+    assert main(["likelihood", "--model", str(model_file), "--n", "1", "--solver", "rk4",
+                 "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "no standard error" in out and "nan" not in out

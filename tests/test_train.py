@@ -3,8 +3,11 @@ ranks), two-process DDP on gloo, convergence to the analytic marginal fields, CF
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -100,6 +103,12 @@ def test_warmed_up_ema_is_the_closed_form_with_step_dependent_decay(gen):
     assert counting.num_updates == 2 and ema.num_updates == n
     with pytest.raises(ValueError, match="an int >= 1; got 0"):
         counting.update(net, 0)
+    # the state carries the update count: a restored EMA continues the warm-up at n + 1
+    restored = EMA(nn.Linear(3, 2).double(), beta, warmup=True)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == n
+    restored.update(net), ema.update(net)
+    torch.testing.assert_close(restored.model.weight, ema.model.weight, rtol=0, atol=0)
 
 
 def test_training_passes_the_step_number_to_the_ema(gen):
@@ -175,17 +184,53 @@ def assert_plain(obj):
 def test_a_checkpoint_of_another_setup_is_refused(tmp_path):
     ckpt = tmp_path / "run.pt"
     train(mlp(), "moons", quiet(steps=2, batch_size=8), checkpoint=ckpt)
-    with pytest.raises(ValueError, match="batch_size=8; this call has batch_size=16"):
-        train(mlp(), "moons", quiet(steps=4, batch_size=16), checkpoint=ckpt)
-    with pytest.raises(ValueError, match="ema_warmup=True; this call has ema_warmup=False"):
-        train(mlp(), "moons", quiet(steps=4, batch_size=8, ema_warmup=False), checkpoint=ckpt)
+    refused = {"batch_size": 16, "ema_warmup": False, "lr": 0.1, "weight_decay": 0.0,
+               "warmup_steps": 1, "ema_decay": None, "grad_clip": 1.0,
+               "time_distribution": "logit_normal", "betas": (0.8, 0.99)}
+    for key, value in refused.items():
+        written = repr(getattr(quiet(steps=2, batch_size=8), key))
+        with pytest.raises(ValueError, match=re.escape(f"{key}={written} (this call: {value!r})")):
+            train(mlp(), "moons", quiet(steps=4, **{"batch_size": 8, key: value}),
+                  checkpoint=ckpt)
+    # two changes are both named
+    with pytest.raises(ValueError, match=r"lr=0.001 \(this call: 0.1\), .*grad_clip=None"):
+        train(mlp(), "moons", quiet(steps=4, batch_size=8, lr=0.1, grad_clip=2.0),
+              checkpoint=ckpt)
+    # what does not change the trajectory may change: more steps, logging, checkpoints, workers
+    res = train(mlp(), "moons", quiet(steps=4, batch_size=8, log_every=2, checkpoint_every=1,
+                                      num_workers=0, prefetch_factor=3), checkpoint=ckpt)
+    assert (res.start_step, res.step) == (2, 4)
     # a checkpoint from before the warm-up existed (no such config key) ran without it
     state = torch.load(ckpt, weights_only=True)
     del state["config"]["ema_warmup"]
     torch.save(state, ckpt)
-    with pytest.raises(ValueError, match="ema_warmup=False; this call has ema_warmup=True"):
+    with pytest.raises(ValueError, match=re.escape("ema_warmup=False (this call: True)")):
+        train(mlp(), "moons", quiet(steps=6, batch_size=8), checkpoint=ckpt)
+    train(mlp(), "moons", quiet(steps=6, batch_size=8, ema_warmup=False), checkpoint=ckpt)
+
+
+def test_a_run_without_ema_does_not_resume_with_one(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(mlp(), "moons", quiet(steps=2, batch_size=8, ema_decay=None), checkpoint=ckpt)
+    with pytest.raises(ValueError, match=re.escape("ema_decay=None (this call: 0.999)")):
         train(mlp(), "moons", quiet(steps=4, batch_size=8), checkpoint=ckpt)
-    train(mlp(), "moons", quiet(steps=4, batch_size=8, ema_warmup=False), checkpoint=ckpt)
+    # without an EMA on either side its warm-up flag is irrelevant
+    res = train(mlp(), "moons", quiet(steps=4, batch_size=8, ema_decay=None, ema_warmup=False),
+                checkpoint=ckpt)
+    assert res.start_step == 2 and res.ema_model is None
+
+
+def test_the_checkpoint_folder_is_made_before_training(tmp_path):
+    ckpt = tmp_path / "new" / "folder" / "run.pt"
+    train(mlp(), "moons", quiet(steps=2, batch_size=8), checkpoint=ckpt)
+    assert ckpt.is_file() and [p.name for p in ckpt.parent.iterdir()] == ["run.pt"]
+    blocked = tmp_path / "a_file"
+    blocked.write_text("mine")
+    calls = []
+    with pytest.raises(OSError):
+        train(mlp(), "moons", quiet(steps=2, batch_size=8), checkpoint=blocked / "run.pt",
+              callback=calls.append)
+    assert calls == [] and blocked.read_text() == "mine"  # refused before the first step
 
 
 # -- the batch producer --------------------------------------------------------------------------
@@ -216,7 +261,7 @@ def test_ranks_split_each_epoch_of_a_finite_set():
 def _ddp_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         data = sample_labeled("8gaussians", 4096, generator=torch.Generator().manual_seed(0)).x
         cfg = TrainConfig(steps=80, batch_size=128, log_every=20, progress=False,
@@ -226,8 +271,16 @@ def _ddp_worker(rank, world, init_file, out_dir):
         flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
         ema = torch.cat([p.flatten() for p in res.ema_model.parameters()])
         producer = BatchProducer(data, batch_size=128, seed=res.seed, rank=rank, world_size=2)
+        # resume to 100 steps where only rank 0's disk holds the checkpoint: rank 0 decides
+        # and sends its state (a rank that decided alone would wait for ever)
+        own = os.path.join(out_dir, "c.pt") if rank == 0 else os.path.join(out_dir, "r1", "c.pt")
+        more = train(mlp(seed=rank), data, TrainConfig(**{**asdict(cfg), "steps": 100}),
+                     checkpoint=own, generator=torch.Generator().manual_seed(rank))
         torch.save({"params": flat, "ema": ema, "losses": torch.tensor(res.losses),
-                    "seed": res.seed, "x1": torch.cat([producer[k].x1 for k in range(16)])},
+                    "seed": res.seed, "x1": torch.cat([producer[k].x1 for k in range(16)]),
+                    "resumed": (more.start_step, more.step, more.seed),
+                    "resumed_params": torch.cat([p.detach().flatten()
+                                                 for p in more.model.parameters()])},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -241,15 +294,25 @@ def test_two_gloo_ranks_train_identical_replicas(tmp_path):
     assert torch.equal(out[0]["losses"], out[1]["losses"])  # logged losses: mean over ranks
     losses = out[0]["losses"]
     assert losses[-1] < 0.8 * losses[0]
+    # the logged loss is the mean over ranks, not the sum: one process on the global batch of
+    # 256 logs the same first-interval loss up to sampling noise (a sum would be 2x)
+    data = sample_labeled("8gaussians", 4096, generator=torch.Generator().manual_seed(0)).x
+    single = train(mlp(seed=0), data, TrainConfig(steps=20, batch_size=256, log_every=20,
+                                                  progress=False),
+                   generator=torch.Generator().manual_seed(0))
+    assert 0.8 < losses[0] / single.losses[0] < 1.25
+    assert out[0]["resumed"] == out[1]["resumed"] == (80, 100, out[0]["seed"])
+    assert torch.equal(out[0]["resumed_params"], out[1]["resumed_params"])
     # rank 0's seed is broadcast, so the ranks split one epoch (16 x 2 x 128 = 4096 samples)
     # into disjoint halves, although each rank passed its own generator
     assert out[0]["seed"] == out[1]["seed"]
     both = torch.cat([out[0]["x1"], out[1]["x1"]])
     assert both.unique(dim=0).shape[0] == 4096
     state = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert state["world_size"] == 2 and state["step"] == 80
+    assert state["world_size"] == 2 and state["step"] == 100
     assert torch.equal(torch.cat([p.flatten() for p in state["model"].values()]),
-                       out[0]["params"])
+                       out[0]["resumed_params"])
+    assert not (tmp_path / "r1" / "c.pt").exists()  # only rank 0 writes
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
 
 
