@@ -26,8 +26,11 @@ model's device seeded likewise by ``(seed, k, r)``.
 loss history and the running loss sum, as tensors and plain containers only: written
 atomically (a temporary file, then ``os.replace``) by rank 0, read with
 ``torch.load(weights_only=True)``. Calling :func:`train` again with the same path resumes;
-the losses logged after a resume equal those of a run that never stopped, bit for bit.
-Randomness inside the model (dropout layers) draws from torch's global RNG and is outside
+the losses logged after a resume equal those of a run that never stopped, bit for bit. So a
+resume refuses any setting that would change that trajectory (lr, betas, EMA, clipping,
+warm-up, time distribution, ...; the message names each difference); only ``steps``, the
+logging and checkpoint intervals and the workers may change. Under DDP rank 0 decides
+whether to resume and sends its checkpoint to the other ranks. Randomness inside the model (dropout layers) draws from torch's global RNG and is outside
 that guarantee.
 
 **torch.distributed**: when a process group is initialised, the model is wrapped in
