@@ -69,7 +69,8 @@ def dequantize(
     """
     _check_range(n_bins, low, high)
     if k.device.type == "cpu" and k.numel():
-        bad = (k < 0) | (k >= n_bins) | (k != torch.floor(k.double()).to(k.dtype))
+        kd = k.double()  # in k's own dtype n_bins may wrap (uint8: 256 -> 0)
+        bad = (kd < 0) | (kd >= n_bins) | (kd != torch.floor(kd))
         if bool(bad.any()):
             raise ValueError(f"k must hold integers in [0, {n_bins}); got {k[bad][0].item()!r}")
     dtype = dtype or torch.get_default_dtype()
@@ -110,9 +111,18 @@ def discrete_bits_per_dim(
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
     dim = k[0].numel()
+
+    def log_prob(y: Tensor) -> Tensor:
+        lp = log_prob_fn(y)
+        if not (torch.is_tensor(lp) and lp.shape == y.shape[:1]):
+            got = tuple(lp.shape) if torch.is_tensor(lp) else type(lp).__name__
+            raise ValueError(f"log_prob_fn(y) must return ({y.shape[0]},) log-densities, one per "
+                             f"sample (summed over the event dims); got {got}")
+        return lp
+
     log_pz = torch.stack([
-        log_prob_fn(dequantize(k, n_bins=n_bins, low=low, high=high, generator=generator,
-                               dtype=dtype))
+        log_prob(dequantize(k, n_bins=n_bins, low=low, high=high, generator=generator,
+                            dtype=dtype))
         + dim * math.log((high - low) / n_bins)
         for _ in range(draws)
     ])  # (K, B)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._files import write_atomically
+
 __all__ = ["evaluate_dataset", "shard_bounds"]
 
 BatchFn = Callable[[Tensor, int], dict[str, Tensor]]  # (batch, offset) -> {name: (b,)}
@@ -45,10 +47,15 @@ def _batch(data: Tensor | Sequence, start: int, end: int) -> Tensor:
     return torch.stack([_get_item(data, i) for i in range(start, end)])
 
 
+def _merge(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate per-rank results in rank order; a rank with an empty slice (more ranks
+    than samples) contributes ``{}`` and is skipped."""
+    parts = [p for p in parts if p]
+    return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+
+
 def _save_atomically(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 class _Progress:
@@ -87,7 +94,8 @@ def evaluate_dataset(
         batch_size: samples per call of ``fn``.
         checkpoint: a file path; partial results are saved there atomically after every
             batch (one file per rank, suffixed ``.rankR`` when distributed) and a later call
-            with the same arguments resumes from it. The file is removed when done.
+            with the same arguments (and number of ranks: ValueError otherwise) resumes from
+            it. The file is removed when done.
         progress: print a progress line to stderr (rank 0 only).
 
     Returns:
@@ -105,7 +113,8 @@ def evaluate_dataset(
         ckpt = Path(checkpoint)
         if distributed:
             ckpt = ckpt.with_name(f"{ckpt.name}.rank{rank}")
-    state = {"next": start, "results": {}, "n": n, "batch_size": batch_size}
+    state = {"next": start, "results": {}, "n": n, "batch_size": batch_size,
+             "start": start, "end": end, "world_size": world}
     if ckpt is not None and ckpt.exists():
         saved = torch.load(ckpt, weights_only=True)
         if saved["n"] != n or saved["batch_size"] != batch_size:
@@ -113,6 +122,16 @@ def evaluate_dataset(
                 f"checkpoint {ckpt} was written for {saved['n']} samples in batches of "
                 f"{saved['batch_size']}; this call has {n} and {batch_size}. Remove it or "
                 "pass the same data and batch_size to resume"
+            )
+        mine = (start, end, world)
+        theirs = tuple(saved.get(k) for k in ("start", "end", "world_size"))
+        legacy = theirs == (None, None, None) and world == 1  # older file: one slice, [0, n)
+        if theirs != mine and not legacy:
+            raise ValueError(
+                f"checkpoint {ckpt} holds rank {rank}'s slice [{theirs[0]}, {theirs[1]}) of "
+                f"{theirs[2]} ranks (None: not recorded); this call's slice is [{start}, "
+                f"{end}) of {world} ranks, and resuming would duplicate or drop samples. "
+                "Resume with the same number of ranks, or remove the rank checkpoints"
             )
         state = saved
     bar = _Progress(end - start, progress and rank == 0, label)
@@ -133,7 +152,7 @@ def evaluate_dataset(
     if distributed:
         gathered: list[dict[str, Tensor] | None] = [None] * world
         dist.all_gather_object(gathered, local)
-        local = {k: torch.cat([g[k] for g in gathered]) for k in local}
+        local = _merge(gathered)
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return local

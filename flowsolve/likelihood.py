@@ -33,7 +33,7 @@ from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_diver
 from .dynamics import probability_flow
 from .evaluate import evaluate_dataset
 from .paths import AffineGaussianPath
-from .solve import sample
+from .solve import ODE_SOLVERS, sample
 
 __all__ = [
     "LikelihoodResult",
@@ -141,7 +141,9 @@ def log_likelihood(
         field: the velocity ``(x, t) -> Tensor``.
         x: points ``(B, *event_shape)``; use float64 for tight answers.
         prior: the source density at ``t_lo``: ``None`` for ``N(0, I)``, an object with
-            ``log_prob`` (e.g. ``flowsolve.StandardNormal(d, std)``) or a callable -> (B,).
+            ``log_prob`` (e.g. ``flowsolve.StandardNormal(d, std)`` or
+            ``torch.distributions.Independent(Normal(...), n_event_dims)``) or a callable
+            -> (B,); any other output shape (a per-element ``Normal``, ``(B, 1)``) raises.
         solver, steps, rtol, atol: any solver of :data:`flowsolve.solve.ODE_SOLVERS`;
             fixed-step solvers need ``steps``, adaptive ones take ``rtol`` / ``atol``
             (default 1e-5). Extra keywords go to the front door.
@@ -153,7 +155,8 @@ def log_likelihood(
             ``t_lo`` (e.g. ``(1e-5, 1.0)`` where a field is singular at t = 0).
         create_graph: keep the graph through the divergence so the result can be
             differentiated with respect to the field's parameters (maximum-likelihood
-            fine-tuning); otherwise the result is detached.
+            fine-tuning; torchdiffeq and ``fast_*`` solvers, not scipy's: ValueError);
+            otherwise the result is detached.
         adjoint: with ``create_graph``: differentiate by the adjoint method (memory
             independent of the number of steps; torchdiffeq solvers; ``field`` must be the
             ``nn.Module`` holding the parameters). The backward solve's evaluations are not
@@ -185,6 +188,12 @@ def log_likelihood(
     else:
         raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
                          f"{', '.join(EXACT_METHODS)}")
+    if create_graph and ODE_SOLVERS[solver].library == "scipy":
+        raise ValueError(
+            f"create_graph=True needs a differentiable solver; {solver!r} is scipy's (its result "
+            "is detached). Accepted: torchdiffeq's "
+            f"({', '.join(n for n, i in ODE_SOLVERS.items() if i.library == 'torchdiffeq')}) and "
+            f"{', '.join(n for n, i in ODE_SOLVERS.items() if i.library == 'flowsolve')}")
     if adjoint and not create_graph:
         raise ValueError("adjoint=True is for gradients: pass create_graph=True with it")
     if adjoint and not isinstance(field, nn.Module):
@@ -201,6 +210,12 @@ def log_likelihood(
     x0 = z0[:, : system.d].reshape(x.shape)
     channels = z0[:, system.d:]  # l_0 = -int div, one column per probe
     prior_lp = _prior_fn(prior)(x0)
+    if not (torch.is_tensor(prior_lp) and prior_lp.shape == x.shape[:1]):
+        got = tuple(prior_lp.shape) if torch.is_tensor(prior_lp) else type(prior_lp).__name__
+        raise ValueError(
+            f"prior log_prob must return ({x.shape[0]},), one log-density per sample summed over "
+            f"the event dims; got {got}. Accepted: None, flowsolve.StandardNormal(d, std), "
+            "torch.distributions.Independent(Normal(...), n_event_dims) or a callable x -> (B,)")
     per_channel = prior_lp[:, None] + channels
     stderr = None
     if probes is not None:
@@ -244,6 +259,10 @@ def dataset_log_likelihood(
     sample ``i`` come from a generator seeded with ``seed + i``.
 
     Returns ``{"log_prob": (N,), "stderr": (N,) (Hutchinson only), "nfe": (N,)}``."""
+    if "generator" in kwargs:
+        raise TypeError("dataset_log_likelihood takes seed=, not generator=: the probes of the "
+                        "batch starting at sample i come from a generator seeded with seed + i "
+                        "(the same draws after resuming and on any number of ranks)")
 
     def one_batch(batch: Tensor, offset: int) -> dict[str, Tensor]:
         gen = torch.Generator(device=batch.device).manual_seed(seed + offset)

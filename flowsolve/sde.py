@@ -17,8 +17,11 @@ from the path's conversion ``u = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigm
   (singular where ``alpha_t = 0``: t = 0 for CondOT / cosine; start at ``t0 = eps``);
 * velocity only: ``g^2/2 s = -(g^2 / (2 sigma)) eps_hat`` with ``eps_hat`` the epsilon
   prediction converted from ``u`` (finite on [0, 1] for CondOT), so the drift is finite
-  at ``sigma_t = 0`` exactly when ``g_t^2 / (2 sigma_t)`` is: true for the schedules
-  ``"sigma_scaled"`` and ``"forward"`` below, false for a constant (end at ``t1 = 1 - eps``).
+  at ``sigma_t = 0`` exactly when ``g_t^2 / (2 sigma_t)`` is: true for ``"sigma_scaled"``
+  (``scale^2 sigma_t / 2``) on any path; for ``"forward"``
+  (``scale^2 (sigma_t alpha'_t / alpha_t - sigma'_t)``) only where ``sigma'_t`` is finite,
+  as for CondOT and cosine but not linear VP (``sigma = sqrt(1 - alpha^2)``, ``sigma'_1``
+  infinite, ``g_1 = sqrt(beta_min)`` not 0); false for a constant (end at ``t1 = 1 - eps``).
 
 The endpoint coefficients are checked before integrating; a non-finite state during the
 solve raises :class:`FloatingPointError` naming the time and the solver.
@@ -91,8 +94,9 @@ class _Drift:
                 f"the SDE drift/diffusion is singular at t={where!r} (diffusion "
                 f"{self.g.name}, path {self.path!r}, models: "
                 f"{'velocity ' if self.velocity else ''}{'score' if self.score else ''}): "
-                "restrict the interval (t0=eps or t1=1-eps), or use a diffusion that vanishes "
-                "there (diffusion='sigma_scaled' or 'forward' vanish at sigma_t = 0)")
+                "restrict the interval (t0=eps or t1=1-eps); for a velocity-only drift at "
+                "sigma_t = 0, diffusion='sigma_scaled' keeps g_t^2 / (2 sigma_t) finite on any "
+                "path, 'forward' only where sigma'_t is finite (CondOT, cosine; not linear VP)")
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.velocity is not None and self.score is not None:

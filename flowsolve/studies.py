@@ -228,6 +228,13 @@ def _likelihood_setup(field, likelihood, points, solver, tol, t_interval):
         exact = log_likelihood(field, points, solver=solver, rtol=tol, atol=tol,
                                t_interval=t_interval, max_steps=_REFERENCE_MAX_STEPS).log_prob
     elif callable(likelihood):
+        if t_interval[0] != 0.0:
+            raise ValueError(
+                "likelihood=<callable> (an exact log p_1) needs the interval to start at t = 0: "
+                "the solved likelihoods put the N(0, I) prior at the lower end "
+                f"min(t0, t1) = {t_interval[0]!r}, so their gap to log p_1 would include the "
+                "prior's mismatch there, not only solver error. Use t0=0 (or t1=0), or "
+                "likelihood=True (a reference solve with the same prior)")
         exact = torch.as_tensor(likelihood(points)).detach().to(points)
         if exact.shape != points.shape[:1]:
             raise ValueError(f"likelihood(x) must return ({points.shape[0]},) log-densities; "
@@ -340,6 +347,8 @@ def compare_solvers(
         likelihood: True (against a tight reference solve) or a callable ``x -> (B,)``
             exact ``log p_1`` (e.g. ``GaussianMixture.log_prob``): the log-likelihood error
             of every ODE solver at every budget, at ``data[:B]`` or else at the reference.
+            Every solve puts the prior ``N(0, I)`` at ``min(t0, t1)``: a callable therefore
+            needs ``min(t0, t1) = 0`` (ValueError otherwise); True works on any interval.
         repeats, warmup: timed and untimed solves per (solver, budget).
         norm: ``"rms"``, ``"mean"`` or ``"max"`` over the batch of ``||x_hat - x_ref||``.
         t0, t1: the interval; max_steps: step budget of the adaptive solves.

@@ -30,8 +30,8 @@ the losses logged after a resume equal those of a run that never stopped, bit fo
 resume refuses any setting that would change that trajectory (lr, betas, EMA, clipping,
 warm-up, time distribution, ...; the message names each difference); only ``steps``, the
 logging and checkpoint intervals and the workers may change. Under DDP rank 0 decides
-whether to resume and sends its checkpoint to the other ranks. Randomness inside the model (dropout layers) draws from torch's global RNG and is outside
-that guarantee.
+whether to resume and sends its checkpoint to the other ranks. Randomness inside the model
+(dropout layers) draws from torch's global RNG and is outside that guarantee.
 
 **torch.distributed**: when a process group is initialised, the model is wrapped in
 ``DistributedDataParallel``; every rank draws and couples its own batch of

@@ -53,3 +53,27 @@ def test_dequantize_maps_cells_and_rejects_non_integers(gen):
         dequantize(torch.tensor([256]))
     with pytest.raises(ValueError, match="draws"):
         discrete_bits_per_dim(lambda y: y.sum(1), k, draws=0)
+
+
+def test_uint8_images_are_accepted_in_every_cell():
+    """uint8, the usual image dtype: all 256 levels are valid (256 must not wrap to 0 in the
+    range check) and land in their cells, with the same draws as int64 data."""
+    k8 = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    y8 = dequantize(k8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y64 = dequantize(k8.long(), generator=torch.Generator().manual_seed(0), dtype=F64)
+    torch.testing.assert_close(y8, y64, rtol=0, atol=0)
+    lo = -1 + 2 * k8.to(F64) / 256
+    assert ((y8 >= lo) & (y8 < lo + 2 / 256)).all()
+    uniform = lambda y: torch.full((y.shape[0],), -y[0].numel() * math.log(2.0), dtype=F64)  # noqa: E731
+    res = discrete_bits_per_dim(uniform, k8, dtype=F64)
+    torch.testing.assert_close(res.bpd, torch.full((4,), 8.0, dtype=F64))
+    with pytest.raises(ValueError, match=r"integers in \[0, 16\).*16"):
+        dequantize(torch.tensor([3, 16], dtype=torch.uint8), n_bins=16)
+
+
+@pytest.mark.parametrize("bad", [lambda y: y, lambda y: y.sum(1, keepdim=True)],
+                         ids=["per-element", "(B, 1)"])
+def test_log_prob_fn_must_return_one_value_per_sample(bad):
+    k = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"must return \(3,\) log-densities.*got \(3, (4|1)\)"):
+        discrete_bits_per_dim(bad, k, dtype=F64)

@@ -92,11 +92,39 @@ def _worker(rank, world, init_file, data, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_gather_the_whole_in_order(tmp_path, gen):
-    data = torch.randn(11, 2, generator=gen)
+@pytest.mark.parametrize("n", [11, 1])  # 1: rank 1's slice is empty, it contributes {}
+def test_two_gloo_ranks_gather_the_whole_in_order(tmp_path, gen, n):
+    data = torch.randn(n, 2, generator=gen)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), data, str(tmp_path)), nprocs=2)
     expected = (data**2).sum(1)
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(out["sq"], expected)
-        assert out["index"].tolist() == list(range(11))
+        assert out["index"].tolist() == list(range(n))
+
+
+def _fake_rank(monkeypatch, rank, world):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+
+
+def test_rank_checkpoint_from_another_world_size_is_refused(tmp_path, gen, monkeypatch):
+    """Rank 0 of 2 holds [0, 4) of 8 samples; rank 0 of 3 would own [0, 3): resuming its
+    file would count samples 3 (and the finished batch) twice across ranks."""
+    data = torch.randn(8, 2, generator=gen)
+    ckpt = tmp_path / "ll.pt"
+
+    def stop_after_first(batch, offset):
+        if offset > 0:
+            raise RuntimeError("stop")
+        return squared_norm(batch, offset)
+
+    _fake_rank(monkeypatch, 0, 2)
+    with pytest.raises(RuntimeError):
+        evaluate_dataset(stop_after_first, data, batch_size=2, checkpoint=ckpt, progress=False)
+    saved = torch.load(tmp_path / "ll.pt.rank0", weights_only=True)
+    assert (saved["start"], saved["end"], saved["world_size"], saved["next"]) == (0, 4, 2, 2)
+    _fake_rank(monkeypatch, 0, 3)
+    with pytest.raises(ValueError, match=r"slice \[0, 4\) of 2 ranks.*\[0, 3\) of 3 ranks"):
+        evaluate_dataset(squared_norm, data, batch_size=2, checkpoint=ckpt, progress=False)

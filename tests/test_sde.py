@@ -254,6 +254,23 @@ def test_endpoint_singularities_are_named():
         sample_sde(U, x0, diffusion=1.0)
 
 
+def test_forward_diffusion_is_singular_at_sigma_zero_for_linear_vp():
+    """'forward' makes g^2/(2 sigma) = sigma alpha'/alpha - sigma' finite at sigma = 0 only
+    where sigma' is: CondOT (= 1 at t = 1) but not linear VP (sigma = sqrt(1 - alpha^2),
+    sigma'_1 = -inf, g_1 = sqrt(beta_min) > 0); the message must not promise otherwise."""
+    vp = fs.AffineGaussianPath(fs.LinearVPScheduler(0.1, 20.0))
+    t = torch.tensor([1.0], dtype=F64)
+    g = diffusion_schedule("forward", path=vp)
+    assert torch.allclose(g(t), torch.tensor([0.1], dtype=F64).sqrt(), rtol=1e-12)
+    assert torch.isinf(g.half_g2_over_sigma(t)).all()
+    assert torch.allclose(diffusion_schedule("forward", path=PATH).half_g2_over_sigma(t),
+                          torch.ones(1, dtype=F64), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"singular at t=1\.0.*'forward' only where sigma'_t "
+                                         r"is finite \(CondOT, cosine; not linear VP\)"):
+        sample_sde(fs.analytic.marginal_velocity(DATA, vp), noise(4, gen(26)), path=vp,
+                   diffusion="forward")
+
+
 def test_forward_diffusion_closed_forms():
     t = torch.tensor([0.1, 0.5, 0.9, 1.0], dtype=F64)
     vp = fs.AffineGaussianPath(fs.LinearVPScheduler(0.1, 20.0))

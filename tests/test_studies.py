@@ -222,6 +222,18 @@ def test_likelihood_error_against_exact_and_reference_likelihoods():
     assert exact.meta["likelihood"] == "given" and solved.meta["likelihood"] == "reference solve"
 
 
+def test_likelihood_error_on_an_interval_starting_above_zero():
+    """t0 = 0.3: the prior N(0, I) sits at t = 0.3 where p_0.3 is not N(0, I), so an exact
+    log p_1 cannot be compared (refused); against a reference solve with the same prior the
+    error still falls as h^4 (rk4) towards 0."""
+    kw = dict(solvers=["rk4"], steps=[4, 8, 16], repeats=1, warmup=0, t0=0.3)
+    with pytest.raises(ValueError, match=r"needs the interval to start at t = 0.*0\.3"):
+        compare_solvers(U_RING, _x0(16), likelihood=RING.log_prob, **kw)
+    errors = [r["ll_error"] for r in compare_solvers(U_RING, _x0(16), likelihood=True,
+                                                     **kw).records]
+    assert errors[0] > 8 * errors[1] > 64 * errors[2] > 0 and errors[2] < 1e-4
+
+
 @pytest.mark.parametrize("kw, err, match", [
     (dict(likelihood=True, reference=None), ValueError, "likelihood needs points"),
     (dict(likelihood=lambda x: x.sum(), reference=None, data=RING.sample(4, dtype=F64)),
