@@ -81,8 +81,8 @@ def main() -> None:
             t_lsa = 1e3 * (time.perf_counter() - start)
             # the plan's cost is the mean pair cost (uniform 1/B weights)
             gap = cost[rows, cols].mean() / r_ex.cost.item() - 1
-            print(f"      scipy linear_sum_assignment {t_lsa:.1f} ms ({t_lsa / t_ex:.1f}x the exact "
-                  f"call above), cost / exact - 1 = {gap:.1e}")
+            print(f"      scipy linear_sum_assignment {t_lsa:.1f} ms ({t_lsa / t_ex:.1f}x the "
+                  f"exact call above), cost / exact - 1 = {gap:.1e}")
 
 
 if __name__ == "__main__":

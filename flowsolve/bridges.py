@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ._checks import as_time, check_same_shape, per_sample
-from .losses import REDUCTIONS, sample_time
-from .paths import PathSample
+from .losses import _check_model_and_samples, _check_reduction, sample_time
+from .paths import AffineGaussianPath, PathSample
 
 __all__ = ["GaussianBridge", "bridge_matching_loss", "BRIDGE_SCHEDULES"]
 
@@ -101,12 +101,20 @@ def bridge_matching_loss(
 ) -> Tensor:
     r"""``l_i = (1/D) ||v_theta(x_t, t_i) - dx_t||^2`` on a :class:`GaussianBridge`.
 
-    ``t`` is drawn from ``U[0, 1)`` (``U(0, 1)`` for the Brownian bridge) when omitted;
-    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``).
+    ``model(x_t, t, **model_kwargs)`` returns ``(B, *event_shape)``; ``x0`` and ``x1`` are
+    floating ``(B, *event_shape)`` tensors of coupled pairs (``x0`` is required: a bridge's
+    source need not be Gaussian). ``t`` is drawn with :func:`~flowsolve.losses.sample_time`
+    in (0, 1) (clamped to ``[1e-5, 1 - 1e-5]`` for the Brownian bridge) when omitted;
+    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``). Bad input: TypeError / ValueError
+    as in :func:`flowsolve.losses.flow_matching_loss`.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not accepted; accepted: "
-                         f"{', '.join(REDUCTIONS)}")
+    _check_reduction(reduction)
+    if not isinstance(bridge, GaussianBridge):
+        hint = (" (an AffineGaussianPath goes to flowsolve.flow_matching_loss)"
+                if isinstance(bridge, AffineGaussianPath) else "")
+        raise TypeError(f"bridge must be a flowsolve.bridges.GaussianBridge; got "
+                        f"{type(bridge).__name__}{hint}")
+    _check_model_and_samples(model, x0, x1, x0_optional=False)
     if t is None:
         t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
         if bridge.schedule == "brownian":

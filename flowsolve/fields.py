@@ -84,7 +84,9 @@ class ConvertedField:
             ``"noise"``), ``"x1"`` (``"data"``) or ``"v"``.
         interval: ``(t_lo, t_hi)``: check the coefficients once on this interval (ValueError
             naming the first singular t) and never per call; calls with CPU times outside it
-            raise. ``None``: check every call.
+            raise. The first call in each dtype also checks the two ends as that dtype
+            rounds them (on the CPU, no device synchronisation): ``1 - 1e-8`` is exactly 1 in
+            float32. ``None``: check every call.
 
     Shapes: ``x`` ``(B, *event_shape)``, ``t`` 0-d or ``(B,)``; output shaped like ``x``.
     """
@@ -99,6 +101,7 @@ class ConvertedField:
         path.conversion_coefficients(torch.tensor(0.5, dtype=torch.float64), from_kind, to_kind)
         self.model, self.path, self.from_kind, self.to_kind = model, path, from_kind, to_kind
         self.interval: tuple[float, float] | None = None
+        self._checked_dtypes: set[torch.dtype] = {torch.float64}  # the grid's dtype
         if interval is not None:
             self.interval = self._check_once(*_check_interval_arg(interval))
 
@@ -109,14 +112,27 @@ class ConvertedField:
     def _check_once(self, lo: float, hi: float) -> tuple[float, float]:
         t = torch.linspace(lo, hi, _CHECK_POINTS, dtype=torch.float64)
         a_t, b_t = self.path.conversion_coefficients(t, self.from_kind, self.to_kind)
+        self._raise_if_singular(t, a_t, b_t, lo, hi)
+        return lo, hi
+
+    def _raise_if_singular(self, t: Tensor, a_t: Tensor, b_t: Tensor, lo: float, hi: float,
+                           note: str = "") -> None:
         bad = ~(torch.isfinite(a_t) & torch.isfinite(b_t))
         if bool(bad.any()):
             where = t[bad][0].item()
             raise ValueError(
                 f"converting {self.from_kind!r} to {self.to_kind!r} on {self.path!r} is "
-                f"singular at t={where!r}, inside interval=[{lo!r}, {hi!r}]: restrict it to "
-                "[eps, 1 - eps] where the conversion is regular")
-        return lo, hi
+                f"singular at t={where!r}{note}, inside interval=[{lo!r}, {hi!r}]: restrict "
+                "it to [eps, 1 - eps] where the conversion is regular")
+
+    def _check_ends_in(self, dtype: torch.dtype) -> None:
+        """Check the interval's ends as ``dtype`` rounds them, computed in ``dtype`` on the
+        CPU (once per dtype)."""
+        lo, hi = self.interval
+        ends = torch.tensor([lo, hi], dtype=dtype)
+        a_t, b_t = self.path.conversion_coefficients(ends, self.from_kind, self.to_kind)
+        self._raise_if_singular(ends, a_t, b_t, lo, hi, f" (an end rounded to {dtype})")
+        self._checked_dtypes.add(dtype)
 
     def on_interval(self, t_lo: float, t_hi: float) -> ConvertedField:
         """The same field, checked once on ``[t_lo, t_hi]`` (either order) instead of per call."""
@@ -125,6 +141,8 @@ class ConvertedField:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x)
+        if self.interval is not None and t.dtype not in self._checked_dtypes:
+            self._check_ends_in(t.dtype)
         if self.interval is not None and t.device.type == "cpu":
             lo, hi = self.interval
             slack = 1e-12
@@ -195,14 +213,22 @@ class GuidedField:
         if not torch.is_tensor(labels) or labels.dim() < 1:
             raise TypeError(f"labels must be a tensor shaped (B, ...); got "
                             f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise TypeError(f"w must be a finite number (1 = conditional, 0 = unconditional); "
-                            f"got {w!r}")
+                            f"got {type(w).__name__}")
+        if not math.isfinite(w):
+            raise ValueError(f"w must be a finite number (1 = conditional, 0 = unconditional); "
+                             f"got {w!r}")
         if null_label is None:
             null_label = getattr(model, "null_label", None)
             if null_label is None:
                 raise ValueError("null_label is required: the label value meaning "
                                  "'unconditional' (the model has no null_label attribute)")
+        given = torch.as_tensor(null_label)
+        if (not labels.is_floating_point() and given.is_floating_point()
+                and not bool((given == given.round()).all())):
+            raise ValueError(f"null_label must be an integer for labels of dtype {labels.dtype} "
+                             f"(it would be truncated); got {null_label!r}")
         null = torch.as_tensor(null_label, dtype=labels.dtype, device=labels.device)
         try:
             null = null.expand_as(labels)

@@ -26,7 +26,8 @@ Per-sample loss: ``l_i = lambda(t_i) * (1/D) ||f_theta(x_t, t_i) - target_i||^2`
 ``reduction="mean"`` averages over the batch, ``"none"`` returns ``(B,)``.
 
 Time: ``t`` may be given (a number, 0-d or ``(B,)``); when omitted it is drawn per sample
-from ``U[0, 1)`` with :func:`sample_time` and ``generator``. The model is called as
+from ``U[0, 1)``, kept in the open interval (0, 1), with :func:`sample_time` and
+``generator``. The model is called as
 ``model(x_t, t, **model_kwargs)`` (e.g. ``y=labels``).
 """
 
@@ -79,6 +80,15 @@ def _draw(
     return out if device is None else out.to(device)
 
 
+def _open_unit_interval(t: Tensor) -> Tensor:
+    """``t`` with an exact 0 replaced by ``eps / 2`` and an exact 1 by ``1 - eps / 2``
+    (``eps = torch.finfo(t.dtype).eps``; ``eps / 2`` is the grid step of ``torch.rand`` and
+    ``1 - eps / 2`` the largest number below 1). Every other entry is returned bit for bit;
+    no host synchronisation."""
+    step = torch.finfo(t.dtype).eps / 2
+    return torch.where(t == 0, step, t).clamp(max=1 - step)
+
+
 def sample_time(
     n: int,
     *,
@@ -89,7 +99,7 @@ def sample_time(
     loc: float = 0.0,
     scale: float = 1.0,
 ) -> Tensor:
-    r"""Draw ``n`` training times in [0, 1], shape ``(n,)``.
+    r"""Draw ``n`` training times in the open interval (0, 1), shape ``(n,)``.
 
     * ``"uniform"``: ``t ~ U[0, 1)``.
     * ``"logit_normal"``: ``t = 1 / (1 + exp(-z))``, ``z ~ N(loc, scale^2)``, the density
@@ -97,8 +107,11 @@ def sample_time(
       puts more weight on the middle of the path (``loc`` shifts it: ``loc > 0`` towards
       the data, t = 1).
 
-    Randomness only from ``generator`` (draws happen on its device, then move to
-    ``device``); ``dtype`` defaults to torch's default dtype.
+    A draw that rounds to exactly 0 (``U[0, 1)`` in float32: about once in 2^24) or to
+    exactly 1 (``sigmoid`` in float32 at large ``loc + scale z``) is moved to ``eps / 2``,
+    resp. ``1 - eps / 2`` (``eps`` of ``dtype``), where e.g. the likelihood weighting is
+    finite; every other draw is unchanged. Randomness only from ``generator`` (draws happen
+    on its device, then move to ``device``); ``dtype`` defaults to torch's default dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -109,7 +122,7 @@ def sample_time(
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int; got {n!r}")
     if distribution == "uniform":
-        return _draw(torch.rand, (n,), generator, dtype, device)
+        return _open_unit_interval(_draw(torch.rand, (n,), generator, dtype, device))
     if distribution == "logit_normal":
         if not (math.isfinite(loc) and math.isfinite(scale) and scale > 0):
             raise ValueError(
@@ -117,7 +130,7 @@ def sample_time(
                 f"scale={scale!r}"
             )
         z = _draw(torch.randn, (n,), generator, dtype, device)
-        return torch.sigmoid(loc + scale * z)
+        return _open_unit_interval(torch.sigmoid(loc + scale * z))
     raise ValueError(
         f"distribution={distribution!r} is not a time distribution; accepted: "
         f"{', '.join(TIME_DISTRIBUTIONS)}"
@@ -132,13 +145,14 @@ def _check_reduction(reduction: str) -> None:
         )
 
 
-def _check_inputs(model: Any, path: Any, x0: Tensor | None, x1: Tensor) -> None:
+def _check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
+                             x0_optional: bool) -> None:
+    """A callable model and floating ``(B, *event_shape)`` tensors ``x0`` (or ``None`` when
+    ``x0_optional``) and ``x1``; TypeError / ValueError naming what was wrong."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
-    if not isinstance(path, AffineGaussianPath):
-        raise TypeError(f"path must be an AffineGaussianPath; got {type(path).__name__}")
     for name, x in (("x0", x0), ("x1", x1)):
-        if x is None and name == "x0":
+        if x is None and name == "x0" and x0_optional:
             continue
         if not torch.is_tensor(x):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -147,6 +161,12 @@ def _check_inputs(model: Any, path: Any, x0: Tensor | None, x1: Tensor) -> None:
                 f"{name} must be a floating tensor shaped (B, *event_shape); got dtype "
                 f"{x.dtype} and shape {tuple(x.shape)}"
             )
+
+
+def _check_inputs(model: Any, path: Any, x0: Tensor | None, x1: Tensor) -> None:
+    if not isinstance(path, AffineGaussianPath):
+        raise TypeError(f"path must be an AffineGaussianPath; got {type(path).__name__}")
+    _check_model_and_samples(model, x0, x1, x0_optional=True)
 
 
 def _weighted_regression(
@@ -226,7 +246,8 @@ def regression_loss(
         x0: source samples ``(B, *event_shape)``, or ``None`` to draw ``x0 ~ N(0, I)`` from
             ``generator``.
         x1: data samples, same shape; ``(x0[i], x1[i])`` are the coupled pairs.
-        t: a number, 0-d or ``(B,)`` tensor in [0, 1]; ``None`` draws ``t ~ U[0, 1)``.
+        t: a number, 0-d or ``(B,)`` tensor in [0, 1]; ``None`` draws ``t ~ U[0, 1)`` kept
+            in (0, 1) (:func:`sample_time`).
         prediction: what the model outputs.
         weighting: ``lambda(t)`` (a callable of the ``(B,)`` or 0-d time), 1 when omitted.
         generator: the randomness for ``t`` and ``x0`` when they are drawn.
@@ -338,7 +359,10 @@ def denoising_score_matching_loss(
       VE ``g^2 = 2 sigma_t^2 log(sigma_max / sigma_min)``, CondOT ``g^2 = 2 (1 - t) / t``.
       With ``t ~ U[0, 1]``, ``D/2`` times this loss is, up to a constant that does not
       depend on the model, the score-matching bound on the negative log-likelihood of the
-      SDE model. Infinite where ``alpha_t = 0`` (t = 0 for CondOT, cosine, polynomial).
+      SDE model. The weight ``lambda_t / sigma_t^2`` is infinite (or NaN, 0 / 0) where
+      ``alpha_t = 0`` (t = 0 for CondOT, cosine, polynomial) and where ``sigma_t = 0``
+      (t = 1 for CondOT, cosine, polynomial, linear-beta VP); of the shipped schedulers only
+      VE's is finite on all of [0, 1].
     * a callable ``lambda(t)`` of the ``(B,)`` (or 0-d) time.
 
     Other arguments as in :func:`regression_loss`.
@@ -381,12 +405,15 @@ def label_dropout(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Replace each label by ``null_label`` independently with probability ``p``.
+    r"""Replace each sample's label by ``null_label`` independently with probability ``p``.
 
     The conditioning dropout of classifier-free guidance training (Ho & Salimans 2021):
-    one model learns ``u_t(x | y)`` and, on the null label, ``u_t(x)``. Returns a new
-    tensor shaped and typed like ``labels``; ``p = 0`` returns the labels unchanged and
-    ``p = 1`` all ``null_label``, exactly. Randomness only from ``generator``.
+    one model learns ``u_t(x | y)`` and, on the null label, ``u_t(x)``. ``labels`` is
+    ``(B, ...)``; one draw ``u_i ~ U[0, 1)`` per sample replaces the whole label
+    ``labels[i]`` (every entry, as :class:`flowsolve.fields.GuidedField`'s unconditional
+    half does) where ``u_i < p``. Returns a new tensor shaped and typed like ``labels``;
+    ``p = 0`` returns the labels unchanged and ``p = 1`` all ``null_label``, exactly.
+    Randomness only from ``generator``.
 
     Example:
         >>> label_dropout(torch.tensor([3, 1, 4]), 1.0, null_label=10).tolist()
@@ -394,11 +421,14 @@ def label_dropout(
     """
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dim() < 1:
+        raise ValueError("labels must be shaped (B, ...), one label per sample; got a 0-d tensor")
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"p must be a number in [0, 1]; got {type(p).__name__}")
     if not 0 <= p <= 1:
         raise ValueError(f"p must be a probability in [0, 1]; got p={p!r}")
     if isinstance(null_label, bool) or not isinstance(null_label, int):
         raise TypeError(f"null_label must be an int; got {type(null_label).__name__}")
-    u = _draw(torch.rand, tuple(labels.shape), generator, torch.float32, labels.device)
-    return torch.where(u < p, torch.full_like(labels, null_label), labels)
+    u = _draw(torch.rand, (labels.shape[0],), generator, torch.float32, labels.device)
+    drop = per_sample(u < p, labels)  # (B, 1, ...): the whole label of a sample
+    return torch.where(drop, torch.full_like(labels, null_label), labels)

@@ -188,7 +188,11 @@ class AffineGaussianPath:
         sigma' sigma) s``. Score and epsilon are proportional, ``eps = -sigma_t s``, and are
         converted directly (finite at alpha_t = 0). Other conversions are singular where
         ``D_p n_q = 0``: from ``epsilon``/``score`` where alpha_t = 0, from ``x1`` where
-        sigma_t = 0, to ``score`` where sigma_t = 0 (unless sigma_t sigma'_t != 0, below).
+        sigma_t = 0, from ``velocity`` where ``D_t = alpha'_t sigma_t - alpha_t sigma'_t = 0``
+        (``D_p = -D_t``; PolynomialScheduler(n > 1) at t = 0, where ``u = 0`` whatever the
+        posterior means: the formula is 0 / 0 there even where a finite limit exists), to
+        ``score`` where sigma_t = 0 (unless sigma_t sigma'_t != 0, below); and to or from
+        ``velocity`` where ``alpha'_t`` is infinite (PolynomialScheduler(n < 1) at t = 0).
 
         Where sigma'_t is infinite but ``sigma_t sigma'_t`` is finite (linear-beta VP at t = 1)
         a conversion involving ``velocity`` is redone in the basis ``(x1_hat, s_hat)``, with
@@ -242,9 +246,10 @@ class AffineGaussianPath:
         t = as_time(t, x)
         a_t, b_t = self.conversion_coefficients(t, from_kind, to_kind)
         if check and (where := first_singular_time(t, a_t, b_t)) is not None:
+            advice = ("" if _canonical(from_kind, "from_kind") == "velocity" else
+                      " or use the velocity parameterisation, which is regular on [0, 1]")
             raise ValueError(
                 f"converting {from_kind!r} to {to_kind!r} is singular at t={where!r} "
-                f"for {self.scheduler!r}; restrict t to an interval [eps, 1 - eps] "
-                "or use the velocity parameterisation, which is regular on [0, 1]"
+                f"for {self.scheduler!r}; restrict t to an interval [eps, 1 - eps]{advice}"
             )
         return per_sample(a_t, x) * x + per_sample(b_t, x) * prediction

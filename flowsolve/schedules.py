@@ -13,6 +13,7 @@ is a ValueError (checked on CPU tensors, where it costs no device synchronisatio
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -42,6 +43,14 @@ class ScheduleValues:
     sigma_t: Tensor
     d_alpha_t: Tensor
     d_sigma_t: Tensor
+
+
+def _check_numbers(cls: str, **values: object) -> None:
+    """TypeError unless every value is a real number (int, float, numpy scalar; not bool)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{cls}: {name} must be a real number (int or float); got "
+                            f"{type(v).__name__} {v!r}")
 
 
 def _as_float_tensor(t: Tensor | float) -> Tensor:
@@ -160,7 +169,8 @@ class PolynomialScheduler(Scheduler):
     """
 
     def __init__(self, n: float = 2.0):
-        if not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
+        _check_numbers("PolynomialScheduler", n=n)
+        if not (math.isfinite(n) and n > 0):
             raise ValueError(f"PolynomialScheduler: n must be a finite number > 0; got {n!r}")
         self.n = float(n)
 
@@ -211,6 +221,7 @@ class LinearVPScheduler(Scheduler):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        _check_numbers("LinearVPScheduler", beta_min=beta_min, beta_max=beta_max)
         if not (0 < beta_min <= beta_max and math.isfinite(beta_max)):
             raise ValueError(
                 "LinearVPScheduler needs 0 < beta_min <= beta_max < inf; got "
@@ -269,6 +280,7 @@ class VEScheduler(Scheduler):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        _check_numbers("VEScheduler", sigma_min=sigma_min, sigma_max=sigma_max)
         if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
             raise ValueError(
                 "VEScheduler needs 0 < sigma_min < sigma_max < inf; got "

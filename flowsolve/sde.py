@@ -230,6 +230,22 @@ def _record_indices(times, t0: float, t1: float, steps: int) -> list[int]:
     return out
 
 
+def _check_on_grid(bm: GridBrownian, t0: float, t1: float, steps: int) -> None:
+    """Every point of the solve's grid must be a point of ``bm``'s grid (checked here on the
+    host, once: on an accelerator ``bm`` itself rounds off-grid queries to avoid syncs)."""
+    lo, hi = min(t0, t1), max(t0, t1)
+    h = (bm.t1 - bm.t0) / bm.steps
+    cells, offset = (hi - lo) / steps / h, (lo - bm.t0) / h
+    if not (round(cells) >= 1 and abs(cells - round(cells)) < 1e-6
+            and abs(offset - round(offset)) < 1e-6 and lo >= bm.t0 - 1e-9 * h
+            and hi <= bm.t1 + 1e-9 * h):
+        raise ValueError(
+            f"bm is a GridBrownian on [{bm.t0}, {bm.t1}] with {bm.steps} cells of {h:.6g}; the "
+            f"solve on [{lo}, {hi}] with {steps} steps of {(hi - lo) / steps:.6g} does not lie "
+            "on its grid. Give bm steps that are a multiple of the solve's on the same "
+            "interval (e.g. GridBrownian(size, steps=k * steps, t0=..., t1=...))")
+
+
 def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: float,
                steps: int, generator, bm, times) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Step torchsde's solver over the grid ``linspace(t0, t1, steps + 1)``. With a
@@ -243,6 +259,8 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
     elif not isinstance(bm, BaseBrownian) or tuple(bm.shape) != tuple(y.shape):
         raise ValueError(f"bm must be a torchsde Brownian object of shape (B, D) = "
                          f"{tuple(y.shape)}; got {bm!r}")
+    if isinstance(bm, GridBrownian):
+        _check_on_grid(bm, t0, t1, steps)
     if levy != "none" and bm.levy_area_approximation not in (_LEVY[levy], "davie", "foster"):
         raise ValueError(f"solver {solver_name!r} needs a Brownian motion with Levy area "
                          f"{levy!r}; got bm={bm!r}")

@@ -21,13 +21,14 @@ the SNR increases):
     A_r = (sigma_bar'_r alpha'_t - alpha_bar'_r sigma'_t) / (D_t s_r),
 
 evaluated at ``t = t_r``, and ``s_r = (alpha_bar_r + sigma_bar_r) / (alpha_t + sigma_t)``,
-which never divides by zero. These are finite at r = 0 and r = 1 wherever the transfer has
-a finite limit; where ``sigma'_t`` is infinite (linear-beta VP as the source, at t = 1)
-numerator and denominator are multiplied by ``sigma_t`` and use ``sigma_t sigma'_t``.
-The transfer is singular where the source velocity carries no information
-(``D_t = 0``: PolynomialScheduler(n > 1) at t = 0) and where the target's derivatives are
-infinite (linear-beta VP as the target, at r = 1); there it raises rather than return
-inf or NaN.
+which never divides by zero. Where ``sigma'_t`` is infinite (linear-beta VP as the source,
+at t = 1) numerator and denominator are multiplied by ``sigma_t`` and use
+``sigma_t sigma'_t``. The coefficients are finite on all of [0, 1] except where the source
+velocity carries no information (``D_t = 0``: PolynomialScheduler(n > 1) at t = 0, where
+they are 0 / 0) and where the target's derivatives are infinite (linear-beta VP as the
+target, at r = 1); there a call raises rather than return inf or NaN, even where the
+transfer has a finite limit (e.g. PolynomialScheduler(2) to itself, the identity, at
+r = 0), which is not evaluated.
 """
 
 from __future__ import annotations
@@ -97,11 +98,22 @@ class TransferredField:
                 and (where := first_singular_time(r, a_r, b_r)) is not None):
             raise ValueError(
                 f"the transfer from {self.source!r} to {self.target!r} is singular at "
-                f"r={where!r} (the source velocity does not determine the target's there); "
-                "integrate over a smaller interval [eps, 1 - eps]"
+                f"r={where!r} ({self._singular_cause(where)}); integrate over a smaller "
+                "interval [eps, 1 - eps]"
             )
         s = per_sample(s_r, x)
         return per_sample(a_r, x) * x + per_sample(b_r, x) * self.field(x / s, t_r)
+
+    def _singular_cause(self, r: float) -> str:
+        """Why the coefficients are not finite at ``r`` (for the error message only)."""
+        rr = torch.tensor(r, dtype=torch.float64)
+        rv = self.target(rr)
+        if not bool(torch.isfinite(rv.d_alpha_t) & torch.isfinite(rv.d_sigma_t)):
+            return "the target scheduler's derivatives are infinite there"
+        t_r = self.source.snr_inverse(self.target.snr(rr)).clamp(0.0, 1.0)
+        return (f"the source velocity does not determine the posterior means at its time "
+                f"t={t_r.item():.6g}, where D_t = alpha'_t sigma_t - alpha_t sigma'_t is 0 or "
+                "not finite; this holds whether or not the transfer has a finite limit there")
 
     def _check_interval(self, r: Tensor) -> None:
         lo, hi = self.valid_interval

@@ -53,3 +53,30 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="reduction"):
         bridge_matching_loss(lambda x, t: x, GaussianBridge(), torch.zeros(2, 1),
                              torch.zeros(2, 1), reduction="sum")
+
+
+def test_loss_inputs_are_checked_naming_what_is_accepted():
+    u = lambda x, t: x  # noqa: E731
+    x = torch.zeros(2, 1)
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    with pytest.raises(TypeError, match="model must be callable.*got str"):
+        bridge_matching_loss("mlp", GaussianBridge(), x, x)
+    with pytest.raises(TypeError, match="bridge must be a flowsolve.bridges.GaussianBridge; "
+                                        "got str"):
+        bridge_matching_loss(u, "constant", x, x)
+    with pytest.raises(TypeError, match="got AffineGaussianPath.*flow_matching_loss"):
+        bridge_matching_loss(u, path, x, x)
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor; got NoneType"):
+        bridge_matching_loss(u, GaussianBridge(), None, x)
+    with pytest.raises(TypeError, match="x1 must be a torch.Tensor; got list"):
+        bridge_matching_loss(u, GaussianBridge(), x, [0.0, 0.0])
+    with pytest.raises(ValueError, match="x0 must be a floating tensor.*torch.int64"):
+        bridge_matching_loss(u, GaussianBridge(), x.long(), x.long())
+    with pytest.raises(ValueError, match=r"x1 must be a floating tensor.*shape \(\)"):
+        bridge_matching_loss(u, GaussianBridge(), x, torch.tensor(0.0))
+    with pytest.raises(ValueError, match=r"x0 \(2, 1\) and x1 \(3, 1\)"):
+        bridge_matching_loss(u, GaussianBridge(), x, torch.zeros(3, 1))
+    # the valid call: zero model, rectified flow: (1/D) ||x1 - x0||^2 = 4
+    ones = torch.ones(2, 1)
+    loss = bridge_matching_loss(lambda x, t: torch.zeros_like(x), GaussianBridge(), -ones, ones)
+    assert loss.item() == 4.0

@@ -95,6 +95,26 @@ def test_singular_conversions_raise_per_call_or_once_on_an_interval():
         as_velocity(fs.analytic.posterior_mean(DATA, path), path, "x1", interval=(0.5, 1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_an_interval_end_that_rounds_onto_a_singularity_raises_in_that_dtype(dtype):
+    """1 - 1e-8 is regular in float64 but rounds to 1 in float32 (and below), where x1 ->
+    velocity divides by sigma_1 = 0: the first call in that dtype raises instead of
+    returning NaN; an end that stays below 1 in that dtype gives the closed form."""
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    x1_hat = fs.analytic.posterior_mean(DATA, path)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+    field = as_velocity(x1_hat, path, "x1", interval=(0.5, 1 - 1e-8))  # fine in float64
+    assert torch.isfinite(field(x.double(), 1 - 1e-8)).all()
+    for t in (1 - 1e-8, 0.75):  # the check runs on the first call in a dtype, at any t
+        with pytest.raises(ValueError, match=rf"singular at t=1.0 \(an end rounded to {dtype}"):
+            field(x, t)
+    hi = 1 - torch.finfo(dtype).eps  # representable, below 1
+    ok = as_velocity(lambda x, t: torch.ones_like(x), path, "x1", interval=(0.5, hi))
+    # CondOT: u = (x1_hat - x) / (1 - t) = 1 / eps at x = 0, x1_hat = 1, t = 1 - eps
+    out = ok(torch.zeros_like(x), hi)
+    assert torch.equal(out, torch.full_like(x, 1 / torch.finfo(dtype).eps))
+
+
 def test_adapter_arguments_are_checked():
     path = fs.AffineGaussianPath(fs.CondOTScheduler())
     u = fs.analytic.marginal_velocity(DATA, path)
@@ -176,8 +196,19 @@ def test_guidance_arguments_are_checked():
     labels = torch.ones(3)
     with pytest.raises(ValueError, match="null_label is required"):
         guided(model, labels, 1.0)
+    for w in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="w must be a finite number"):
+            guided(model, labels, w, null_label=0.0)
     with pytest.raises(TypeError, match="w must be a finite number"):
-        guided(model, labels, float("nan"), null_label=0.0)
+        guided(model, labels, "2", null_label=0.0)
+    # a fractional null label would be truncated to a real class of integer labels
+    int_labels = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="null_label must be an integer.*got 2.5"):
+        guided(model, int_labels, 1.5, null_label=2.5)
+    with pytest.raises(ValueError, match="null_label must be an integer"):
+        guided(model, int_labels, 1.5, null_label=torch.tensor(float("nan")))
+    assert guided(model, int_labels, 1.5, null_label=3.0)._both[3:].tolist() == [3, 3, 3]
+    assert guided(model, labels, 1.5, null_label=0.5)._both[3:].tolist() == [0.5] * 3
     with pytest.raises(ValueError, match="one sample per label"):
         guided(model, labels, 1.0, null_label=0.0)(torch.zeros(4, 2), 0.5)
     with pytest.raises(ValueError, match="does not broadcast"):

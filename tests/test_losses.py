@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 import flowsolve as fs
+from flowsolve import losses
 from flowsolve.analytic import Gaussian, marginal_score, marginal_velocity
 from flowsolve.losses import (
     DSM_WEIGHTINGS,
@@ -289,6 +290,22 @@ def test_label_dropout_frequency_is_binomial():
     assert torch.equal(out, again)
 
 
+def test_label_dropout_drops_whole_samples_of_multi_dimensional_labels():
+    """(B, K) labels: one draw per sample replaces all K entries of it, the same draws as
+    the 1-D labels of the same batch (GuidedField's unconditional half is all null too)."""
+    n, k, p, null = 20_000, 3, 0.4, -1
+    labels = torch.randint(0, 10, (n, k), generator=torch.Generator().manual_seed(7))
+    out = label_dropout(labels, p, null, generator=torch.Generator().manual_seed(8))
+    dropped = (out == null).all(1)
+    assert torch.equal((out == null).any(1), dropped)  # never part of a sample
+    assert torch.equal(out[~dropped], labels[~dropped])
+    flat = label_dropout(labels[:, 0], p, null, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(flat == null, dropped)
+    assert abs(dropped.sum().item() - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    with pytest.raises(ValueError, match=r"labels must be shaped \(B, ...\)"):
+        label_dropout(torch.tensor(3), 0.5, 0)
+
+
 def test_label_dropout_p_zero_and_one_are_exact(gen):
     labels = torch.randint(0, 5, (10_000,), generator=gen)
     assert torch.equal(label_dropout(labels, 0.0, 5, generator=gen), labels)
@@ -335,6 +352,54 @@ def test_sample_time_reproducible_and_dtype():
     b = sample_time(5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.dtype == torch.get_default_dtype()
     assert sample_time(0).shape == (0,)
+
+
+def test_sample_time_never_returns_an_endpoint_and_leaves_other_draws_unchanged(monkeypatch):
+    """Force the draws that round to an endpoint: U[0, 1) gives exactly 0 (in float32 once
+    in 2^24) and sigmoid gives exactly 0 or 1 far in the tails. They move to eps/2 and
+    1 - eps/2, where the likelihood weighting is finite; the others are untouched."""
+    f32 = torch.float32
+    half_eps = torch.finfo(f32).eps / 2  # 2^-24: torch.rand's float32 grid step
+    u = torch.tensor([0.0, half_eps, 0.3, 1 - half_eps], dtype=f32)
+    z = torch.tensor([-200.0, -3.0, 0.0, 30.0], dtype=f32)  # sigmoid: 0, ., 0.5, 1 in float32
+    assert torch.sigmoid(z)[0] == 0 and torch.sigmoid(z)[3] == 1
+    forced = {torch.rand: u, torch.randn: z}
+    monkeypatch.setattr(losses, "_draw", lambda fn, *args: forced[fn].clone())
+    expected = torch.tensor([half_eps, half_eps, 0.3, 1 - half_eps], dtype=f32)
+    assert torch.equal(sample_time(4, dtype=f32), expected)
+    t = sample_time(4, dtype=f32, distribution="logit_normal")
+    assert torch.equal(t, torch.tensor([half_eps, torch.sigmoid(z[1]), 0.5, 1 - half_eps]))
+    assert bool(((t > 0) & (t < 1)).all())
+    # a training step on a forced t = 0 draw: finite (was inf / nan)
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    x0, x1 = torch.zeros(4, 2), torch.ones(4, 2)
+    loss = denoising_score_matching_loss(lambda x, t: x, path, x0, x1, weighting="likelihood",
+                                         reduction="none")
+    assert torch.isfinite(loss).all()
+    # CondOT: weight 2 / (t (1 - t)) times (1/D)||sigma_t s + x0||^2 = ((1 - t) t)^2 for the
+    # model s(x_t) = x_t = t (x0 = 0, x1 = 1)
+    torch.testing.assert_close(loss, 2 * expected * (1 - expected), rtol=1e-5, atol=0)
+    sqrt_path = fs.AffineGaussianPath(fs.PolynomialScheduler(0.5))  # alpha'_0 = inf
+    assert torch.isfinite(flow_matching_loss(lambda x, t: x, sqrt_path, x0, x1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_sample_time_is_the_raw_draw_away_from_the_endpoints(dtype):
+    """Bit-identical training trajectories: the times are the plain draws of the generator."""
+    n = 100_000
+    t = sample_time(n, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    raw = torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    assert torch.equal(t, raw)
+    kw = dict(distribution="logit_normal", loc=5.0, scale=3.0)
+    t = sample_time(n, generator=torch.Generator().manual_seed(5), dtype=dtype, **kw)
+    raw = torch.sigmoid(5.0 + 3.0 * torch.randn(n, generator=torch.Generator().manual_seed(5),
+                                                dtype=dtype))
+    assert bool(((t > 0) & (t < 1)).all())
+    inside = raw < 1  # in float32 about 56 per 1e6 of these draws round to exactly 1
+    assert torch.equal(t[inside], raw[inside])
+    assert bool((t[~inside] == 1 - torch.finfo(dtype).eps / 2).all())
+    if dtype == torch.float32:
+        assert (~inside).sum() > 0  # the case exists
 
 
 def test_sample_time_errors():

@@ -24,6 +24,7 @@ from flowsolve.schedules import (
     CosineScheduler,
     LinearVPScheduler,
     PolynomialScheduler,
+    VEScheduler,
 )
 
 F64 = torch.float64
@@ -218,27 +219,76 @@ def test_conversions_match_ground_truth(path, event, gen):
         _close(path.convert(exact[a], x_t, t, a, b), exact[b], 1e-9, f"{a} -> {b}")
 
 
+def _must_raise(path, t_end: float, a: str, b: str) -> bool:
+    """Whether converting a -> b at t_end has no finite formula, from the schedule alone:
+    which posterior mean the source leaves undetermined, or which quantity is infinite."""
+    a, b = ALIASES.get(a, a), ALIASES.get(b, b)
+    if a == b:
+        return False
+    t = torch.tensor(t_end, dtype=F64)
+    v = path.scheduler(t)
+    alpha, sigma, d_alpha, d_sigma = (float(c) for c in (v.alpha_t, v.sigma_t, v.d_alpha_t,
+                                                         v.d_sigma_t))
+    sds = float(path.scheduler.sigma_d_sigma(t))
+    d_t = d_alpha * sigma - alpha * d_sigma  # nan where alpha' is infinite
+    return (
+        # alpha_t = 0: x = sigma_t eps_hat; score and epsilon carry no x1_hat
+        (alpha == 0 and a in ("score", "epsilon") and b in ("velocity", "x1", "v"))
+        # sigma_t = 0: x = alpha_t x1_hat; x1 carries no eps_hat
+        or (sigma == 0 and a == "x1")
+        # sigma_t = 0: the score is infinite (a point mass), unless the velocity carries it
+        # through sigma_t sigma'_t != 0 (linear-beta VP at t = 1)
+        or (sigma == 0 and b == "score" and not (a == "velocity" and sds != 0))
+        # sigma'_t infinite (linear-beta VP at t = 1): only the velocity and score carry the
+        # finite sigma_t sigma'_t s_hat
+        or (math.isinf(d_sigma) and b == "velocity" and a in ("epsilon", "x1", "v"))
+        # alpha'_t infinite (PolynomialScheduler(n < 1) at t = 0): the velocity is infinite
+        or (math.isinf(d_alpha) and "velocity" in (a, b))
+        # D_t = 0 (PolynomialScheduler(n > 1) at t = 0): u = 0 whatever the means, 0 / 0
+        or (d_t == 0 and a == "velocity")
+    )
+
+
 @each_path
 @pytest.mark.parametrize("t_end", [0.0, 1.0])
 def test_conversions_at_endpoints_raise_or_return_the_finite_limit(path, t_end, gen):
-    """At t = 0 and t = 1 a conversion either raises a ValueError naming t, or returns a
-    finite value that (a) is the continuous limit from inside (0, 1) and (b) matches the
-    ground truth wherever the source prediction is itself finite. Never inf or NaN."""
+    """At t = 0 and t = 1 a conversion raises a ValueError naming t exactly where
+    :func:`_must_raise` says so; every other one returns a finite value that (a) is the
+    continuous limit from inside (0, 1) and (b) matches the ground truth wherever the
+    source prediction is itself finite. Never inf or NaN."""
     x0, x1 = _randn((4, 3), gen), _randn((4, 3), gen)
     x, pred = _randn((4, 3), gen), _randn((4, 3), gen)
     near = t_end + (1e-13 if t_end == 0 else -1e-13)
     x_t, exact = _exact_predictions(path, x0, x1, torch.tensor(t_end, dtype=F64))
+    raised = 0
     for a, b in PAIRS:
-        try:
-            out = path.convert(pred, x, t_end, a, b)
-        except ValueError as err:
-            assert f"singular at t={t_end!r}" in str(err)
+        if _must_raise(path, t_end, a, b):
+            with pytest.raises(ValueError, match=rf"'{a}' to '{b}' is singular at t={t_end}"):
+                path.convert(pred, x, t_end, a, b)
+            raised += 1
             continue
+        out = path.convert(pred, x, t_end, a, b)
         assert torch.isfinite(out).all(), (a, b)
         _close(out, path.convert(pred, x, near, a, b), 1e-5, f"{a} -> {b} limit at {t_end}")
         if torch.isfinite(exact[a]).all():
             _close(path.convert(exact[a], x_t, t_end, a, b), exact[b], 1e-9,
                    f"{a} -> {b} ground truth at {t_end}")
+    # the canonical counts (aliases add more): none where alpha_t, sigma_t > 0 with finite
+    # derivatives (VE; linear-beta VP at t = 0), 6 at alpha_t = 0 (+4 for D_t = 0, +6 for
+    # alpha'_t infinite), 7 at sigma_t = 0 (linear-beta VP: 8)
+    sched = path.scheduler
+    counts = {
+        (CondOTScheduler, 0.0): 6, (CosineScheduler, 0.0): 6, (LinearVPScheduler, 0.0): 0,
+        (CondOTScheduler, 1.0): 7, (CosineScheduler, 1.0): 7, (LinearVPScheduler, 1.0): 8,
+        (VEScheduler, 0.0): 0, (VEScheduler, 1.0): 0,
+    }
+    if isinstance(sched, PolynomialScheduler):
+        want = 7 if t_end == 1 else 6 + (sched.n > 1) * 4 + (sched.n < 1) * 6
+    else:
+        want = counts[type(sched), t_end]
+    assert sum(_must_raise(path, t_end, a, b) for a, b in itertools.product(
+        PREDICTIONS, PREDICTIONS)) == want
+    assert raised >= want
 
 
 def test_documented_singular_conversions_raise(gen):
@@ -259,6 +309,19 @@ def test_documented_singular_conversions_raise(gen):
         # one bad entry in a per-sample t is enough
         with pytest.raises(ValueError, match=rf"singular at t={t}"):
             path.convert(pred, x, torch.tensor([0.5, t], dtype=F64), a, b)
+
+
+def test_singular_conversion_advice_depends_on_the_source(gen):
+    """From velocity, "use the velocity parameterisation" is no advice: it is singular
+    where D_t = alpha'_t sigma_t - alpha_t sigma'_t = 0 (PolynomialScheduler(n > 1), t = 0)."""
+    x, pred = _randn((2, 3), gen), _randn((2, 3), gen)
+    poly = AffineGaussianPath(PolynomialScheduler(2))
+    for b in ("x1", "epsilon", "score", "v"):
+        with pytest.raises(ValueError, match=r"singular at t=0.0") as info:
+            poly.convert(pred, x, 0.0, "velocity", b)
+        assert "use the velocity parameterisation" not in str(info.value)
+    with pytest.raises(ValueError, match="or use the velocity parameterisation"):
+        poly.convert(pred, x, 0.0, "epsilon", "x1")
 
 
 def test_finite_limits_at_the_endpoints(gen):

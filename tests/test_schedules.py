@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _cases import SCHEDULER_CASES
@@ -327,7 +328,6 @@ def test_time_outside_unit_interval_raises(sched, bad):
         lambda: PolynomialScheduler(-1.0),
         lambda: PolynomialScheduler(math.nan),
         lambda: PolynomialScheduler(math.inf),
-        lambda: PolynomialScheduler("2"),
         lambda: LinearVPScheduler(0.0, 20.0),
         lambda: LinearVPScheduler(-0.1, 20.0),
         lambda: LinearVPScheduler(5.0, 1.0),
@@ -343,6 +343,28 @@ def test_time_outside_unit_interval_raises(sched, bad):
 def test_bad_constructor_arguments_raise(factory):
     with pytest.raises(ValueError, match="got"):
         factory()
+
+
+@pytest.mark.parametrize(
+    "factory, name",
+    [
+        (lambda: PolynomialScheduler("2"), "n"),
+        (lambda: PolynomialScheduler(True), "n"),
+        (lambda: LinearVPScheduler("0.1", 20), "beta_min"),
+        (lambda: LinearVPScheduler(0.1, None), "beta_max"),
+        (lambda: LinearVPScheduler(True, 20), "beta_min"),
+        (lambda: VEScheduler("0.01", 50), "sigma_min"),
+        (lambda: VEScheduler(0.01, False), "sigma_max"),
+    ],
+)
+def test_constructor_arguments_of_the_wrong_type_raise_type_error(factory, name):
+    with pytest.raises(TypeError, match=rf"{name} must be a real number \(int or float\); got"):
+        factory()
+
+
+def test_numpy_scalars_are_numbers():
+    assert PolynomialScheduler(np.int64(3)).n == 3.0
+    assert VEScheduler(np.float32(0.5), np.int64(5)).sigma_max == 5.0
 
 
 def test_get_scheduler_by_name():

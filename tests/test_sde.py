@@ -210,6 +210,15 @@ def test_user_brownian_objects():
     with pytest.raises(ValueError, match="Levy area"):
         sample_sde(U, x0, score=S, steps=10, solver="srk", bm=GridBrownian(
             (8, 2), steps=10, generator=gen(0), dtype=F64))
+    # a grid motion must contain the solve's grid: 3 steps on a 4-cell motion would read
+    # rounded increments on an accelerator (variances 1/4, 1/2, 1/4 instead of 1/3 each)
+    for steps, bm_steps, t in [(3, 4, (0.0, 1.0)), (10, 10, (0.0, 0.5)), (4, 8, (0.0, 1.5))]:
+        with pytest.raises(ValueError, match="does not lie on its grid"):
+            sample_sde(U, x0, score=S, steps=steps, bm=GridBrownian(
+                (8, 2), steps=bm_steps, t0=t[0], t1=t[1], generator=gen(0), dtype=F64))
+    fine = GridBrownian((8, 2), steps=40, generator=gen(0), dtype=F64)  # a multiple: accepted
+    coarse = sample_sde(U, x0, score=S, diffusion=1.0, steps=10, bm=fine).x
+    assert torch.isfinite(coarse).all()
 
 
 def test_image_shaped_state():

@@ -126,3 +126,23 @@ def test_bad_input_raises(mixture):
     v = fs.transfer(u, source=fs.CondOTScheduler(), target=fs.LinearVPScheduler())
     with pytest.raises(ValueError, match="singular at r=1"):
         v(torch.zeros(2, 2, dtype=F64), 1.0)
+
+
+def test_singular_points_raise_with_their_cause(mixture):
+    """Where the formula is 0 / 0 (D_t = 0) the call raises even if the transfer has a
+    finite limit: PolynomialScheduler(2) to itself is the identity, whose limit at r = 0 is
+    the source velocity, but D_0 = alpha'_0 sigma_0 - alpha_0 sigma'_0 = 0 there."""
+    poly = fs.PolynomialScheduler(2.0)
+    u = velocity(mixture, poly)
+    v = fs.transfer(u, source=poly, target=poly)
+    x = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v(x, 1e-3), u(x, 1e-3), rtol=1e-12, atol=1e-12)
+    _, _, a_0, b_0 = v.coefficients(torch.tensor(0.0, dtype=F64))
+    assert a_0.isnan() and b_0.isnan()  # 0 / 0: the limit (0, 1) is not evaluated
+    with pytest.raises(ValueError, match=r"singular at r=0.0 \(the source velocity does not "
+                                         r"determine the posterior means .* D_t"):
+        v(x, 0.0)
+    w = fs.transfer(u, source=poly, target=fs.LinearVPScheduler())
+    with pytest.raises(ValueError, match="singular at r=1.0 .*target scheduler's derivatives "
+                                         "are infinite"):
+        w(x, 1.0)
