@@ -26,7 +26,8 @@ Each run writes ``OUT/runs/<task>__<method>__seed<k>.json`` atomically, and trai
 checkpoint ``OUT/checkpoints/...pt`` (:func:`flowsolve.train.train` resumes from it, bit for
 bit). A second invocation skips finished runs and resumes unfinished ones. At the end the
 table of all selected runs (mean and sample standard deviation over seeds) is written to
-``OUT/results.md`` and ``OUT/results.csv``.
+``OUT/results.md`` and ``OUT/results.csv``; ``--report`` writes that table for every finished
+run in ``OUT`` and trains nothing (so several processes can each run a seed).
 
 Usage::
 
@@ -34,6 +35,7 @@ Usage::
     python examples/ot_cfm_2d.py --protocol reduced    # what docs/ot_cfm_2d.md reports
     python examples/ot_cfm_2d.py --protocol paper --out runs/ot_cfm_2d/paper   # hours
     python examples/ot_cfm_2d.py --tasks N-8gaussians --methods icfm otcfm --epochs 50
+    python examples/ot_cfm_2d.py --protocol paper --out runs/ot_cfm_2d/paper --report
 
 With no option the script runs the quick protocol (the example tests run every example
 bare; the paper's protocol takes hours on a CPU and must be asked for).
@@ -331,7 +333,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: small ops on a shared CPU)")
     p.add_argument("--quiet", action="store_true", help="no training progress bar")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the table of every finished run in OUT (of the "
+                        "selected tasks, methods and seeds), e.g. while other seeds still run")
     return p.parse_args(argv)
+
+
+def finished_runs(out: Path, tasks, methods, seeds) -> list[dict]:
+    """The records of ``OUT/runs/*.json`` of the selected tasks, methods and seeds (all
+    seeds when ``seeds`` is None), ordered by seed."""
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    return sorted((r for r in records if r["task"] in tasks and r["method"] in methods
+                   and (seeds is None or r["seed"] in seeds)), key=lambda r: r["seed"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -344,8 +357,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         proto = replace(proto, epochs=args.epochs, steps=None)
     if args.steps is not None:
         proto = replace(proto, steps=args.steps)
-    seeds = args.seeds or seeds
     out = args.out or Path("runs") / "ot_cfm_2d" / args.protocol
+    if args.report:
+        if not (out / "protocol.json").exists():
+            sys.exit(f"--report: {out} holds no runs (no protocol.json); give the --out of a run")
+        _check_protocol(out, proto)
+        results = finished_runs(out, args.tasks, args.methods, args.seeds)
+        rows = summarise(results, out)
+        print(f"{len(results)} finished runs in {out}")
+        if rows:
+            sys.stdout.write("\n" + markdown(rows))
+        return results
+    seeds = args.seeds or seeds
     out.mkdir(parents=True, exist_ok=True)
     _check_protocol(out, proto)
     grid = [(t, m, s) for s in seeds for t in args.tasks for m in args.methods]

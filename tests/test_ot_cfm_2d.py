@@ -64,3 +64,24 @@ def test_another_protocol_is_refused_in_the_same_folder(example, first):
     out, argv, _ = first
     with pytest.raises(SystemExit, match="another protocol"):
         example.main([*argv, "--steps", "7"])
+
+
+def test_report_tabulates_every_finished_run_and_trains_nothing(example, first, tmp_path):
+    out, argv, runs = first
+    # a run of another seed, finished by another process, joins the table: its mean and std
+    other = json.loads((out / "runs" / "N-8gaussians__otcfm__seed0.json").read_text())
+    other = {**other, "seed": 1, "w2": other["w2"] + 0.2}
+    (out / "runs" / "N-8gaussians__otcfm__seed1.json").write_text(json.dumps(other))
+    try:
+        records = example.main(["--quick", "--out", str(out), "--report"])
+        assert sorted((r["method"], r["seed"]) for r in records) == [
+            ("icfm", 0), ("otcfm", 0), ("otcfm", 1)]
+        assert all("status" not in r for r in records)  # read, not trained
+        row = next(line for line in (out / "results.md").read_text().splitlines()
+                   if "| OT-CFM |" in line)
+        mean, std = runs["otcfm"]["w2"] + 0.1, 0.2 / 2**0.5
+        assert f"| 2 | {mean:.3f} ± {std:.3f} |" in row
+    finally:
+        (out / "runs" / "N-8gaussians__otcfm__seed1.json").unlink()
+    with pytest.raises(SystemExit, match="no protocol.json"):
+        example.main(["--quick", "--out", str(tmp_path / "empty"), "--report"])
