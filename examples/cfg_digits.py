@@ -121,7 +121,9 @@ def fit_classifier(train: LabeledSamples, test: LabeledSamples):
 def train_model(train: LabeledSamples, settings: Settings, seed: int,
                 quiet: bool) -> tuple[nn.Module, fs.TrainResult]:
     """Train the label-conditioned U-Net by CFM on the CondOT path with label dropout."""
-    with torch.random.fork_rng():  # nn.Module initialisers draw from the global RNG
+    # the documented numbers were made with these weights: fs.UNet(..., generator=g) draws
+    # others; fork_rng restores the global RNG afterwards
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = fs.UNet(channels=settings.channels, embedding_dim=settings.embedding_dim,
                         num_classes=NUM_CLASSES)
