@@ -1,4 +1,5 @@
-"""Input validation and broadcasting helpers shared by the public modules (private).
+"""Input validation, broadcasting and generator helpers shared by the public modules
+(private).
 
 Checks that need the value of a tensor (a range test) are done only where they cost no
 host synchronisation: on CPU tensors. On an accelerator they are skipped, so that a
@@ -9,6 +10,22 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def generator_or_fresh(
+    generator: torch.Generator | None, device: torch.device | str | None = None
+) -> torch.Generator:
+    """``generator`` itself, or when it is None a fresh generator on ``device`` (torch's
+    default device when None) seeded nondeterministically (``Generator.seed()``), so that
+    torch's global RNG is never read nor advanced (randomness comes in through arguments,
+    never global state)."""
+    if generator is not None:
+        return generator
+    if device is None:  # torch.get_default_device() needs torch 2.3
+        device = torch.empty(0).device
+    gen = torch.Generator(device=torch.device(device))
+    gen.seed()
+    return gen
 
 
 def _on_host(t: Tensor) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time
+from ._checks import as_time, generator_or_fresh
 from .paths import AffineGaussianPath
 from .schedules import Scheduler
 
@@ -160,8 +160,10 @@ class GaussianMixture:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """``n`` independent draws, ``(n, d)``; randomness only from ``generator``."""
-        gen_device = generator.device if generator is not None else torch.device("cpu")
+        """``n`` independent draws, ``(n, d)``; randomness only from ``generator`` (drawn on
+        its device; None: a fresh unseeded generator; torch's global RNG is never used)."""
+        generator = generator_or_fresh(generator, "cpu")
+        gen_device = generator.device
         comp = torch.multinomial(self.weights.to(gen_device), n, replacement=True,
                                  generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64,

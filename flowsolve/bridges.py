@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_same_shape, per_sample
+from ._checks import as_time, check_same_shape, generator_or_fresh, per_sample
 from .losses import _check_model_and_samples, _check_reduction, sample_time
 from .paths import AffineGaussianPath, PathSample
 
@@ -70,7 +70,8 @@ class GaussianBridge:
         generator: torch.Generator | None = None,
     ) -> PathSample:
         """A draw ``x_t`` and its conditional velocity ``dx_t = x1 - x0 + sigma'_t eps``;
-        ``eps`` is ``noise`` or drawn from ``generator``."""
+        ``eps`` is ``noise`` or drawn from ``generator`` (on its device; None: a fresh
+        unseeded generator on x1's device; torch's global RNG is never used)."""
         check_same_shape(x0, x1, "x0", "x1")
         t = as_time(t, x1)
         s, ds = self.sigma_t(t)
@@ -79,8 +80,9 @@ class GaussianBridge:
                 raise ValueError("the Brownian bridge's velocity is infinite at t = 0 and 1; "
                                  "draw t in the open interval (0, 1)")
         if noise is None:
-            dev = generator.device if generator is not None else x1.device
-            noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=dev)
+            generator = generator_or_fresh(generator, x1.device)
+            noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype,
+                                device=generator.device)
             noise = noise.to(x1.device)
         check_same_shape(noise, x1, "noise", "x1")
         tt = per_sample(t, x1)
@@ -105,8 +107,10 @@ def bridge_matching_loss(
     floating ``(B, *event_shape)`` tensors of coupled pairs (``x0`` is required: a bridge's
     source need not be Gaussian). ``t`` is drawn with :func:`~flowsolve.losses.sample_time`
     in (0, 1) (clamped to ``[1e-5, 1 - 1e-5]`` for the Brownian bridge) when omitted;
-    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``). Bad input: TypeError / ValueError
-    as in :func:`flowsolve.losses.flow_matching_loss`.
+    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``). ``t`` and the bridge noise come
+    from ``generator`` (None: a fresh unseeded generator on x1's device; torch's global RNG
+    is never used). Bad input: TypeError / ValueError as in
+    :func:`flowsolve.losses.flow_matching_loss`.
     """
     _check_reduction(reduction)
     if not isinstance(bridge, GaussianBridge):
@@ -115,6 +119,7 @@ def bridge_matching_loss(
         raise TypeError(f"bridge must be a flowsolve.bridges.GaussianBridge; got "
                         f"{type(bridge).__name__}{hint}")
     _check_model_and_samples(model, x0, x1, x0_optional=False)
+    generator = generator_or_fresh(generator, x1.device)
     if t is None:
         t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
         if bridge.schedule == "brownian":

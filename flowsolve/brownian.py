@@ -10,16 +10,11 @@ from torch import Tensor
 from torchsde import BaseBrownian
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS
 
+from ._checks import generator_or_fresh
+
 __all__ = ["GridBrownian"]
 
 _LEVY = {"none": LEVY_AREA_APPROXIMATIONS.none, "space-time": LEVY_AREA_APPROXIMATIONS.space_time}
-
-
-def _fresh_generator(device: torch.device) -> torch.Generator:
-    """An unseeded generator (nondeterministic seed), so no global RNG state is touched."""
-    gen = torch.Generator(device=device)
-    gen.seed()
-    return gen
 
 
 def _check_steps(steps) -> None:
@@ -42,6 +37,8 @@ class GridBrownian(BaseBrownian):
         size: ``(B, *event_shape)`` of the state; the motion is ``(B, D)``, D = prod(event).
         steps: number of cells N. Memory: ``(N + 1) B D`` float64 (twice with Levy area).
         levy_area: ``"none"`` or ``"space-time"`` (needed by ``srk``).
+        generator: draws the increments (on its device, then moved to ``device``);
+            None: a fresh unseeded generator; torch's global RNG is never used.
 
     Example:
         >>> bm = GridBrownian((3, 2), steps=4, generator=torch.Generator().manual_seed(0))
@@ -66,7 +63,7 @@ class GridBrownian(BaseBrownian):
         self._levy = _LEVY[levy_area]
         self.t0, self.t1, self.steps = float(t0), float(t1), int(steps)
         h = (self.t1 - self.t0) / self.steps
-        gen = generator if generator is not None else _fresh_generator(self._device)
+        gen = generator_or_fresh(generator, self._device)
         n_draws = 2 if levy_area == "space-time" else 1
         z = torch.randn(n_draws, self.steps, *self._shape, generator=gen, dtype=self._dtype,
                         device=gen.device).to(device=self._device, dtype=torch.float64)

@@ -30,6 +30,8 @@ import ot
 import torch
 from torch import Tensor
 
+from ._checks import generator_or_fresh
+
 __all__ = ["COSTS", "COUPLINGS", "ClassConditionalOT", "Coupling", "CouplingError",
            "CouplingResult", "CouplingWarning", "IndependentCoupling", "OTCoupling",
            "PairedCoupling", "get_coupling"]
@@ -207,7 +209,8 @@ class OTCoupling(Coupling):
             domain) or ``"log"`` (Sinkhorn).
 
     Pairs are drawn (unequal batches, Sinkhorn) with the call's ``generator``, which must
-    be on the plan's device: the CPU for exact plans, the inputs' device for Sinkhorn.
+    be on the plan's device: the CPU for exact plans, the inputs' device for Sinkhorn
+    (None: a fresh unseeded generator there; torch's global RNG is never used).
 
     References: Bonneel, van de Panne, Paris & Heidrich, "Displacement interpolation using
     Lagrangian mass transport", SIGGRAPH Asia 2011 (network simplex); Cuturi, "Sinkhorn
@@ -359,6 +362,7 @@ class OTCoupling(Coupling):
             raise ValueError(f"generator must be on {plan.device.type}, where the plan is "
                              f"(exact: CPU; sinkhorn: the inputs' device); got a generator on "
                              f"{generator.device}")
+        generator = generator_or_fresh(generator, plan.device)
         w = plan.T if self.keep == "x1" else plan  # rows: the kept samples
         cdf = w.cumsum(1)
         u = torch.rand(w.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)

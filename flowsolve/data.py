@@ -1,8 +1,9 @@
 r"""Toy 2-D distributions at the scales of the literature, and the 8x8 digits.
 
 Every sampler is written in torch and draws only from the ``torch.Generator`` it is given
-(float64 on the generator's device, then cast to ``dtype`` / moved to ``device``). The
-definitions, so that numbers compare with published tables:
+(float64 on the generator's device, then cast to ``dtype`` / moved to ``device``; None: a
+fresh unseeded generator on the CPU; torch's global RNG is never used). The definitions,
+so that numbers compare with published tables:
 
 ================  =====================================================================
 name              definition
@@ -65,6 +66,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import generator_or_fresh
 from .analytic import GaussianMixture
 
 __all__ = [
@@ -145,6 +147,7 @@ def make_moons(
     """scikit-learn's ``make_moons`` in torch: points ``(n, 2)`` float64 and moon labels
     ``(n,)`` (0 outer, 1 inner); definition in the module docstring."""
     n, noise = _check_n(n), _check_noise(noise)
+    generator = generator_or_fresh(generator, "cpu")
     dev = _device_of(generator)
     n_out = n // 2
     a_out = torch.linspace(0, math.pi, n_out, dtype=F64, device=dev)
@@ -166,6 +169,7 @@ def make_s_curve(
     """scikit-learn's ``make_s_curve`` in torch: points ``(n, 3)`` float64 and the curve
     parameter ``t`` ``(n,)``; definition in the module docstring."""
     n, noise = _check_n(n), _check_noise(noise)
+    generator = generator_or_fresh(generator, "cpu")
     t = 3 * math.pi * (_rand((n,), generator) - 0.5)
     height = 2 * _rand((n,), generator)
     x = torch.stack([t.sin(), height, torch.sign(t) * (t.cos() - 1)], 1)
@@ -183,6 +187,7 @@ def make_circles(
     n, noise = _check_n(n), _check_noise(noise)
     if not 0 <= factor < 1:
         raise ValueError(f"factor must lie in [0, 1); got {factor!r}")
+    generator = generator_or_fresh(generator, "cpu")
     dev = _device_of(generator)
     n_out = n // 2
     parts, labels = [], []
@@ -282,7 +287,7 @@ class ToyDataset:
         dtype: torch.dtype | None = None, device: Device = None,
     ) -> LabeledSamples:
         """``n`` points ``(n, 2)`` and their labels ``(n,)`` (component, moon, arm, ...)."""
-        x, y = self.sampler(_check_n(n), generator)
+        x, y = self.sampler(_check_n(n), generator_or_fresh(generator, "cpu"))
         x = x.to(dtype=dtype or torch.get_default_dtype(), device=device)
         return LabeledSamples(x, y.to(device=device))
 
@@ -290,7 +295,8 @@ class ToyDataset:
         self, n: int, *, generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None, device: Device = None,
     ) -> Tensor:
-        """``n`` points ``(n, 2)``; randomness only from ``generator``."""
+        """``n`` points ``(n, 2)``; randomness only from ``generator`` (None: a fresh
+        unseeded generator; torch's global RNG is never used)."""
         return self.sample_labeled(n, generator=generator, dtype=dtype, device=device).x
 
     def log_prob(self, x: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import generator_or_fresh
+
 __all__ = ["BitsPerDim", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
 
 
@@ -62,7 +64,9 @@ def dequantize(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``y = low + (high - low) (k + u) / n_bins`` with ``u ~ U[0, 1)`` from ``generator``.
+    """``y = low + (high - low) (k + u) / n_bins`` with ``u ~ U[0, 1)`` from ``generator``
+    (drawn on its device; None: a fresh unseeded generator on k's device; torch's global
+    RNG is never used).
 
     ``k`` holds integers in ``[0, n_bins)`` (any integer or float dtype); anything else
     raises ValueError (checked on CPU tensors).
@@ -74,8 +78,9 @@ def dequantize(
         if bool(bad.any()):
             raise ValueError(f"k must hold integers in [0, {n_bins}); got {k[bad][0].item()!r}")
     dtype = dtype or torch.get_default_dtype()
-    dev = generator.device if generator is not None else k.device
-    u = torch.rand(k.shape, generator=generator, dtype=dtype, device=dev).to(k.device)
+    generator = generator_or_fresh(generator, k.device)
+    u = torch.rand(k.shape, generator=generator, dtype=dtype, device=generator.device)
+    u = u.to(k.device)
     return low + (high - low) * (k.to(dtype) + u) / n_bins
 
 
@@ -106,7 +111,8 @@ def discrete_bits_per_dim(
 
     ``importance_weighted=False`` averages the K single-draw bounds (the Score SDE
     convention); ``True`` takes ``log (1/K) sum exp`` of them, the tighter importance-weighted
-    bound (the Flow Matching convention).
+    bound (the Flow Matching convention). The draws come from ``generator`` as in
+    :func:`dequantize` (None: a fresh unseeded generator; torch's global RNG is never used).
     """
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")

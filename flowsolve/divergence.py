@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._checks import generator_or_fresh
+
 __all__ = [
     "DIVERGENCE_METHODS",
     "EXACT_METHODS",
@@ -304,7 +306,8 @@ def make_probes(
     ``shape`` is ``x.shape`` = ``(B, *event_shape)``. Draw them once per ODE solve and pass
     them to every evaluation (a probe redrawn per step makes the dynamics noisy and the
     adaptive step count explode). Randomness only from ``generator`` (drawn on its device,
-    then moved to ``device``); ``dtype`` defaults to torch's default dtype.
+    then moved to ``device``; None: a fresh unseeded generator on the CPU; torch's global
+    RNG is never used); ``dtype`` defaults to torch's default dtype.
 
     >>> make_probes((2, 3), 4, generator=torch.Generator().manual_seed(0)).abs().unique()
     tensor([1.])
@@ -317,7 +320,8 @@ def make_probes(
         raise ValueError(f"kind must be one of {sorted(PROBE_KINDS)}; got {kind!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {generator!r}")
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    generator = generator_or_fresh(generator, "cpu")
+    gen_device = generator.device
     e = PROBE_KINDS[kind]((n_probes, *shape), generator, gen_device)
     return e.to(dtype=dtype or torch.get_default_dtype(), device=device or gen_device)
 

@@ -150,7 +150,8 @@ def log_likelihood(
         divergence: ``"exact"`` (method chosen by :func:`flowsolve.divergence.auto_method`),
             one of the exact methods by name, or ``"hutchinson"``.
         n_probes, probe, generator: Hutchinson's ``k`` probes (``"rademacher"`` or
-            ``"gaussian"``), drawn once from ``generator`` and fixed for the whole solve.
+            ``"gaussian"``), drawn once from ``generator`` and fixed for the whole solve
+            (None: a fresh unseeded generator; torch's global RNG is never used).
         t_interval: ``(t_lo, t_hi)``: the result is ``log p_{t_hi}(x)`` with the prior at
             ``t_lo`` (e.g. ``(1e-5, 1.0)`` where a field is singular at t = 0).
         create_graph: keep the graph through the divergence so the result can be

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import per_sample
+from ._checks import generator_or_fresh, per_sample
 from .paths import AffineGaussianPath, _canonical, _homogeneous
 from .schedules import ScheduleValues
 
@@ -72,10 +72,10 @@ def _draw(
     dtype: torch.dtype | None,
     device: torch.device | str | None,
 ) -> Tensor:
-    """``fn(shape)`` drawn on the generator's device, then moved to ``device``."""
+    """``fn(shape)`` drawn on the generator's device, then moved to ``device`` (None: a
+    fresh unseeded generator on ``device``; torch's global RNG is never used)."""
     dtype = dtype or torch.get_default_dtype()
-    if generator is None:
-        return fn(shape, dtype=dtype, device=device)
+    generator = generator_or_fresh(generator, device)
     out = fn(shape, generator=generator, dtype=dtype, device=generator.device)
     return out if device is None else out.to(device)
 
@@ -111,7 +111,8 @@ def sample_time(
     exactly 1 (``sigmoid`` in float32 at large ``loc + scale z``) is moved to ``eps / 2``,
     resp. ``1 - eps / 2`` (``eps`` of ``dtype``), where e.g. the likelihood weighting is
     finite; every other draw is unchanged. Randomness only from ``generator`` (draws happen
-    on its device, then move to ``device``); ``dtype`` defaults to torch's default dtype.
+    on its device, then move to ``device``; None: a fresh unseeded generator on ``device``;
+    torch's global RNG is never used); ``dtype`` defaults to torch's default dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -190,6 +191,8 @@ def _weighted_regression(
     kind = _canonical(prediction, "prediction")
     _check_reduction(reduction)
     _check_inputs(model, path, x0, x1)
+    if t is None or x0 is None:
+        generator = generator_or_fresh(generator, x1.device)
     if t is None:
         t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
     if x0 is None:
@@ -250,7 +253,8 @@ def regression_loss(
             in (0, 1) (:func:`sample_time`).
         prediction: what the model outputs.
         weighting: ``lambda(t)`` (a callable of the ``(B,)`` or 0-d time), 1 when omitted.
-        generator: the randomness for ``t`` and ``x0`` when they are drawn.
+        generator: the randomness for ``t`` and ``x0`` when they are drawn (None: a fresh
+            unseeded generator on x1's device; torch's global RNG is never used).
         reduction: ``"mean"`` (a 0-d tensor) or ``"none"`` (``(B,)``).
 
     The score target ``-x0 / sigma_t`` is infinite where ``sigma_t = 0`` (t = 1 except for
@@ -413,7 +417,8 @@ def label_dropout(
     ``labels[i]`` (every entry, as :class:`flowsolve.fields.GuidedField`'s unconditional
     half does) where ``u_i < p``. Returns a new tensor shaped and typed like ``labels``;
     ``p = 0`` returns the labels unchanged and ``p = 1`` all ``null_label``, exactly.
-    Randomness only from ``generator``.
+    Randomness only from ``generator`` (None: a fresh unseeded generator on the labels'
+    device; torch's global RNG is never used).
 
     Example:
         >>> label_dropout(torch.tensor([3, 1, 4]), 1.0, null_label=10).tolist()

@@ -23,6 +23,8 @@ import ot
 import torch
 from torch import Tensor
 
+from ._checks import generator_or_fresh
+
 __all__ = [
     "wasserstein2",
     "MMDResult",
@@ -52,8 +54,9 @@ def _cloud(x: Tensor, name: str) -> Tensor:
 def _subsample(x: Tensor, max_samples: int | None, generator: torch.Generator | None) -> Tensor:
     if max_samples is None or x.shape[0] <= max_samples:
         return x
-    device = generator.device if generator is not None else torch.device("cpu")
-    keep = torch.randperm(x.shape[0], generator=generator, device=device)[:max_samples]
+    generator = generator_or_fresh(generator, "cpu")
+    keep = torch.randperm(x.shape[0], generator=generator, device=generator.device)
+    keep = keep[:max_samples]
     return x[keep.to(x.device)]
 
 
@@ -86,7 +89,8 @@ def wasserstein2(
             replacement (with ``generator``); memory and time are O(N M).
         max_iter: network-simplex iteration limit; default ``max(10**5, 10 * N * M)``,
             far above what converged problems need (about ``80 * N`` at N = 2048, d = 16).
-        generator: randomness of the subsampling only.
+        generator: randomness of the subsampling only (drawn on its device). None: a fresh
+            unseeded generator on the CPU; torch's global RNG is never used.
 
     Returns:
         0-d tensor, dtype and device of ``x``.
@@ -101,6 +105,8 @@ def wasserstein2(
                          f"x {tuple(x.shape)} and y {tuple(y.shape)}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None; got {max_samples!r}")
+    if max_samples is not None:
+        generator = generator_or_fresh(generator, "cpu")
     xf = _subsample(xf, max_samples, generator).detach().to("cpu", torch.float64)
     yf = _subsample(yf, max_samples, generator).detach().to("cpu", torch.float64)
     cost = torch.cdist(xf, yf, compute_mode="donot_use_mm_for_euclid_dist").square().numpy()

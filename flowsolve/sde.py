@@ -307,8 +307,9 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
             in :data:`DIFFUSIONS` (``"constant"``, ``"sigma_scaled"``, ``"forward"``).
         solver: a name in :data:`SDE_SOLVERS`; steps: cells of the grid
             ``linspace(t0, t1, steps + 1)``; ``[t0, t1]`` within [0, 1].
-        generator: seeds the :class:`GridBrownian` (unseeded when None); ``bm``: a torchsde
-            Brownian object of shape ``(B, D)`` to use instead (e.g. a finer GridBrownian).
+        generator: seeds the :class:`GridBrownian` (None: a fresh unseeded generator;
+            torch's global RNG is never used); ``bm``: a torchsde Brownian object of shape
+            ``(B, D)`` to use instead (e.g. a finer GridBrownian).
         times: grid points at which to keep the state.
 
     Returns:

@@ -352,7 +352,8 @@ def compare_solvers(
         repeats, warmup: timed and untimed solves per (solver, budget).
         norm: ``"rms"``, ``"mean"`` or ``"max"`` over the batch of ``||x_hat - x_ref||``.
         t0, t1: the interval; max_steps: step budget of the adaptive solves.
-        generator: draws the shared Brownian path of the SDE solvers.
+        generator: draws the shared Brownian path of the SDE solvers (None: a fresh
+            unseeded generator; torch's global RNG is never used).
 
     Returns:
         :class:`Study`: ``records`` (one dict per solver and budget, keys

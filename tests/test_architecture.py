@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md: a lower module never imports a higher one."""
+"""The import direction of docs/architecture.md: a lower module never imports a higher one."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The public surface sketched in DESIGN.md works as written, end to end."""
+"""The public surface of the design brief works as written, end to end."""
 
 import torch
 
