@@ -28,8 +28,10 @@ atomically (a temporary file, then ``os.replace``) by rank 0, read with
 ``torch.load(weights_only=True)``. Calling :func:`train` again with the same path resumes;
 the losses logged after a resume equal those of a run that never stopped, bit for bit. So a
 resume refuses any setting that would change that trajectory (lr, betas, EMA, clipping,
-warm-up, time distribution, ...; the message names each difference); only ``steps``, the
-logging and checkpoint intervals and the workers may change. Under DDP rank 0 decides
+warm-up, time distribution, ...; the message names each difference), another data set or
+source named by string, another path (by its repr) or another kind of coupling; only
+``steps``, the logging and checkpoint intervals and the workers may change. Data given as
+tensors or callables, and the model, are not recorded: pass the same ones. Under DDP rank 0 decides
 whether to resume and sends its checkpoint to the other ranks. Randomness inside the model
 (dropout layers) draws from torch's global RNG and is outside that guarantee.
 
@@ -201,7 +203,19 @@ _MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every", "nu
 _LEGACY_DEFAULTS = {"ema_warmup": False}
 
 
-def _load(path: Path, cfg: TrainConfig, world: int) -> dict:
+def _setup(data: Any, source: Any, path: Any, coupling: Any) -> dict[str, str | None]:
+    """What a resume compares of the run's inputs: data set names, the path's repr and the
+    coupling's kind; None where the input (a tensor, a callable) has no stable name."""
+    def name(obj: Any) -> str | None:
+        return obj if isinstance(obj, str) else None
+
+    kind = None if coupling is None else type(coupling).__name__ + (
+        f"({coupling.method!r})" if isinstance(getattr(coupling, "method", None), str) else "")
+    return {"data": name(data), "source": "N(0, I)" if source is None else name(source),
+            "path": repr(path), "coupling": kind}
+
+
+def _load(path: Path, cfg: TrainConfig, world: int, setup: dict) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
@@ -212,6 +226,9 @@ def _load(path: Path, cfg: TrainConfig, world: int) -> dict:
     differ = [f"{key}={written[key]!r} (this call: {value!r})" for key, value in now.items()
               if key not in _MAY_CHANGE_ON_RESUME and key in written
               and _plain(written[key]) != _plain(value)]
+    written_setup = state.get("setup", {})  # absent in checkpoints written before it existed
+    differ += [f"{key}={written_setup[key]} (this call: {value})" for key, value in setup.items()
+               if value is not None and written_setup.get(key) not in (None, value)]
     if differ:
         raise ValueError(f"checkpoint {path} was written with {', '.join(differ)}. A resumed run "
                          "continues the same trajectory: use the same values to resume (only "
@@ -274,6 +291,7 @@ class _Run:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed \
             else (0, 1)
         self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
+        self.setup = _setup(*producer_args[:2], path, producer_args[2])
         state = self._resume_state(ckpt, cfg)
         if state is not None:
             self.seed = state["seed"]
@@ -320,11 +338,12 @@ class _Run:
         if ckpt is None:
             return None
         if not self.distributed:
-            return _load(ckpt, cfg, self.world) if ckpt.exists() else None
+            return _load(ckpt, cfg, self.world, self.setup) if ckpt.exists() else None
         box: list[Any] = [None]
         if self.rank == 0:
             try:
-                box = [("state", _load(ckpt, cfg, self.world) if ckpt.exists() else None)]
+                box = [("state", _load(ckpt, cfg, self.world, self.setup) if ckpt.exists()
+                         else None)]
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 box, error = [("error", f"{type(exc).__name__}: {exc}")], exc
         dist.broadcast_object_list(box, src=0)
@@ -397,6 +416,7 @@ class _Run:
             return
         _save(self.ckpt, {
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
+            "setup": self.setup,
             "batch_size": self.cfg.batch_size, "prediction": self.cfg.prediction,
             "config": asdict(self.cfg), "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.model.state_dict(),

@@ -468,3 +468,26 @@ def test_ot_cfm_paths_are_straighter_than_i_cfm():
         energy[name] = metrics.path_energy(torch.stack(xs)).mean().item()
     assert energy["ot"] < energy["icfm"] - 2
     assert abs(energy["ot"] - w2sq) < abs(energy["icfm"] - w2sq)
+
+
+def test_a_checkpoint_of_other_data_path_or_coupling_is_refused(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    bridge = GaussianBridge(0.1, "constant")
+    common = dict(path=bridge, coupling=fs.OTCoupling("exact"), checkpoint=ckpt)
+    train(mlp(), "moons", quiet(steps=2, batch_size=8), **common)
+    changes = [("data", dict(data="8gaussians"), "data=moons (this call: 8gaussians)"),
+               ("source", dict(source="moons"), "source=N(0, I) (this call: moons)"),
+               ("path", dict(path=GaussianBridge(0.5, "constant")), "sigma=0.5"),
+               ("coupling", dict(coupling=fs.OTCoupling("sinkhorn")),
+                "coupling=OTCoupling('exact') (this call: OTCoupling('sinkhorn'))"),
+               ("no coupling", dict(coupling=fs.IndependentCoupling()), "IndependentCoupling")]
+    for _, change, says in changes:
+        args = {"data": "moons", **common, **change}
+        with pytest.raises(ValueError, match=re.escape(says)):
+            train(mlp(), args.pop("data"), quiet(steps=4, batch_size=8), **args)
+    # a checkpoint from before the setup was recorded is not refused for it
+    state = torch.load(ckpt, weights_only=True)
+    del state["setup"]
+    torch.save(state, ckpt)
+    res = train(mlp(), "8gaussians", quiet(steps=4, batch_size=8), **common)
+    assert res.start_step == 2
