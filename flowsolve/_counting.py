@@ -4,21 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 
 class CountingField:
     """Wraps a field ``(x, t) -> Tensor`` and counts its calls in ``nfe`` (a Python int,
-    so counting never touches the device)."""
+    so counting never touches the device).
 
-    def __init__(self, field: Callable[..., Tensor]):
+    With ``like_input=True`` the first call's output ``u`` must have ``x``'s shape and
+    dtype (host metadata only: no device synchronisation); otherwise ValueError naming
+    both, instead of a silent broadcast or dtype change inside a solver."""
+
+    def __init__(self, field: Callable[..., Tensor], *, like_input: bool = False):
         if not callable(field):
             raise TypeError(
                 f"a field must be callable (x, t) -> Tensor; got {type(field).__name__}"
             )
         self.field = field
+        self.like_input = like_input
         self.nfe = 0
 
     def __call__(self, x: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
         self.nfe += 1
-        return self.field(x, t, *args, **kwargs)
+        u = self.field(x, t, *args, **kwargs)
+        if self.like_input and self.nfe == 1:
+            check_like(u, x)
+        return u
+
+
+def check_like(u, x: Tensor) -> None:
+    """``u`` is a tensor with ``x``'s shape and dtype (TypeError / ValueError otherwise)."""
+    if not torch.is_tensor(u):
+        raise TypeError(f"the field must return a tensor shaped like x {tuple(x.shape)}; got "
+                        f"{type(u).__name__}")
+    if u.shape != x.shape or u.dtype != x.dtype:
+        raise ValueError(f"the field must return a tensor of x's shape and dtype: x is "
+                         f"{tuple(x.shape)} {x.dtype}, the field returned {tuple(u.shape)} "
+                         f"{u.dtype}")

@@ -55,10 +55,17 @@ def count(name: str, v) -> int:
 
 
 def check_times(times, t0: float, t1: float) -> list[float]:
-    """Output times: strictly monotone from ``t0`` towards ``t1``, inside the interval."""
+    """Output times: strictly monotone from ``t0`` towards ``t1``, inside the interval.
+
+    A time within ``tol = min(4 eps_32 max(|t0|, |t1|), 1e-3 |t1 - t0|)`` of ``t0`` or
+    ``t1`` is snapped to it (``eps_32`` float32's machine epsilon), so that times given in
+    float32 (``linspace(0, 0.3, 11, dtype=float32)`` ends at 0.30000001) name their
+    endpoint; farther outside the interval they are refused."""
     if times is None:
         return []
     out = torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()
+    tol = min(4 * torch.finfo(torch.float32).eps * max(abs(t0), abs(t1)), 1e-3 * abs(t1 - t0))
+    out = [t0 if abs(t - t0) <= tol else t1 if abs(t - t1) <= tol else t for t in out]
     sign = 1.0 if t1 > t0 else -1.0
     inside = all(sign * (t - t0) >= 0 and sign * (t1 - t) >= 0 for t in out)
     monotone = all(sign * (b - a) > 0 for a, b in zip(out[:-1], out[1:], strict=True))
@@ -74,15 +81,20 @@ def uniform_grid(t0: float, t1: float, steps: int) -> list[float]:
 
 
 def grid_indices(out_times: list[float], grid: list[float]) -> list[int]:
-    """Indices of ``out_times`` in ``grid``; each must be a grid point (to 1e-3 cell)."""
+    """Indices of ``out_times`` in ``grid``; each must be a grid point (to 1e-3 cell), and
+    no two times may name the same point."""
     n, span = len(grid) - 1, grid[-1] - grid[0]
-    idx = []
+    idx: list[int] = []
     for t in out_times:
         k = round((t - grid[0]) / span * n)
         # within 1e-3 of a cell: times given in float32 (1e-7 off) still name their point
         if not 0 <= k <= n or abs(grid[k] - t) > 1e-3 * abs(span) / n:
             raise ValueError(f"times must be points of the grid linspace({grid[0]!r}, "
                              f"{grid[-1]!r}, {n + 1}) of a fixed-step solve; got {t!r}")
+        if idx and idx[-1] == k:
+            raise ValueError(f"times {out_times[len(idx) - 1]!r} and {t!r} both name the grid "
+                             f"point {grid[k]!r} (index {k}) of linspace({grid[0]!r}, "
+                             f"{grid[-1]!r}, {n + 1}); give each grid point once")
         idx.append(k)
     return idx
 

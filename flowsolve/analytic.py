@@ -47,9 +47,10 @@ class GaussianMixture:
     r"""``p(x) = sum_k w_k N(x; mu_k, S_k)`` in d dimensions.
 
     Args:
-        means: ``(K, d)``.
-        covariances: ``(K, d)`` diagonal variances or ``(K, d, d)`` full, positive definite.
-        weights: ``(K,)`` positive (normalised here); uniform when omitted.
+        means: ``(K, d)``, finite.
+        covariances: ``(K, d)`` diagonal variances or ``(K, d, d)`` full, finite and
+            positive definite.
+        weights: ``(K,)`` finite and positive (normalised here); uniform when omitted.
 
     Parameters are kept in float64 and are fixed once built (copies in other dtypes and on
     other devices are cached); every method returns the dtype and device of its input
@@ -65,6 +66,11 @@ class GaussianMixture:
         if weights is None:
             weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
         weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+        for name, v in (("means", means), ("covariances", covs), ("weights", weights)):
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                at = tuple(bad.nonzero()[0].tolist())
+                raise ValueError(f"{name} must be finite; got {v[at].item()!r} at index {at}")
         if weights.shape != (k,) or not bool((weights > 0).all()):
             raise ValueError(
                 f"weights must be ({k},) and positive; got shape {tuple(weights.shape)} "

@@ -3,20 +3,20 @@ the probability-flow ODE of a score model, and the failures a solve can end in.
 
 * :class:`ODESystem` is torchdiffeq's ``func(t, x)``. It counts field evaluations by
   wrapping the field (:class:`~flowsolve._counting.CountingField`, a Python int: no device
-  work), counts attempted / accepted / rejected steps through torchdiffeq's step callbacks,
-  enforces a step budget, and records whether each evaluation was finite
-  (:class:`FiniteRecord`: on an accelerator the record stays on the device and is read at a
-  rejected step and once at the end, never per call). torchdiffeq integrates forwards
+  work; its first output must have the state's shape and dtype), counts attempted /
+  accepted / rejected steps through torchdiffeq's step callbacks, enforces a step budget,
+  and records whether each evaluation was finite (:class:`FiniteRecord`: on an accelerator
+  the record stays on the device and is read at a rejected step and once at the end, never
+  per call). torchdiffeq integrates forwards
   (``t0 < t1``, noise to data) or backwards (``t0 > t1``, data to noise): it negates time
   internally and calls the system with the original ``t``, so the field always sees times
   in [0, 1].
 * :class:`ScipySystem` is scipy's ``fun(t, y)`` on the flattened float64 state, with the
   sparsity of its Jacobian (samples evolve independently: block diagonal) for the implicit
   methods.
-* :class:`Tableau` and :class:`FixedStepLoop` are flowsolve's own explicit Runge-Kutta
-  loop over a precomputed grid, written so that on an accelerator it never synchronises
-  with the host (no ``.item()``, no Python branch on a device tensor, finiteness recorded
-  on the device) and can therefore be captured whole in a CUDA graph.
+* :class:`FiniteRecord` is the finiteness record that the systems above and flowsolve's
+  own fixed-step loop share (the loop, :class:`~flowsolve.fixed_step.Tableau` and
+  :class:`~flowsolve.fixed_step.FixedStepLoop`, lives in :mod:`flowsolve.fixed_step`).
 * :func:`probability_flow` is the ODE whose marginals are those of a score model's
   diffusion, ``u_t = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t)
   s_t`` (Song et al. 2021), an adapter of :mod:`flowsolve.fields`.
@@ -144,7 +144,7 @@ class ODESystem(nn.Module):
                  max_steps: int | None = None, span: tuple[float, float] | None = None):
         super().__init__()
         self.span = span
-        self.counter = CountingField(field)
+        self.counter = CountingField(field, like_input=True)
         if isinstance(field, nn.Module):
             self.model = field  # registered, so odeint_adjoint finds the parameters
         self.solver, self.max_steps = solver, max_steps
@@ -220,7 +220,7 @@ class ScipySystem:
     needs them anyway)."""
 
     def __init__(self, field: Field, x0: Tensor, solver: str):
-        self.counter = CountingField(field)
+        self.counter = CountingField(field, like_input=True)
         self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
         self.solver = solver
 

@@ -12,6 +12,7 @@ order exactly.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,9 @@ class _Stream:
             raise TypeError(f"{what} must be a tensor (N, ...), LabeledSamples or (x, y), a data "
                             "set name, an object with .sample(n, generator=) or a callable "
                             f"f(n, generator=); got {type(obj).__name__}")
+        if self.y is not None and self.y.shape[:1] != self.x.shape[:1]:
+            raise ValueError(f"{what} (x, y) must hold one label per sample, len(x) == len(y); "
+                             f"got x {tuple(self.x.shape)} and y {tuple(self.y.shape)}")
         if self.x is not None:
             n = self.x.shape[0]
             self.per_epoch = n // (batch_size * world)
@@ -155,6 +159,10 @@ class BatchProducer(Dataset):
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype | None = None):
         _check_int(batch_size, "batch_size", 1)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int (any, hashed to 64 bits); got "
+                            f"{type(seed).__name__} {seed!r}")
+        seed = int(seed)
         if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
             raise ValueError(f"rank must be an int in [0, world_size); got rank={rank!r}, "
                              f"world_size={world_size!r}")

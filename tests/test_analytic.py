@@ -230,6 +230,15 @@ def test_ring_mixture_geometry():
         ((torch.zeros(2, 2), -torch.ones(2, 2)), "positive definite"),
         ((torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([1.0, -1.0])), "weights"),
         ((torch.zeros(1, 2), torch.tensor([[[1.0, 2.0], [0.0, 1.0]]])), "symmetric"),
+        # non-finite parameters would give log_prob nan / -inf: refused, naming the argument
+        ((torch.tensor([[0.0, math.nan]]), torch.ones(1, 2)),
+         r"means must be finite; got nan at index \(0, 1\)"),
+        ((torch.zeros(1, 2), torch.tensor([[math.inf, 1.0]])),
+         r"covariances must be finite; got inf at index \(0, 0\)"),
+        ((torch.zeros(1, 2), torch.tensor([[[1.0, math.nan], [math.nan, 1.0]]])),
+         "covariances must be finite"),
+        ((torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([1.0, math.inf])),
+         r"weights must be finite; got inf at index \(1,\)"),
     ],
 )
 def test_bad_mixtures_raise(args, message):

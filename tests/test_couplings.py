@@ -246,6 +246,30 @@ def test_sinkhorn_on_float32_inputs_solves_in_float64_and_costs_in_float32(gen):
                                                                          rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["exact", "sinkhorn"])
+def test_float32_batches_far_from_the_origin_are_coupled_as_in_float64(method, gen):
+    """Both batches offset by 300 in float32: a float32 cost matrix (cdist's |a|^2 + |b|^2 -
+    2 a.b) cancels to ~1e-2: the exact pairing came out above the optimum (here by 2e-4,
+    on other draws by 1%), with a reported cost below it (here by 1e-4). The cost is now
+    computed in float64 on the float32 points: the pairing is POT's optimum to 1e-12, and
+    the reported cost (float32) is the plan's float64 cost to float32 round-off, never below
+    the optimum beyond it."""
+    x0, x1 = _batches(gen, 256, dtype=torch.float32)
+    x0, x1 = x0 + 300, x1 + 300
+    c = _sqcost(x0.double(), x1.double())  # exact differences of the float32 points
+    optimum = _emd2(x0.double(), x1.double())
+    res = OTCoupling(method, reg=0.01).plan(x0, x1, generator=gen)
+    assert res.cost.dtype == torch.float32
+    plan_cost = float((res.plan.double().numpy() * c).sum())
+    assert res.cost.item() == pytest.approx(plan_cost, rel=1e-6)
+    assert res.cost.item() >= optimum * (1 - 1e-6)
+    if method == "exact":
+        pairs = (x0[res.i0].double() - x1[res.i1].double()).square().sum(1).mean().item()
+        assert pairs == pytest.approx(optimum, rel=1e-12)
+    else:
+        assert res.status == "converged" and plan_cost > optimum
+
+
 def test_exact_and_class_conditional_results_name_their_solver(gen):
     x0, x1 = _batches(gen, 12)
     assert OTCoupling("exact").plan(x0, x1).solver == "network_simplex"
@@ -320,6 +344,25 @@ def test_class_conditional_with_source_labels(gen):
         ClassConditionalOT()(x0, x1, y1)
     with pytest.raises(TypeError, match="labels of x1"):
         ClassConditionalOT()(x0, x1)
+
+
+@pytest.mark.parametrize("method", ["exact", "sinkhorn"])
+def test_class_conditional_marginals_when_the_class_proportions_differ(method, gen):
+    """y0 with class proportions (1/3, 2/3), y1 with (2/3, 1/3): the block plan's row
+    marginal is (M_c / M) / N_c = 2/3 on the one x0 of class 0 and 1/6 on each of the two of
+    class 1, not uniform (L1 distance 2/3); marginal_error is measured against these targets
+    and the uniform column marginal, recomputed here from the plan."""
+    x0, x1 = _batches(gen, 3)
+    y0, y1 = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    res = ClassConditionalOT(method, reg=0.5).plan(x0, x1, y1, y0=y0, generator=gen)
+    rows, cols = res.plan.sum(1), res.plan.sum(0)
+    target = torch.tensor([2 / 3, 1 / 6, 1 / 6], dtype=F64)
+    assert torch.allclose(rows, target, atol=1e-4, rtol=0)
+    assert torch.allclose(cols, torch.full((3,), 1 / 3, dtype=F64), atol=1e-4, rtol=0)
+    assert (rows - 1 / 3).abs().sum().item() == pytest.approx(2 / 3, abs=1e-4)
+    err = ((rows - target).abs().sum() + (cols - 1 / 3).abs().sum()).item()
+    assert res.marginal_error == pytest.approx(err, rel=1e-9, abs=1e-15)
+    assert res.marginal_error <= 1e-4
 
 
 # -- independent, paired, registry, pickling ---------------------------------------------

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -255,6 +256,22 @@ def test_ranks_split_each_epoch_of_a_finite_set():
     # the source is N(0, I) shaped like x1 and depends on the rank
     assert producers[0][0].x0.shape == (8, 1)
     assert not torch.equal(producers[0][0].x0, producers[1][0].x0)
+
+
+def test_batch_producer_checks_its_seed_and_its_labels():
+    x = torch.arange(40, dtype=F64)[:, None]
+    for seed in (None, 1.5, "a", True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            BatchProducer(x, batch_size=8, seed=seed)
+    # any integral type: the same batches as the Python int
+    assert torch.equal(BatchProducer(x, batch_size=8, seed=np.int64(3))[0].x0,
+                       BatchProducer(x, batch_size=8, seed=3)[0].x0)
+    for n_labels in (39, 41):  # shorter: IndexError later; longer: silently accepted
+        with pytest.raises(ValueError, match=r"len\(x\) == len\(y\); got x \(40, 1\) and y "
+                                             rf"\({n_labels},\)"):
+            BatchProducer((x, torch.arange(n_labels)), batch_size=8, seed=0)
+    batch = BatchProducer((x, 10 * torch.arange(40)), batch_size=8, seed=0)[1]
+    assert torch.equal(batch.y, 10 * batch.x1.flatten().long())  # labels travel with x
 
 
 # -- torch.distributed ----------------------------------------------------------------------------
