@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--warmups", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: tiny ops on a shared CPU; see "
+                             "benchmarks/README.md)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     batch, steps, warm = args.batch, args.steps, args.warmups
     device = torch.device(args.device)
     torch.manual_seed(0)  # network initialisation only; sampling noise uses generators

@@ -3,9 +3,10 @@ vs in DataLoader workers (overlapping the step), at batch 256, 1024, 4096.
 
 MLP 3x256 (SiLU, sinusoidal time embedding), d = 2, N(0, I) -> 8gaussians, I-CFM / OT-CFM
 bridge with sigma = 0.1, AdamW. Time per step is the steady state: from the end of the
-``--warmup``-th step to the last (the DataLoader's start-up and the pipeline fill are
-excluded). Ratios are from one run. The exact OT is flowsolve.couplings.OTCoupling when it
-is importable, else a stand-in with POT's ``ot.emd`` (say which in the output).
+warm-up (the first fifth of the steps, at least 2) to the last (the DataLoader's start-up
+and the pipeline fill are excluded). Ratios are from one run. The exact OT is
+flowsolve.couplings.OTCoupling when it is importable, else a stand-in with POT's ``ot.emd``
+(say which in the output).
 
 On a GPU (``--device cuda``) the model trains there; ``--couplings independent sinkhorn
 --couple-on-device --workers 0`` couples each batch in the main process on the model's device

@@ -29,7 +29,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     data = get_dataset("8gaussians")  # radius 5, std 1, with an exact log-density
-    model = fs.MLP(2, hidden=128, depth=3)
+    model = fs.MLP(2, hidden=128, depth=3, generator=torch.Generator().manual_seed(args.seed))
     cfg = fs.TrainConfig(steps=args.steps, batch_size=256, lr=2e-3, ema_decay=0.99,
                          progress=False)
     run = fs.train(model, "8gaussians", cfg, coupling=fs.OTCoupling("exact"), generator=gen)

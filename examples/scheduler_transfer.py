@@ -12,11 +12,11 @@ Run: .venv/bin/python examples/scheduler_transfer.py --out transfer-study
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 import flowsolve as fs
+from flowsolve.demo import fresh_folder
 from flowsolve.metrics import wasserstein2
 from flowsolve.solve import sample
 from flowsolve.train import TrainConfig, train
@@ -32,17 +32,18 @@ NFES = [1, 2, 4, 8, 16, 32]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="transfer-study", help="folder for the table and plot")
+    parser.add_argument("--out", default="transfer-study",
+                        help="folder for the table and plot (a numbered sibling if it exists)")
+    parser.add_argument("--force", action="store_true", help="write into --out even if it exists")
     parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)  # small tensors: one thread is fastest on a shared CPU
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_folder(args.out, args.force)  # never replaces earlier results
 
     data = fs.GaussianMixture.ring(n_components=8, radius=4.0, std=0.5)
     condot = fs.CondOTScheduler()
-    model = fs.MLP(2, hidden=128, depth=3)
+    model = fs.MLP(2, hidden=128, depth=3, generator=torch.Generator().manual_seed(args.seed))
     cfg = TrainConfig(steps=args.steps, batch_size=256, lr=2e-3, ema_decay=0.995,
                       progress=False, log_every=max(1, args.steps // 4))
     run = train(model, data, cfg, path=fs.AffineGaussianPath(condot),

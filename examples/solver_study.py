@@ -1,7 +1,7 @@
 """A solver study on the exact velocity of the "8 Gaussians" data: error against NFE and
 wall time for fixed-step, adaptive and SDE solvers, fitted orders, log-likelihood errors.
 
-Run: .venv/bin/python examples/solver_study.py [--out FOLDER]
+Run: .venv/bin/python examples/solver_study.py [--out FOLDER] [--force]
 
 Prints the table and writes study.csv, study.json and work_precision.png to FOLDER
 (default ./solver-study).
@@ -13,12 +13,16 @@ from pathlib import Path
 import torch
 
 import flowsolve as fs
+from flowsolve.demo import fresh_folder
 from flowsolve.studies import compare_solvers
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--out", type=Path, default=Path("solver-study"), help="output folder")
+parser.add_argument("--out", type=Path, default=Path("solver-study"),
+                    help="output folder (a numbered sibling if it exists)")
+parser.add_argument("--force", action="store_true", help="write into --out even if it exists")
 parser.add_argument("--batch", type=int, default=128, help="number of source points")
 args = parser.parse_args()
+out = fresh_folder(args.out, args.force)  # never replaces earlier results
 torch.set_num_threads(1)  # small 2-D batches: more threads only add synchronisation
 
 gen = torch.Generator().manual_seed(0)
@@ -48,11 +52,10 @@ print(study.table())
 print(f"\nreference: {study.meta['reference_solver']} at rtol=atol={study.meta['reference_tol']:g}"
       f"; SDE reference: {study.meta['sde']['reference_solver']} with "
       f"{study.meta['sde']['reference_steps']} steps on the same Brownian path")
-args.out.mkdir(parents=True, exist_ok=True)
-study.to_csv(args.out / "study.csv")
-study.to_json(args.out / "study.json")
+study.to_csv(out / "study.csv")
+study.to_json(out / "study.json")
 try:
-    study.plot(args.out / "work_precision.png")
+    study.plot(out / "work_precision.png")
 except ImportError as err:  # matplotlib is optional
     print(f"no plot: {err}")
-print(f"results written to {args.out.resolve()}")
+print(f"results written to {out.resolve()}")
