@@ -212,6 +212,9 @@ def _mixture_sampler(mix: GaussianMixture) -> Sampler:
 
     def sample(n: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
         dev = _device_of(g)
+        if n == 0:  # torch.multinomial refuses to draw no samples
+            return (torch.zeros(0, mix.dim, dtype=F64, device=dev),
+                    torch.zeros(0, dtype=torch.long, device=dev))
         comp = torch.multinomial(mix.weights.to(dev), n, replacement=True, generator=g)
         z = _randn((n, mix.dim), g) * mix.eigvals.to(dev)[comp].sqrt()
         if mix.eigvecs is not None:

@@ -16,10 +16,18 @@ Exact methods (all compute the ``d`` diagonal entries ``e_i^T J e_i`` with one-h
   forward-AD formulas for every op of the field);
 * ``"batched-vjp"``: one batched forward, then chunks of one-hot cotangents
   ``V`` of shape ``(chunk, B, *event_shape)`` pushed through one batched backward,
-  ``torch.autograd.grad(u, x, V, is_grads_batched=True)``; never forms the Jacobian, works
-  on any batched model, memory bounded by ``chunk_size``;
-* ``"loop"``: a Python loop of ``d`` backward passes, ``grad(u[:, i].sum(), x)``; the
-  fallback for models that ``torch.func`` cannot transform.
+  ``torch.autograd.grad(u, x, V, is_grads_batched=True)``; never forms the Jacobian (nor
+  the ``d x d`` identity: each chunk's cotangents are built on their own), works on any
+  batched model, memory bounded by ``chunk_size``. With ``create_graph=True`` the batched
+  backward is instead ``torch.func.vjp`` of the batched field, vmapped over the
+  cotangents (the same divergence; its gradients agree to rounding), because torch's
+  ``is_grads_batched`` double backward fails for ``nn.GroupNorm`` (torch 2.x; "The size
+  of tensor a ... must match"), i.e. for :class:`flowsolve.unet.UNet`; the field is
+  still called once on the whole batch, and Python control flow on values still works
+  (only the backward is vmapped);
+* ``"loop"``: a Python loop of ``d`` backward passes, the ``i``-th
+  ``grad(u.reshape(B, d)[:, i].sum(), x)`` (output entry ``i`` of the flattened event,
+  summed over the batch); the fallback for models that ``torch.func`` cannot transform.
 
 Per-sample independence is assumed: sample ``b`` of the output depends only on sample ``b``
 of the input. ``"batched-vjp"``, ``"loop"`` and Hutchinson differentiate the batch sum, so a
@@ -33,11 +41,13 @@ Hutchinson's estimator (Hutchinson 1989; FFJORD, Grathwohl et al. 2019): for pro
 
     div ~= mean_j e_j^T J e_j,   stderr = std_j(e_j^T J e_j) / sqrt(k),
 
-all ``k`` vector-Jacobian products in one batched backward. With ``S = (J + J^T) / 2`` the
-symmetric part of ``J`` (``e^T J e = e^T S e``), Rademacher probes (entries +-1) have
-variance ``2 sum_{i != j} S_ij^2`` (only off-diagonal entries; exact when ``S`` is
-diagonal, e.g. ``J = c I``), Gaussian probes ``2 ||S||_F^2``. Probes must stay fixed for a
-whole ODE solve (:func:`make_probes` once, then pass them to every call).
+all ``k`` vector-Jacobian products in one batched backward (``torch.func.vjp`` vmapped
+over the probes with ``create_graph=True`` and ``k > 1``, as for ``"batched-vjp"``). With
+``S = (J + J^T) / 2`` the symmetric part of ``J`` (``e^T J e = e^T S e``), Rademacher
+probes (entries +-1) have variance ``2 sum_{i != j} S_ij^2`` (only off-diagonal entries;
+exact when ``S`` is diagonal, e.g. ``J = c I``), Gaussian probes ``2 ||S||_F^2``. Probes
+must stay fixed for a whole ODE solve (:func:`make_probes` once, then pass them to every
+call).
 """
 
 from __future__ import annotations
@@ -173,13 +183,54 @@ def _requires_grad(x: Tensor) -> Tensor:
 
 
 def _vjp(u: Tensor, xg: Tensor, v: Tensor | None, **kwargs) -> Tensor:
-    """``v^T du/dx``; zero where ``u`` does not depend on ``x`` (a constant field)."""
+    """``v^T du/dx``, shaped ``(c, *x.shape)`` for ``c`` batched cotangents
+    (``is_grads_batched=True``), else like ``x``; zero where ``u`` does not depend on ``x``
+    (a constant field, or one that depends on parameters only)."""
+    batched = kwargs.get("is_grads_batched", False)
     if not u.requires_grad:
-        batched = kwargs.get("is_grads_batched", False)
         shape = (v.shape[0], *xg.shape) if batched else xg.shape
         return torch.zeros(shape, dtype=xg.dtype, device=xg.device)
     (g,) = torch.autograd.grad(u, xg, v, allow_unused=True, materialize_grads=True, **kwargs)
+    if batched and g.dim() == xg.dim():  # unused x: materialized zeros shaped like x only
+        g = g.expand(v.shape[0], *xg.shape)
     return g
+
+
+def _func_pullback(field: Field, xg: Tensor, t: Tensor) -> tuple[Tensor, Callable]:
+    """``u = field(xg, t)`` (one batched call) and ``V -> V^T du/dx`` for stacked cotangents
+    ``V`` ``(c, *x.shape)``, by ``torch.func.vjp`` vmapped over ``V``. The result keeps the
+    graph to the field's parameters and to ``xg``'s own history (``create_graph=True``);
+    unlike ``is_grads_batched`` its double backward works for ``nn.GroupNorm``."""
+    from torch.func import vjp, vmap
+
+    def f(z: Tensor) -> Tensor:
+        out = field(z, t)
+        _check_output(out, xg.shape)
+        return out
+
+    u, pullback = vjp(f, xg)
+
+    def pull(v: Tensor) -> Tensor:
+        try:
+            return vmap(lambda w: pullback(w)[0])(v)
+        except RuntimeError as err:
+            if not any(s in str(err) for s in ("vmap", "functorch", "batching rule")):
+                raise
+            raise RuntimeError(
+                "create_graph=True batches the backward with torch.func.vmap, which failed "
+                "for this field (an op or autograd.Function without a batching rule); use "
+                f"method='loop'. torch said: {str(err).splitlines()[0][:200]}"
+            ) from err
+
+    return u, pull
+
+
+def _one_hot(start: int, stop: int, d: int, like: Tensor) -> Tensor:
+    """Rows ``start .. stop - 1`` of the ``d x d`` identity, ``(stop - start, d)``, without
+    forming the identity (memory ``(stop - start) d``)."""
+    e = torch.zeros(stop - start, d, dtype=like.dtype, device=like.device)
+    e.diagonal(start).fill_(1)
+    return e
 
 
 def _finish(u: Tensor, div: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
@@ -194,16 +245,20 @@ def _batched_vjp(field: Field, x: Tensor, t: Tensor, chunk_size: int | None,
     chunk = default_chunk(x) if chunk_size is None else min(chunk_size, d)
     with torch.enable_grad():
         xg = _requires_grad(x)
-        u = field(xg, t)
-        _check_output(u, x.shape)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        if create_graph:
+            u, pull = _func_pullback(field, xg, t)
+        else:
+            u = field(xg, t)
+            _check_output(u, x.shape)
         div = torch.zeros(b, dtype=x.dtype, device=x.device)
         for start in range(0, d, chunk):
             stop = min(start + chunk, d)
             c = stop - start
-            v = eye[start:stop, None, :].expand(c, b, d).reshape(c, *x.shape)
-            g = _vjp(u, xg, v, retain_graph=create_graph or stop < d,
-                     create_graph=create_graph, is_grads_batched=True)
+            v = _one_hot(start, stop, d, x)[:, None, :].expand(c, b, d).reshape(c, *x.shape)
+            if create_graph:
+                g = pull(v)
+            else:
+                g = _vjp(u, xg, v, retain_graph=stop < d, is_grads_batched=True)
             # g[j, b, start + j] for j < c: the diagonal of this block of J
             block = g.reshape(c, b, d)[:, :, start:stop]
             div = div + torch.diagonal(block, dim1=0, dim2=2).sum(-1)
@@ -233,7 +288,11 @@ def _vmap(field: Field, x: Tensor, t: Tensor, chunk_size: int | None, create_gra
     from torch.func import jvp, vjp, vmap
 
     event, d = x.shape[1:], x[0].numel()
-    basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, *event)
+    # one-hot basis chunks (chunk_size rows each, never the whole d x d identity when
+    # chunked); the diagonal entries are concatenated before the one sum, so the result is
+    # that of vmap(..., chunk_size) over the whole basis
+    step = d if chunk_size is None else min(chunk_size, d)
+    bounds = [(start, min(start + step, d)) for start in range(0, d, step)]
 
     def one(xi: Tensor, ti: Tensor | None) -> tuple[Tensor, Tensor]:
         def f(z: Tensor) -> Tensor:
@@ -241,14 +300,19 @@ def _vmap(field: Field, x: Tensor, t: Tensor, chunk_size: int | None, create_gra
             _check_output(out, torch.Size((1, *event)))
             return out.squeeze(0)
 
+        def basis(start: int, stop: int) -> Tensor:
+            return _one_hot(start, stop, d, x).reshape(stop - start, *event)
+
         if forward:
             def diag_fwd(e: Tensor) -> Tensor:
                 return (jvp(f, (xi,), (e,))[1] * e).sum()
 
-            return f(xi), vmap(diag_fwd, chunk_size=chunk_size)(basis).sum()
-        y, pullback = vjp(f, xi)
-        diag = vmap(lambda e: (pullback(e)[0] * e).sum(), chunk_size=chunk_size)(basis)
-        return y, diag.sum()
+            y, diag_of = f(xi), vmap(diag_fwd)
+        else:
+            y, pullback = vjp(f, xi)
+            diag_of = vmap(lambda e: (pullback(e)[0] * e).sum())
+        diag = [diag_of(basis(start, stop)) for start, stop in bounds]
+        return y, (diag[0] if len(diag) == 1 else torch.cat(diag)).sum()
 
     batched = vmap(one, in_dims=(0, None if t.dim() == 0 else 0))
     try:
@@ -257,10 +321,20 @@ def _vmap(field: Field, x: Tensor, t: Tensor, chunk_size: int | None, create_gra
         else:
             with torch.no_grad():  # torch.func still differentiates inside; no outer graph
                 u, div = batched(x.detach(), None if t.dim() == 0 else t)
-    except RuntimeError as err:
-        if not any(s in str(err) for s in ("vmap", "functorch", "forward AD")):
-            raise
+    except (RuntimeError, ValueError, IndexError) as err:
         name = "vmap-jacfwd" if forward else "vmap-jacrev"
+        bound = _per_sample_bound(field, x.shape[0])
+        if bound is not None:  # e.g. functools.partial(net, y=labels), labels (B,)
+            raise type(err)(
+                f"method={name!r} calls the field on one sample at a time (a batch of one), "
+                f"but it carries a per-sample tensor bound with functools.partial ({bound}), "
+                "which then no longer matches the batch; use method='batched-vjp' or "
+                f"'loop', which call the field on the whole batch. The field said: "
+                f"{str(err).splitlines()[0][:200]}"
+            ) from err
+        if isinstance(err, ValueError | IndexError) or not any(
+                s in str(err) for s in ("vmap", "functorch", "forward AD")):
+            raise
         raise RuntimeError(
             f"method={name!r} could not transform the field with torch.func (it reads a "
             "per-sample value in Python, calls .item(), or uses an op without a batching or "
@@ -268,6 +342,19 @@ def _vmap(field: Field, x: Tensor, t: Tensor, chunk_size: int | None, create_gra
             f"the whole batch. torch said: {str(err).splitlines()[0][:200]}"
         ) from err
     return _finish(u, div, create_graph)
+
+
+def _per_sample_bound(field: object, b: int) -> str | None:
+    """Names a tensor argument of shape ``(B, ...)`` bound into ``field`` by
+    ``functools.partial`` (``"keyword 'y' of shape (3,)"``), or None (also when B = 1)."""
+    while b > 1 and isinstance(field, functools.partial):
+        bound = [(f"argument {i + 1}", a) for i, a in enumerate(field.args)]
+        bound += [(f"keyword {k!r}", a) for k, a in field.keywords.items()]
+        for where, a in bound:
+            if torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == b:
+                return f"{where} of shape {tuple(a.shape)}"
+        field = field.func
+    return None
 
 
 EXACT_METHODS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
@@ -331,12 +418,16 @@ def _hutchinson(field: Field, x: Tensor, t: Tensor, probes: Tensor,
     k, b = probes.shape[0], x.shape[0]
     with torch.enable_grad():
         xg = _requires_grad(x)
-        u = field(xg, t)
-        _check_output(u, x.shape)
-        if k == 1:
-            g = _vjp(u, xg, probes[0], create_graph=create_graph).unsqueeze(0)
+        if k > 1 and create_graph:  # is_grads_batched's double backward fails for GroupNorm
+            u, pull = _func_pullback(field, xg, t)
+            g = pull(probes)
         else:
-            g = _vjp(u, xg, probes, create_graph=create_graph, is_grads_batched=True)
+            u = field(xg, t)
+            _check_output(u, x.shape)
+            if k == 1:
+                g = _vjp(u, xg, probes[0], create_graph=create_graph).unsqueeze(0)
+            else:
+                g = _vjp(u, xg, probes, is_grads_batched=True)
         est = (g * probes).reshape(k, b, -1).sum(-1)  # e_j^T J e_j, (k, B)
     mean = est.mean(0)
     if k == 1:

@@ -3,7 +3,8 @@ r"""Small networks that follow the field convention ``model(x, t, y=None)``.
 ``t`` is a 0-d tensor (one time for the whole batch, broadcast) or a ``(B,)`` tensor, in
 flow time (0 = source, 1 = data). The forward passes do shape checks only, no value checks
 that would read a device tensor, so the models run inside ``torch.func`` transforms and
-solver loops without host synchronisation (except the class-label range check, on CPU).
+solver loops without host synchronisation (except the class-label range check, on CPU
+tensors outside ``torch.func`` transforms only, so ``vmap`` / ``jacrev`` over labels works).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import _on_host
 
 __all__ = ["ACTIVATIONS", "SinusoidalTimeEmbedding", "MLP", "initial_weights_from"]
 
@@ -79,7 +82,8 @@ class SinusoidalTimeEmbedding(nn.Module):
         _positive_int(dim, "dim", 2)
         if dim % 2:
             raise ValueError(f"dim must be even (sin and cos pairs); got dim={dim!r}")
-        if not (math.isfinite(max_frequency) and max_frequency >= 1):
+        if isinstance(max_frequency, bool) or not isinstance(max_frequency, int | float) or \
+                not (math.isfinite(max_frequency) and max_frequency >= 1):
             raise ValueError(f"max_frequency must be a finite number >= 1; got {max_frequency!r}")
         self.dim, self.max_frequency = dim, float(max_frequency)
         half = dim // 2
@@ -233,7 +237,7 @@ class MLP(nn.Module):
             raise ValueError(
                 f"y must be 0-d or shaped (B,) = ({b},); got y of shape {tuple(y.shape)}"
             )
-        if y.device.type == "cpu" and y.numel():
+        if _on_host(y) and y.numel():  # no value check on a device or under vmap / jacrev
             bad = (y < 0) | (y > self.num_classes)
             if bool(bad.any()):
                 raise ValueError(

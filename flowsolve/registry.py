@@ -1,7 +1,8 @@
 """Solver registry: names with their declared facts (STYLE.md conventions 1 and 2).
 
 The ODE and SDE front doors each build a :class:`SolverRegistry`; studies enumerate them.
-Unknown names raise a ValueError that lists the accepted ones.
+Unknown names (and non-names such as a list) raise a ValueError that lists the accepted
+ones; a name registered twice is refused when the registry is built.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ class SolverRegistry(Mapping[str, SolverInfo]):
     """A read-only ``{name: SolverInfo}`` mapping whose lookups fail helpfully."""
 
     def __init__(self, infos: list[SolverInfo], what: str = "solver"):
-        self._infos = {info.name: info for info in infos}
+        self._infos: dict[str, SolverInfo] = {}
+        for info in infos:
+            if info.name in self._infos:
+                raise ValueError(f"{what} {info.name!r} is registered twice: "
+                                 f"{self._infos[info.name]} and {info}; names must be unique")
+            self._infos[info.name] = info
         self._what = what
 
     def __getitem__(self, name: str) -> SolverInfo:
@@ -57,6 +63,11 @@ class SolverRegistry(Mapping[str, SolverInfo]):
         except KeyError:
             raise UnknownSolverError(
                 f"unknown {self._what} {name!r}; accepted: {', '.join(sorted(self._infos))}"
+            ) from None
+        except TypeError:  # unhashable, e.g. solver=["rk4"]
+            raise UnknownSolverError(
+                f"{self._what} must be a name (str); got {name!r} of type "
+                f"{type(name).__name__}; accepted: {', '.join(sorted(self._infos))}"
             ) from None
 
     def __iter__(self) -> Iterator[str]:

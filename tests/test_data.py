@@ -151,6 +151,21 @@ def test_the_generator_is_the_only_randomness(name):
     assert a.shape == (64, 2) and a.dtype == torch.get_default_dtype()
 
 
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_no_samples_is_an_empty_draw(name):
+    """n = 0 is accepted by every data set (the mixtures' torch.multinomial refused it)."""
+    for dtype in (None, F64):
+        s = sample_labeled(name, 0, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        assert s.x.shape == (0, 2) and s.y.shape == (0,) and len(s) == 0
+        assert s.x.dtype == (dtype or torch.get_default_dtype()) and s.y.dtype == torch.long
+        assert sample_dataset(name, 0).shape == (0, 2)
+    # n = 0 leaves the draws of a later call as they were
+    g = torch.Generator().manual_seed(3)
+    sample_dataset(name, 0, generator=g)
+    assert torch.equal(sample_dataset(name, 5, generator=g),
+                       sample_dataset(name, 5, generator=torch.Generator().manual_seed(3)))
+
+
 def test_unknown_names_and_bad_arguments_list_what_is_accepted():
     with pytest.raises(ValueError, match="accepted: 8gaussians, .*moons.*2spirals"):
         sample_dataset("swissroll", 4)

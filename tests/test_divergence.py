@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import flowsolve as fs
 from flowsolve import analytic
@@ -20,6 +22,8 @@ from flowsolve.divergence import (
     make_probes,
     value_and_divergence,
 )
+from flowsolve.nets import MLP
+from flowsolve.unet import UNet
 
 F64 = torch.float64
 EXACT = list(EXACT_METHODS)
@@ -177,6 +181,126 @@ def test_field_independent_of_x_has_zero_divergence(method, gen):
                                    probes=probes, create_graph=create_graph)
         assert torch.equal(res.divergence, torch.zeros(4, dtype=F64))
         assert torch.equal(res.value, torch.full_like(x, 0.5))
+
+
+@pytest.mark.parametrize("method", [*EXACT, "hutchinson"])
+def test_field_of_parameters_only_has_zero_divergence(method, gen):
+    """u = t w depends on a parameter w but not on x: the divergence is 0 (batched-vjp used
+    to crash reshaping the materialised x-shaped zeros), the value keeps its graph to w."""
+    w = torch.randn(2, 3, generator=gen, dtype=F64, requires_grad=True)
+    x = torch.randn(4, 2, 3, generator=gen, dtype=F64)
+    probes = [make_probes(x.shape, k, generator=gen, dtype=F64) for k in (1, 3)]
+    settings = ([dict(probes=p) for p in probes] if method == "hutchinson"
+                else [dict(chunk_size=c) for c in (None, 1, 4)])
+    for kwargs in settings:
+        for create_graph in (False, True):
+            res = value_and_divergence(lambda x, t: w.expand_as(x) * t, x, 0.5, method=method,
+                                       create_graph=create_graph, **kwargs)
+            assert torch.equal(res.divergence, torch.zeros(4, dtype=F64))
+            assert torch.equal(res.value, 0.5 * w.detach().expand_as(x))
+            if create_graph:  # d(sum value)/dw = B t per entry
+                (gw,) = torch.autograd.grad(res.value.sum(), w)
+                assert torch.equal(gw, torch.full_like(w, 2.0))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest storage (in elements) behind any tensor an op returns, the
+    backward passes and torch.func transforms included."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("method", ["batched-vjp", "vmap-jacrev", "vmap-jacfwd"])
+def test_memory_is_bounded_by_the_chunk(method, gen):
+    """No tensor larger than chunk * B * d (the cotangents of one chunk) is ever allocated:
+    in particular not the d x d identity (d = 256 here: 65,536 entries against 2,048)."""
+    x = torch.randn(2, 1, 16, 16, generator=gen, dtype=F64)
+    b, d, chunk = 2, 256, 4
+    for create_graph in (False, True):
+        with _LargestTensor() as mode:
+            res = value_and_divergence(lambda x, t: torch.tanh(x) * t, x, 0.5, method=method,
+                                       chunk_size=chunk, create_graph=create_graph)
+        assert mode.largest <= chunk * b * d, mode.largest
+        want = 0.5 * (1 - torch.tanh(x) ** 2).sum((1, 2, 3))  # closed form
+        torch.testing.assert_close(res.divergence.detach(), want, rtol=1e-13, atol=1e-13)
+
+
+# ------------------------------------------------- GroupNorm (the U-Net) with a graph
+def _group_norm_cases():
+    unet = UNet(channels=4, embedding_dim=8, groups=2,
+                generator=torch.Generator().manual_seed(0)).double().eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        norm = nn.GroupNorm(2, 4).double()
+        with torch.no_grad():  # affine parameters away from (1, 0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(5)
+    return {
+        "unet": (unet, torch.randn(2, 1, 8, 8, generator=g, dtype=F64),
+                 torch.rand(2, generator=g, dtype=F64)),
+        "group_norm": (lambda x, t, n=norm: torch.tanh(n(x)) * (1 + t[:, None, None]),
+                       torch.randn(3, 4, 5, generator=g, dtype=F64),
+                       torch.rand(3, generator=g, dtype=F64)),
+    }, {"unet": list(unet.parameters()), "group_norm": list(norm.parameters())}
+
+
+@pytest.mark.parametrize("case", ["unet", "group_norm"])
+@pytest.mark.parametrize("method", ["auto", "batched-vjp", "hutchinson"])
+def test_create_graph_through_group_norm_equals_the_loop(method, case):
+    """torch's is_grads_batched double backward fails for nn.GroupNorm ("The size of tensor
+    a (2) must match ..."), and method='auto' picks batched-vjp with create_graph: the
+    divergence and its parameter gradients must equal the loop's (float64)."""
+    fields, params = _group_norm_cases()
+    field, x, t = fields[case]
+    params = params[case]
+    probes = None
+    if method == "hutchinson":
+        probes = make_probes(x.shape, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+        xr = x.clone().requires_grad_(True)
+        ur = field(xr, t)  # e^T (J e) by an independent loop of VJPs
+        target = sum((torch.autograd.grad(ur, xr, p, create_graph=True)[0] * p)
+                     .reshape(x.shape[0], -1).sum(1) for p in probes) / 3
+    else:
+        target = reference_divergence(field, x, t, create_graph=True)
+    expected = torch.autograd.grad(target.sum(), params, allow_unused=True)
+    for chunk in ((None,) if method == "hutchinson" else (None, 7)):
+        res = value_and_divergence(field, x, t, method=method, probes=probes,
+                                   chunk_size=chunk, create_graph=True)
+        assert res.method == ("batched-vjp" if method == "auto" else method)
+        torch.testing.assert_close(res.divergence, target, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(res.divergence.sum(), params, allow_unused=True)
+        for g, e in zip(got, expected, strict=True):
+            if e is None:  # e.g. the U-Net's read-out bias does not enter the Jacobian
+                assert g is None or g.abs().max() == 0
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+        assert any(e is not None and e.abs().max() > 0 for e in expected)
+
+
+@pytest.mark.parametrize("method", ["vmap-jacrev", "vmap-jacfwd"])
+def test_vmap_methods_refuse_per_sample_labels_bound_by_partial(method, gen):
+    """vmap calls the field on one sample, so labels y (B,) bound by functools.partial no
+    longer match: the error names the bound tensor and the methods that work."""
+    net = MLP(6, hidden=16, depth=2, time_embedding_dim=8, num_classes=3,
+              generator=torch.Generator().manual_seed(0)).double()
+    x = torch.randn(4, 6, generator=gen, dtype=F64)
+    field = functools.partial(net, y=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"keyword 'y' of shape \(4,\).*'batched-vjp' or 'loop'"):
+        value_and_divergence(field, x, 0.5, method=method)
+    ref = reference_divergence(field, x, torch.tensor(0.5, dtype=F64))
+    for ok in ("batched-vjp", "loop"):
+        got = value_and_divergence(field, x, 0.5, method=ok).divergence
+        assert (got - ref).abs().max() < 1e-10
 
 
 def test_scalar_events_and_auto_rule(gen):

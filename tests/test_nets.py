@@ -58,6 +58,12 @@ def test_embedding_rejects_bad_arguments(kwargs, match):
         SinusoidalTimeEmbedding(**kwargs)
 
 
+def test_embedding_rejects_a_non_number_max_frequency():
+    for bad in ("30", None, True):
+        with pytest.raises(ValueError, match="max_frequency must be a finite number >= 1"):
+            SinusoidalTimeEmbedding(8, max_frequency=bad)
+
+
 def test_embedding_rejects_non_tensor_time():
     with pytest.raises(TypeError, match="t must be a torch.Tensor"):
         SinusoidalTimeEmbedding(8)(0.5)
@@ -167,6 +173,26 @@ def test_mlp_runs_under_torch_func_jacobians(gen):
     for i in range(5):
         want = torch.autograd.functional.jacobian(lambda xi, i=i: single(xi, t[i]), x[i])
         torch.testing.assert_close(jac[i], want, rtol=1e-12, atol=1e-14)
+
+
+def test_mlp_runs_under_torch_func_over_labels(gen):
+    """vmap / jacrev over (x, y) together: the label-range check (a host read on CPU) must
+    step aside inside transforms; results equal the batched call and autograd's Jacobian."""
+    net = make_mlp(num_classes=3)
+    x = torch.randn(5, 2, generator=gen, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 1])  # 3 = the null label
+
+    def single(xi, yi):
+        return net(xi[None], 0.4, y=yi[None])[0]
+
+    out = torch.func.vmap(single)(x, y)
+    torch.testing.assert_close(out, net(x, 0.4, y=y), rtol=1e-13, atol=1e-14)
+    jac = torch.func.vmap(torch.func.jacrev(single))(x, y)
+    for i in range(5):
+        want = torch.autograd.functional.jacobian(lambda xi, i=i: single(xi, y[i]), x[i])
+        torch.testing.assert_close(jac[i], want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="got values"):  # still checked outside transforms
+        net(x, 0.4, y=torch.tensor([0, 1, 2, 4, 1]))
 
 
 def test_raw_time_selu_mlp_is_the_ot_cfm_papers_network(gen):

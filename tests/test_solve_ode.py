@@ -108,6 +108,21 @@ def test_registry_is_read_from_the_libraries():
     assert ODE_SOLVERS["implicit_adams"].order is None
 
 
+def test_registry_refuses_non_names_and_duplicates(x0):
+    from flowsolve.registry import SolverInfo, SolverRegistry, UnknownSolverError
+
+    with pytest.raises(ValueError, match=r"ODE solver must be a name \(str\); got \['rk4'\] "
+                       r"of type list; accepted: .*dopri5.*rk4"):
+        sample(U, x0, ["rk4"], steps=4)
+    assert ["rk4"] not in ODE_SOLVERS and ODE_SOLVERS.get(["rk4"]) is None
+    with pytest.raises(UnknownSolverError):
+        ODE_SOLVERS[{"rk4"}]
+    a = SolverInfo("a", "ode", False, 1.0, "x", "a")
+    with pytest.raises(ValueError, match="'a' is registered twice"):
+        SolverRegistry([a, SolverInfo("a", "ode", True, 2.0, "x", "b")])
+    assert list(SolverRegistry([a, SolverInfo("b", "ode", True, 2.0, "x", "b")])) == ["a", "b"]
+
+
 def test_unknown_solver_lists_the_valid_names(x0):
     with pytest.raises(ValueError, match="unknown ODE solver 'rk5'") as err:
         sample(U, x0, "rk5", steps=4)

@@ -53,10 +53,70 @@ def test_labels_and_time_change_the_output_and_none_is_the_null_label(gen):
     torch.testing.assert_close(net(x, 0.5, y=torch.tensor(3)), net(x, 0.5, y=torch.full((4,), 3)))
 
 
-def test_parameter_count_of_the_default_is_a_few_1e5():
-    n = sum(p.numel() for p in UNet(num_classes=10).parameters())
-    assert 1e5 < n < 3e5
-    assert sum(p.numel() for p in UNet(channels=16, embedding_dim=64).parameters()) < 1.1e5
+def unet_parameter_count(c: int, e: int, classes: int | None, channels: int = 1) -> int:
+    """The architecture of the module docstring, counted by hand."""
+    def conv(i, o, k=3):
+        return i * o * k * k + o
+
+    def norm(ch):
+        return 2 * ch
+
+    def block(i, o):
+        skip = 0 if i == o else conv(i, o, 1)
+        return norm(i) + conv(i, o) + (e * o + o) + norm(o) + conv(o, o) + skip
+
+    f = c + c % 2
+    time = (f * e + e) + (e * e + e)
+    labels = 0 if classes is None else (classes + 1) * e
+    return (time + labels + conv(channels, c) + block(c, c) + conv(c, c) + block(c, 2 * c)
+            + block(2 * c, 2 * c) + block(4 * c, 2 * c) + conv(2 * c, c) + block(2 * c, c)
+            + norm(c) + conv(c, channels))
+
+
+def test_parameter_counts_are_the_documented_ones():
+    def count(**kwargs):
+        return sum(p.numel() for p in UNet(**kwargs).parameters())
+
+    assert count(num_classes=10) == unet_parameter_count(24, 96, 10) == 216_481
+    assert count(channels=16, embedding_dim=64, num_classes=10) == 96_961
+    assert unet_parameter_count(16, 64, 10) == 96_961
+    assert count(channels=16, embedding_dim=64) == unet_parameter_count(16, 64, None)
+    assert count(channels=5, embedding_dim=6, num_classes=2, in_channels=3) == \
+        unet_parameter_count(5, 6, 2, channels=3)
+
+
+def test_max_frequency_sets_the_time_embedding_only(gen):
+    """Default 1000 (the documented digits results); other values change the frequencies
+    omega_k = max_frequency^(k / (h - 1)) and nothing else (same weights from a generator)."""
+    default = UNet(channels=8, embedding_dim=16, generator=torch.Generator().manual_seed(2))
+    low = UNet(channels=8, embedding_dim=16, generator=torch.Generator().manual_seed(2),
+               max_frequency=30.0)
+    for net, top in ((default, 1000.0), (low, 30.0)):
+        omega = net.time_embedding[0].omega
+        torch.testing.assert_close(omega, top ** (torch.arange(4, dtype=F64) / 3))
+    assert all(torch.equal(p, q) for p, q in zip(default.parameters(), low.parameters(),
+                                                 strict=True))
+    x = torch.randn(2, 1, 8, 8, generator=gen)
+    assert not torch.equal(default(x, 0.7), low(x, 0.7))
+    torch.testing.assert_close(default(x, 0.0), low(x, 0.0))  # e(0) = [0.., 1..] for both
+    with pytest.raises(ValueError, match="max_frequency must be"):
+        UNet(max_frequency=0.5)
+
+
+def test_runs_under_torch_func_over_labels(gen):
+    """vmap / jacrev over (x, y): the CPU label-range check must step aside in transforms."""
+    net = make(num_classes=3)
+    x = torch.randn(3, 1, 8, 8, generator=gen, dtype=F64)
+    y = torch.tensor([0, 2, 3])
+
+    def single(xi, yi):
+        return net(xi[None], 0.3, y=yi[None])[0]
+
+    torch.testing.assert_close(torch.func.vmap(single)(x, y), net(x, 0.3, y=y),
+                               rtol=1e-12, atol=1e-13)
+    jac = torch.func.vmap(torch.func.jacrev(single))(x, y)  # (3, 1, 8, 8, 1, 8, 8)
+    want = torch.autograd.functional.jacobian(lambda xi: single(xi, y[1]), x[1])
+    torch.testing.assert_close(jac[1], want, rtol=1e-11, atol=1e-13)
 
 
 def test_an_output_pixel_sees_the_whole_8x8_image(gen):
