@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "save_atomically"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
@@ -49,3 +49,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     finally:
         if not keep and tmp.exists():
             tmp.unlink()
+
+
+def save_atomically(obj: object, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`write_atomically`."""
+    import torch
+
+    return write_atomically(path, lambda file: torch.save(obj, file), overwrite=overwrite)

@@ -5,16 +5,16 @@ JSON written atomically, a Markdown table, a work-precision plot). Private; re-e
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._files import write_atomically
 
 __all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry"]
 
@@ -76,22 +76,11 @@ def order_entry(records: list[dict], solver: str, kind: str, declared: float | N
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it: readers see
-    the old file or the new one, never half of one (permissions follow the umask)."""
+    """Write ``data`` to ``path`` atomically (:func:`flowsolve._files.write_atomically`),
+    creating its folder: readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda file: file.write(data))
 
 
 def _parse_cell(text: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ._files import write_atomically
+from ._files import save_atomically, write_atomically
 from .bridges import GaussianBridge
 from .couplings import IndependentCoupling, OTCoupling
 from .data import DATASETS, sample_dataset
@@ -64,10 +64,6 @@ def _out_path(path: str | None, force: bool) -> Path | None:
         raise CliError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") \
             from None
     return out
-
-
-def _save_atomically(obj, path: Path, force: bool) -> None:
-    write_atomically(path, lambda file: torch.save(obj, file), overwrite=force)
 
 
 def _device(name: str) -> str:
@@ -133,10 +129,11 @@ def _train(args: argparse.Namespace) -> int:
     run = train(model, args.data, cfg, source=source, path=path, coupling=coupling,
                 generator=_generator(args.seed))
     net = run.ema_model if run.ema_model is not None else run.model
-    _save_atomically({"format": MODEL_FORMAT, "arch": arch, "state_dict": net.state_dict(),
-                      "trained": {"data": args.data, "source": args.source or "normal",
-                                  "method": args.method, "sigma": args.sigma,
-                                  "steps": args.steps, "seed": args.seed}}, out, args.force)
+    save_atomically({"format": MODEL_FORMAT, "arch": arch, "state_dict": net.state_dict(),
+                     "trained": {"data": args.data, "source": args.source or "normal",
+                                 "method": args.method, "sigma": args.sigma,
+                                 "steps": args.steps, "seed": args.seed}}, out,
+                    overwrite=args.force)
     print(f"trained {args.method} on {args.data}: loss {run.losses[0]:.4f} -> "
           f"{run.losses[-1]:.4f} in {run.wall_time:.1f}s; wrote {out}")
     return 0
@@ -163,7 +160,7 @@ def _sample(args: argparse.Namespace) -> int:
         res = sample(lambda x, t: model(x, t), x0, args.solver, **_solver_kwargs(args))
     print(f"{args.n} samples with {args.solver}: NFE {res.nfe}")
     if out is not None:
-        _save_atomically({"x": res.x.cpu(), "nfe": res.nfe}, out, args.force)
+        save_atomically({"x": res.x.cpu(), "nfe": res.nfe}, out, overwrite=args.force)
         print(f"wrote {out}")
     return 0
 

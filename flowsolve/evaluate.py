@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._files import write_atomically
+from ._files import save_atomically
 
 __all__ = ["evaluate_dataset", "shard_bounds"]
 
@@ -52,10 +52,6 @@ def _merge(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     than samples) contributes ``{}`` and is skipped."""
     parts = [p for p in parts if p]
     return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
-
-
-def _save_atomically(state: dict, path: Path) -> None:
-    write_atomically(path, lambda file: torch.save(state, file))
 
 
 class _Progress:
@@ -146,7 +142,7 @@ def evaluate_dataset(
             state["results"].setdefault(key, []).append(value.detach().cpu())
         state["next"] = hi
         if ckpt is not None:
-            _save_atomically(state, ckpt)
+            save_atomically(state, ckpt)
         bar.update(hi - start)
     local = {k: torch.cat(v) for k, v in state["results"].items()}
     if distributed:

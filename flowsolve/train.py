@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ._files import write_atomically
+from ._files import save_atomically
 from .bridges import GaussianBridge, bridge_matching_loss
 from .ema import EMA
 from .losses import (
@@ -191,10 +191,6 @@ class TrainResult:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def _save(path: Path, state: dict) -> None:
-    write_atomically(path, lambda file: torch.save(state, file))
-
-
 # Settings a resumed run may change: they do not alter the weights' trajectory (workers give
 # the same batches as the main process). Every other setting must match the checkpoint's.
 _MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every", "num_workers",
@@ -414,7 +410,7 @@ class _Run:
     def save(self, step: int) -> None:
         if self.ckpt is None or self.rank != 0:
             return
-        _save(self.ckpt, {
+        save_atomically({
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
             "setup": self.setup,
             "batch_size": self.cfg.batch_size, "prediction": self.cfg.prediction,
@@ -423,7 +419,7 @@ class _Run:
             "optimizer": self.opt.state_dict(), "count": self.count,
             "history": {"step": self.log_steps, "loss": self.losses},
             "running": self.running.detach().cpu(),
-        })
+        }, self.ckpt)
 
 
 def train(
