@@ -32,12 +32,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
             return path
         try:  # a hard link creates `path` only if it does not exist: no check-then-write race
             os.link(tmp, path)
-        except FileExistsError:
-            keep = True
-            raise FileExistsError(f"{path} appeared while the result was being computed; it "
-                                  f"was left as it is, and the result is in {tmp}") from None
-        except OSError:  # a file system without hard links
-            if path.exists():
+        except OSError as err:  # it exists, or the file system has no hard links
+            if isinstance(err, FileExistsError) or path.exists():
                 keep = True
                 raise FileExistsError(f"{path} appeared while the result was being computed; "
                                       f"it was left as it is, and the result is in {tmp}") \

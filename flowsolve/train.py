@@ -412,9 +412,7 @@ class _Run:
             return
         save_atomically({
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
-            "setup": self.setup,
-            "batch_size": self.cfg.batch_size, "prediction": self.cfg.prediction,
-            "config": asdict(self.cfg), "model": self.model.state_dict(),
+            "setup": self.setup, "config": asdict(self.cfg), "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.model.state_dict(),
             "optimizer": self.opt.state_dict(), "count": self.count,
             "history": {"step": self.log_steps, "loss": self.losses},
