@@ -37,15 +37,39 @@ class BitsPerDim:
     Attributes:
         bpd: bits per dimension, ``(B,)``.
         nll_nats: ``-log P(k)`` bound in nats, ``(B,)``.
-        estimator: ``"uniform dequantisation, mean of K=1"`` or
+        estimator: ``"uniform dequantisation, mean of K=1 (over K draws)"`` or
             ``"uniform dequantisation, importance-weighted K=..."``.
         draws: the number K of dequantisation draws.
+
+    The aggregate over the samples is derived, never stored: :attr:`mean_bpd` and its
+    standard error :attr:`mean_bpd_stderr`.
     """
 
     bpd: Tensor
     nll_nats: Tensor
     estimator: str
     draws: int
+
+    @property
+    def mean_bpd(self) -> Tensor:
+        """The data set's bits/dim: the mean of :attr:`bpd` over its ``N`` samples (0-d)."""
+        return self.bpd.mean()
+
+    @property
+    def mean_bpd_stderr(self) -> Tensor:
+        """Standard error of :attr:`mean_bpd`, ``sqrt(sum_n (bpd_n - mean)^2 / (N - 1)) /
+        sqrt(N)`` from all ``N`` per-sample values (it covers the spread of the data and of
+        the dequantisation and probe draws); NaN for ``N < 2`` (0-d)."""
+        n = self.bpd.numel()
+        if n < 2:
+            return torch.full((), float("nan"), dtype=self.bpd.dtype, device=self.bpd.device)
+        return self.bpd.std(unbiased=True) / math.sqrt(n)
+
+
+def _estimator_label(draws: int, importance_weighted: bool) -> str:
+    if importance_weighted:
+        return f"uniform dequantisation, importance-weighted K={draws}"
+    return f"uniform dequantisation, mean of K=1 (over {draws} draws)"
 
 
 def _check_range(n_bins: int, low: float, high: float) -> None:
@@ -134,9 +158,7 @@ def discrete_bits_per_dim(
     ])  # (K, B)
     if importance_weighted:
         bound = torch.logsumexp(log_pz, dim=0) - math.log(draws)
-        estimator = f"uniform dequantisation, importance-weighted K={draws}"
     else:
         bound = log_pz.mean(0)
-        estimator = f"uniform dequantisation, mean of K=1 (over {draws} draws)"
     return BitsPerDim(bpd=-bound / (dim * math.log(2.0)), nll_nats=-bound,
-                      estimator=estimator, draws=draws)
+                      estimator=_estimator_label(draws, importance_weighted), draws=draws)

@@ -315,6 +315,10 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
     Returns:
         :class:`SDESolution` with ``x`` at ``t1`` and the counted evaluations.
 
+    Raises:
+        ValueError: a model's first output is not shaped like ``x`` with ``x``'s dtype
+            (it would be broadcast into the drift, or change the state's dtype).
+
     Example:
         >>> import flowsolve as fs
         >>> path = fs.AffineGaussianPath(fs.CondOTScheduler())
@@ -333,8 +337,8 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
         raise ValueError(f"need 0 <= t0 < t1 <= 1 (0 = noise, 1 = data); got t0={t0!r}, "
                          f"t1={t1!r}")
     g = diffusion_schedule(diffusion, path=path)
-    velocity = CountingField(field) if field is not None else None
-    score_c = CountingField(score) if score is not None else None
+    velocity = CountingField(field, like_input=True) if field is not None else None
+    score_c = CountingField(score, like_input=True) if score is not None else None
     drift = _Drift(velocity, score_c, path, g)
     drift.check(torch.tensor([t0, t1], dtype=torch.float64))
     sde = _AdditiveSDE(drift, g, x0.shape[1:], info)
@@ -369,7 +373,7 @@ def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, ste
     info = SDE_SOLVERS[solver]
     _check_state(x0)
     g = diffusion_schedule(diffusion)
-    s = CountingField(score)
+    s = CountingField(score, like_input=True)
     fixed = torch.tensor(float(score_t), dtype=x0.dtype, device=x0.device)
     sde = _AdditiveSDE(lambda x, t: 0.5 * g(t) ** 2 * s(x, fixed), g, x0.shape[1:], info)
     x, t_rec, traj = _integrate(sde, x0, solver, s0, s1, steps, generator, bm, times)

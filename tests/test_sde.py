@@ -299,6 +299,29 @@ def test_non_finite_state_names_time_and_solver():
         sample_sde(bad, noise(4, gen(22)), score=S, steps=10, solver="heun", generator=gen(0))
 
 
+@pytest.mark.parametrize("model", ["velocity", "score", "langevin"])
+@pytest.mark.parametrize("bad", ["(B, 1)", "(D,)", "float32"])
+def test_a_model_of_the_wrong_shape_or_dtype_is_refused(model, bad):
+    """A (B, 1) or (D,) output used to be broadcast into the drift silently, and a float32
+    one mixed into a float64 state: every SDE entry point refuses them at the first call,
+    naming x's and the output's shape and dtype."""
+    exact = {"velocity": U, "score": S, "langevin": S}[model]
+    wrong = {"(B, 1)": lambda x, t: exact(x, t)[:, :1],
+             "(D,)": lambda x, t: exact(x, t).sum(0),
+             "float32": lambda x, t: exact(x, t).float()}[bad]
+    returned = {"(B, 1)": r"\(4, 1\) torch.float64", "(D,)": r"\(2,\) torch.float64",
+                "float32": r"\(4, 2\) torch.float32"}[bad]
+    x0 = noise(4, gen(24))
+    with pytest.raises(ValueError, match=r"x is \(4, 2\) torch.float64, the field returned "
+                                         + returned):
+        if model == "velocity":
+            sample_sde(wrong, x0, score=S, steps=4, t1=0.99, generator=gen(0))
+        elif model == "score":
+            sample_sde(U, x0, score=wrong, steps=4, t1=0.99, generator=gen(0))
+        else:
+            langevin(wrong, x0, dt=0.01, steps=4, generator=gen(0))
+
+
 def test_input_errors_name_the_argument():
     x0 = noise(4, gen(23))
     with pytest.raises(ValueError, match="unknown diffusion 'loud'.*sigma_scaled"):
