@@ -141,27 +141,116 @@ def test_dataset_evaluation_matches_single_batches(gen, tmp_path):
     torch.testing.assert_close(out["log_prob"], single)
 
 
+def _bpd_by_hand(field, k, batches, seed, draws, iw, **ll_kwargs):
+    """Per-sample bits/dim with every batch's draws taken by hand from a generator seeded
+    seed + offset: for each draw the noise u (the batch's shape), then the probes of that
+    draw's solve; log p_z = log p_1(y) + D log(2 / 256), bound = mean (or log-mean-exp)."""
+    dim = k[0].numel()
+    out = []
+    for offset, size in batches:
+        kb = k[offset:offset + size].to(F64)
+        g = torch.Generator().manual_seed(seed + offset)
+        log_pz = []
+        for _ in range(draws):
+            y = -1 + 2 * (kb + torch.rand(kb.shape, generator=g, dtype=F64)) / 256
+            lp = log_likelihood(field, y, generator=g, **ll_kwargs).log_prob
+            log_pz.append(lp + dim * math.log(2 / 256))
+        log_pz = torch.stack(log_pz)
+        bound = torch.logsumexp(log_pz, 0) - math.log(draws) if iw else log_pz.mean(0)
+        out.append(-bound / (dim * math.log(2)))
+    return torch.cat(out)
+
+
 @pytest.mark.parametrize("draws, iw", [(1, False), (3, False), (3, True)])
 def test_bits_per_dim_of_a_known_gaussian(draws, iw):
     """u = 0 with prior N(0, s^2 I): log p_1 = log N(y; 0, s^2 I) on the dequantised points
     y = -1 + 2 (k + u) / 256, so per draw log p_z = log N(y) + D log(2 / 256) and
-    bpd = -bound / (D ln 2), bound the mean (or log-mean-exp) over the draws."""
-    s, dim = 0.5, 4
-    k = torch.randint(0, 256, (3, dim), generator=torch.Generator().manual_seed(5))
+    bpd = -bound / (D ln 2), bound the mean (or log-mean-exp) over the draws; the noise of
+    the batch starting at sample i comes from a generator seeded 7 + i (batches of 3 of 7
+    samples: offsets 0, 3, 6). The data set's value is the mean over all 7 samples and its
+    stderr the sample std of all 7 over sqrt(7)."""
+    s, dim, n = 0.5, 4, 7
+    k = torch.randint(0, 256, (n, dim), generator=torch.Generator().manual_seed(5))
     res = dataset_bits_per_dim(lambda x, t: torch.zeros_like(x), k, draws=draws,
                                importance_weighted=iw, solver="euler", steps=1,
-                               prior=fs.StandardNormal(dim, std=s),
-                               generator=torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)  # the same draws, in the same order
-    ys = [-1 + 2 * (k.to(F64) + torch.rand(k.shape, generator=g, dtype=F64)) / 256
-          for _ in range(draws)]
-    lp = torch.stack([-0.5 * (y / s).square().sum(1) - dim * math.log(s)
-                      - 0.5 * dim * math.log(2 * math.pi) for y in ys])
-    log_pz = lp + dim * math.log(2 / 256)
-    bound = torch.logsumexp(log_pz, 0) - math.log(draws) if iw else log_pz.mean(0)
-    torch.testing.assert_close(res.bpd, -bound / (dim * math.log(2)), rtol=0, atol=1e-12)
+                               prior=fs.StandardNormal(dim, std=s), batch_size=3, seed=7,
+                               progress=False)
+    bounds = []
+    for offset in (0, 3, 6):  # the same draws, in the same order, batch by batch
+        g = torch.Generator().manual_seed(7 + offset)
+        kb = k[offset:offset + 3].to(F64)
+        ys = [-1 + 2 * (kb + torch.rand(kb.shape, generator=g, dtype=F64)) / 256
+              for _ in range(draws)]
+        lp = torch.stack([-0.5 * (y / s).square().sum(1) - dim * math.log(s)
+                          - 0.5 * dim * math.log(2 * math.pi) for y in ys])
+        log_pz = lp + dim * math.log(2 / 256)
+        bounds.append(torch.logsumexp(log_pz, 0) - math.log(draws) if iw else log_pz.mean(0))
+    bound = torch.cat(bounds)
+    bpd = -bound / (dim * math.log(2))
+    torch.testing.assert_close(res.bpd, bpd, rtol=0, atol=1e-12)
     torch.testing.assert_close(res.nll_nats, -bound, rtol=0, atol=1e-12)
-    assert res.draws == draws
+    assert res.draws == draws and res.bpd.dtype == F64
+    assert res.estimator == ("uniform dequantisation, importance-weighted K=3" if iw else
+                             f"uniform dequantisation, mean of K=1 (over {draws} draws)")
+    mean = bpd.sum() / n
+    stderr = ((bpd - mean).square().sum() / (n - 1)).sqrt() / math.sqrt(n)
+    torch.testing.assert_close(res.mean_bpd, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.mean_bpd_stderr, stderr, rtol=0, atol=1e-12)
+
+
+def _wavy(z, t):
+    """A nonlinear field on any event shape: Hutchinson's estimate of its divergence is
+    random, so the probes' generator shows in the result."""
+    return torch.tanh(z) * (1.0 + t) - 0.3 * z.roll(1, dims=-1)
+
+
+HUTCH = dict(divergence="hutchinson", n_probes=2, probe="gaussian", solver="rk4", steps=4)
+
+
+def test_dataset_bits_per_dim_is_per_batch_with_seeded_noise_and_probes():
+    """Image-shaped data (7, 2, 3) in batches of 3, Hutchinson with Gaussian probes and two
+    draws: each batch equals bits/dim computed by hand with one generator seeded
+    seed + offset for its noise and probes (in float64, to 1e-12)."""
+    k = torch.randint(0, 256, (7, 2, 3), generator=torch.Generator().manual_seed(9))
+    res = dataset_bits_per_dim(_wavy, k, draws=2, batch_size=3, seed=11, progress=False,
+                               **HUTCH)
+    expected = _bpd_by_hand(_wavy, k, [(0, 3), (3, 3), (6, 1)], 11, 2, False, **HUTCH)
+    assert res.bpd.shape == (7,)
+    torch.testing.assert_close(res.bpd, expected, rtol=0, atol=1e-12)
+    # the probes matter: other probes give another value (so the comparison above pins them)
+    other = _bpd_by_hand(_wavy, k, [(0, 3), (3, 3), (6, 1)], 12, 2, False, **HUTCH)
+    assert (res.bpd - other).abs().min() > 1e-6
+
+
+def test_dataset_bits_per_dim_resumes_bit_for_bit(tmp_path):
+    """Interrupted in its last batch and resumed from the checkpoint, the run equals an
+    uninterrupted one bit for bit, and the resumed call evaluates only the missing batch."""
+    k = torch.randint(0, 256, (7, 3), generator=torch.Generator().manual_seed(4))
+    kw = dict(draws=2, batch_size=3, seed=3, progress=False, **HUTCH)
+    whole = dataset_bits_per_dim(_wavy, k, **kw)
+    ckpt = tmp_path / "bpd.pt"
+    seen = []
+
+    def flaky(z, t):
+        seen.append(z.shape[0])
+        if z.shape[0] == 1 and len(seen) < 1000:
+            raise RuntimeError("interrupted")
+        return _wavy(z, t)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        dataset_bits_per_dim(flaky, k, checkpoint=ckpt, **kw)
+    assert torch.load(ckpt, weights_only=True)["next"] == 6
+    seen[:] = [0] * 1000  # the next attempt at the last batch succeeds
+    resumed = dataset_bits_per_dim(flaky, k, checkpoint=ckpt, **kw)
+    assert set(seen[1000:]) == {1}  # batches 0 and 3 were not recomputed
+    assert torch.equal(resumed.bpd, whole.bpd) and torch.equal(resumed.nll_nats, whole.nll_nats)
+    assert not ckpt.exists()
+
+
+def test_mean_bpd_stderr_needs_two_samples():
+    one = fs.BitsPerDim(bpd=torch.tensor([3.0], dtype=F64), nll_nats=torch.tensor([1.0]),
+                        estimator="e", draws=1)
+    assert one.mean_bpd.item() == 3.0 and math.isnan(one.mean_bpd_stderr.item())
 
 
 def test_bad_arguments_raise():
@@ -177,6 +266,13 @@ def test_bad_arguments_raise():
     with pytest.raises(TypeError, match="takes seed=, not generator="):
         dataset_log_likelihood(lambda x, t: x, x, progress=False, solver="euler", steps=2,
                                generator=torch.Generator())
+    k = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="dataset_bits_per_dim takes seed=, not generator="):
+        dataset_bits_per_dim(lambda x, t: x, k, progress=False, solver="euler", steps=2,
+                             generator=torch.Generator())
+    with pytest.raises(ValueError, match="draws must be"):
+        dataset_bits_per_dim(lambda x, t: x, k, draws=0, progress=False, solver="euler",
+                             steps=2)
 
 
 @pytest.mark.parametrize("prior, got", [
@@ -216,12 +312,18 @@ def _ll_worker(rank, world, init_file, x, out_dir):
         data = fs.Gaussian(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
         u = analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CondOTScheduler()))
         out = dataset_log_likelihood(u, x, batch_size=3, progress=False, solver="rk4", steps=8)
+        k = ((x.clamp(-0.999, 0.999) + 1) * 128).floor().long()
+        bpd = dataset_bits_per_dim(u, k, draws=2, batch_size=3, seed=5, progress=False, **HUTCH)
+        out.update(bpd=bpd.bpd, nll_nats=bpd.nll_nats)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_dataset_likelihood_sharded_over_two_gloo_ranks(tmp_path, gen):
+    """log-likelihoods and bits/dim of 9 samples over two ranks: rank 0 holds [0, 5) in
+    batches at 0 and 3, rank 1 [5, 9) at 5 and 8, each drawing from seed + offset; every
+    rank returns the whole in data-set order."""
     import torch.multiprocessing as mp
 
     x = torch.randn(9, 2, generator=gen, dtype=F64)
@@ -229,9 +331,13 @@ def test_dataset_likelihood_sharded_over_two_gloo_ranks(tmp_path, gen):
     data = fs.Gaussian(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
     u = analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CondOTScheduler()))
     single = log_likelihood(u, x, solver="rk4", steps=8).log_prob
+    k = ((x.clamp(-0.999, 0.999) + 1) * 128).floor().long()
+    bpd = _bpd_by_hand(u, k, [(0, 3), (3, 2), (5, 3), (8, 1)], 5, 2, False, **HUTCH)
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(out["log_prob"], single)
+        torch.testing.assert_close(out["bpd"], bpd, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out["nll_nats"], bpd * 2 * math.log(2), rtol=0, atol=1e-11)
 
 
 class _LinearField(torch.nn.Module):

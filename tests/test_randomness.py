@@ -84,8 +84,10 @@ CASES = {
     "dequantize": lambda g: fs.dequantize(K, generator=g),
     "discrete_bits_per_dim": lambda g: discrete_bits_per_dim(
         lambda y: -y.pow(2).flatten(1).sum(1), K, draws=2, generator=g).bpd,
+    # takes seed= (one generator per batch, seeded seed + offset), never generator=
     "dataset_bits_per_dim": lambda g: fs.dataset_bits_per_dim(
-        linear, K, divergence="hutchinson", solver="euler", steps=2, generator=g).bpd,
+        linear, K, divergence="hutchinson", solver="euler", steps=2, batch_size=2,
+        seed=0 if g is None else g.initial_seed(), progress=False).bpd,
     "wasserstein2_subsampled": lambda g: fs.wasserstein2(_data(12, 2), _data(10, 2, seed=3),
                                                          max_samples=5, generator=g),
     "ot_exact_unequal_batches": lambda g: fs.OTCoupling("exact")(_data(8, 2), X1,
