@@ -11,6 +11,7 @@ result is then kept beside it, and the message says where).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -182,6 +183,8 @@ def _likelihood(args: argparse.Namespace) -> int:
               if args.n > 1 else " nats (one point: no standard error)")
     print(f"log-likelihood of {args.n} {data} points: {mean:.4f}{spread}, {res.divergence}, "
           f"{args.solver}, NFE {res.nfe}")
+    dims = x[0].numel()  # continuous data: bits/dim = -log p(x) / (D ln 2), no dequantisation
+    print(f"= {-mean / (dims * math.log(2)):.4f} bits/dim (D = {dims}, continuous density)")
     if res.stderr is not None:
         print(f"mean Hutchinson standard error per point: {res.stderr.mean().item():.4f}")
     if out is not None:

@@ -1,5 +1,7 @@
 """The flowsolve command: a tiny train -> sample -> likelihood -> transfer round, and errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -30,6 +32,9 @@ def test_likelihood_exact_and_hutchinson_agree(model_file, tmp_path, capsys):
     assert main(args + ["--divergence", "hutchinson", "--probes", "64",
                         "--out", str(tmp_path / "hutch.csv")]) == 0
     exact = [float(r) for r in (tmp_path / "exact.csv").read_text().split()[1:]]
+    printed = capsys.readouterr().out.split("\n")[1]  # the exact run's bits/dim line
+    bpd = -sum(exact) / len(exact) / (2 * math.log(2))  # -log p / (D ln 2), D = 2
+    assert printed.startswith(f"= {bpd:.4f} bits/dim (D = 2"), printed
     rows = [r.split(",") for r in (tmp_path / "hutch.csv").read_text().split()[1:]]
     for e, (h, se) in zip(exact, rows, strict=True):
         assert abs(e - float(h)) < 5 * float(se) + 1e-9
