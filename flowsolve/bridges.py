@@ -51,7 +51,7 @@ class GaussianBridge:
         self.sigma, self.schedule = float(sigma), schedule
 
     def __repr__(self) -> str:
-        return f"GaussianBridge(sigma={self.sigma:g}, schedule={self.schedule!r})"
+        return f"GaussianBridge(sigma={self.sigma!r}, schedule={self.schedule!r})"
 
     def sigma_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(sigma_t, sigma'_t)``."""

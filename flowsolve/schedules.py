@@ -185,7 +185,7 @@ class PolynomialScheduler(Scheduler):
         return torch.pow(1 / (1 + 1 / snr), 1 / self.n)
 
     def __repr__(self):
-        return f"PolynomialScheduler(n={self.n:g})"
+        return f"PolynomialScheduler(n={self.n!r})"
 
 
 class CosineScheduler(Scheduler):
@@ -267,7 +267,7 @@ class LinearVPScheduler(Scheduler):
         return (1 - s).clamp(0, 1)  # an snr within rounding of the range stays in [0, 1]
 
     def __repr__(self):
-        return f"LinearVPScheduler(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
+        return f"LinearVPScheduler(beta_min={self.beta_min!r}, beta_max={self.beta_max!r})"
 
 
 class VEScheduler(Scheduler):
@@ -307,7 +307,7 @@ class VEScheduler(Scheduler):
         return t.clamp(0, 1)  # an snr within rounding of the range stays in [0, 1]
 
     def __repr__(self):
-        return f"VEScheduler(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g})"
+        return f"VEScheduler(sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r})"
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {

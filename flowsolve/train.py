@@ -23,17 +23,22 @@ step's own randomness (``t``, bridge noise, label dropout) comes from a generato
 model's device seeded likewise by ``(seed, k, r)``.
 
 **Checkpoints** (``checkpoint=path``) hold the model, EMA, optimizer, step, seed, the
-loss history and the running loss sum, as tensors and plain containers only: written
+loss history and each rank's running loss sum, as tensors and plain containers only: written
 atomically (a temporary file, then ``os.replace``) by rank 0, read with
 ``torch.load(weights_only=True)``. Calling :func:`train` again with the same path resumes;
 the losses logged after a resume equal those of a run that never stopped, bit for bit. So a
 resume refuses any setting that would change that trajectory (lr, betas, EMA, clipping,
 warm-up, time distribution, ...; the message names each difference), another data set or
-source named by string, another path (by its repr) or another kind of coupling; only
-``steps``, the logging and checkpoint intervals and the workers may change. Data given as
-tensors or callables, and the model, are not recorded: pass the same ones. Under DDP rank 0 decides
-whether to resume and sends its checkpoint to the other ranks. Randomness inside the model
-(dropout layers) draws from torch's global RNG and is outside that guarantee.
+source (a name, N(0, I) for ``source=None``, or a tensor / callable: these three differ),
+another path (by its repr, which holds exact floats) or another kind of coupling
+(``coupling=None`` is one kind, distinct from ``IndependentCoupling()``); only ``steps``,
+the logging and checkpoint intervals and the workers may change, and so may the settings
+the run never reads (``dsm_weighting`` unless ``prediction="score"``, ``label_dropout`` for a
+model without ``num_classes``, ``ema_warmup`` without EMA). Data given as tensors or
+callables, and the model, are not recorded: pass the same ones. Under DDP rank 0 decides
+whether to resume and sends its checkpoint to the other ranks, and each rank takes back its
+own running loss sum. Randomness inside the model (dropout layers) draws from torch's global
+RNG and is outside that guarantee.
 
 **torch.distributed**: when a process group is initialised, the model is wrapped in
 ``DistributedDataParallel``; every rank draws and couples its own batch of
@@ -48,7 +53,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import numbers
+import operator
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +64,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -99,7 +108,8 @@ class TrainConfig:
     workers produce and couple batches (0: the main process; then ``couple_on_device``
     couples on the model's device, e.g. a GPU Sinkhorn). Workers are forked where the
     platform allows (``worker_start_method=None``); a coupling that uses CUDA inside a
-    worker needs ``"spawn"`` and picklable data, source and coupling.
+    worker needs ``"spawn"`` and picklable data, source and coupling. Numbers may be numpy
+    scalars: they are stored as Python ints / floats (a checkpoint holds plain types only).
     """
 
     steps: int = 1000
@@ -124,6 +134,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # built-in types only: numpy scalars would pass the checks below but are not
+        # loadable by torch.load(weights_only=True) once written into a checkpoint
+        for name, value in _coerced(self).items():
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "prediction", _canonical(self.prediction, "prediction"))
         for name, (ok, accepted) in _RULES.items():
             value = getattr(self, name)
@@ -134,6 +148,44 @@ class TrainConfig:
         if self.couple_on_device and self.num_workers:
             raise ValueError("couple_on_device=True needs num_workers=0 (workers run on the "
                              f"host); got num_workers={self.num_workers}")
+
+
+_INTS = ("steps", "batch_size", "log_every", "prefetch_factor", "warmup_steps",
+         "checkpoint_every", "num_workers")
+_FLOATS = ("lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout")
+_STRINGS = ("prediction", "dsm_weighting", "time_distribution", "worker_start_method")
+_BOOLS = ("ema_warmup", "couple_on_device", "progress")
+
+
+def _coerced(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` given as other numeric types (numpy scalars, ...) converted to
+    int / float / str / bool; a bool stays a bool (and is refused where a number is due)."""
+    out: dict[str, Any] = {}
+
+    def number(value: Any, kind: type) -> Any:
+        if isinstance(value, (bool, np.bool_)) or type(value) is kind:
+            return value
+        if kind is int:
+            try:
+                return operator.index(value)
+            except TypeError:
+                return value
+        return float(value) if isinstance(value, numbers.Real) else value
+
+    for name in _INTS:
+        out[name] = number(getattr(cfg, name), int)
+    for name in _FLOATS:
+        out[name] = number(getattr(cfg, name), float)
+    betas = cfg.betas
+    if isinstance(betas, (tuple, list)):
+        out["betas"] = tuple(number(b, float) for b in betas)
+    for name in _STRINGS:
+        value = getattr(cfg, name)
+        out[name] = str(value) if isinstance(value, str) else value
+    for name in _BOOLS:
+        value = getattr(cfg, name)
+        out[name] = bool(value) if isinstance(value, np.bool_) else value
+    return out
 
 
 def _int_at_least(minimum: int) -> tuple[Callable[[Any], bool], str]:
@@ -199,32 +251,67 @@ _MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every", "nu
 _LEGACY_DEFAULTS = {"ema_warmup": False}
 
 
+# Version of the "setup" record: 2 from when the reprs of the paths hold exact floats (the
+# earlier ones rounded to 6 significant digits) and coupling=None is recorded as "None".
+_SETUP_VERSION = 2
+_UNNAMED = "a tensor or callable (not recorded)"
+
+
 def _setup(data: Any, source: Any, path: Any, coupling: Any) -> dict[str, str | None]:
     """What a resume compares of the run's inputs: data set names, the path's repr and the
-    coupling's kind; None where the input (a tensor, a callable) has no stable name."""
+    coupling's kind ("None" for no coupling); None where the data or source (a tensor, a
+    callable) has no stable name. A resume refuses any difference, None included."""
     def name(obj: Any) -> str | None:
         return obj if isinstance(obj, str) else None
 
-    kind = None if coupling is None else type(coupling).__name__ + (
+    kind = "None" if coupling is None else type(coupling).__name__ + (
         f"({coupling.method!r})" if isinstance(getattr(coupling, "method", None), str) else "")
     return {"data": name(data), "source": "N(0, I)" if source is None else name(source),
             "path": repr(path), "coupling": kind}
 
 
-def _load(path: Path, cfg: TrainConfig, world: int, setup: dict) -> dict:
+_FLOAT_LITERAL = re.compile(r"(?<![\w.])-?(?:\d+\.\d*(?:e[+-]?\d+)?|\d+e[+-]?\d+)(?![\w.])")
+
+
+def _rounded_repr(text: str) -> str:
+    """A path repr as version 1 of the setup wrote it: floats formatted with ``:g``."""
+    return _FLOAT_LITERAL.sub(lambda m: f"{float(m.group()):g}", text)
+
+
+def _written_setup(state: dict, setup: dict) -> dict:
+    """The checkpoint's setup record in this version's terms, and the keys it lacks taken
+    from ``setup`` (unchecked); ``setup`` itself for a checkpoint written before it."""
+    written = state.get("setup")
+    if not isinstance(written, dict):  # written before the setup was recorded: unchecked
+        return dict(setup)
+    written = {**setup, **written}
+    if state.get("setup_version", 1) < 2:
+        if written["coupling"] is None:  # version 1 wrote None for coupling=None
+            written["coupling"] = "None"
+        if written["path"] == _rounded_repr(setup["path"]):  # it recorded no more digits
+            written["path"] = setup["path"]
+    return written
+
+
+def _load(path: Path, cfg: TrainConfig, world: int, setup: dict, conditional: bool) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
     written = {**_LEGACY_DEFAULTS, **state.get("config", {}), "world_size": state["world_size"]}
     now = {**asdict(cfg), "world_size": world}
+    # settings this run never reads (the prediction and EMA are compared themselves)
     if cfg.ema_decay is None and written.get("ema_decay") is None:
         now.pop("ema_warmup")  # no EMA either way: its warm-up is irrelevant
+    if cfg.prediction != "score":
+        now.pop("dsm_weighting")  # only the score loss is weighted
+    if not conditional:
+        now.pop("label_dropout")  # a model without num_classes is fed no labels
     differ = [f"{key}={written[key]!r} (this call: {value!r})" for key, value in now.items()
               if key not in _MAY_CHANGE_ON_RESUME and key in written
               and _plain(written[key]) != _plain(value)]
-    written_setup = state.get("setup", {})  # absent in checkpoints written before it existed
-    differ += [f"{key}={written_setup[key]} (this call: {value})" for key, value in setup.items()
-               if value is not None and written_setup.get(key) not in (None, value)]
+    written_setup = _written_setup(state, setup)
+    differ += [f"{key}={_shown(written_setup[key])} (this call: {_shown(value)})"
+               for key, value in setup.items() if written_setup[key] != value]
     if differ:
         raise ValueError(f"checkpoint {path} was written with {', '.join(differ)}. A resumed run "
                          "continues the same trajectory: use the same values to resume (only "
@@ -235,6 +322,10 @@ def _load(path: Path, cfg: TrainConfig, world: int, setup: dict) -> dict:
 
 def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def _shown(value: str | None) -> str:
+    return _UNNAMED if value is None else value
 
 
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike, *, ema: bool = True) -> nn.Module:
@@ -288,6 +379,7 @@ class _Run:
             else (0, 1)
         self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
         self.setup = _setup(*producer_args[:2], path, producer_args[2])
+        self.conditional = getattr(model, "num_classes", None) is not None
         state = self._resume_state(ckpt, cfg)
         if state is not None:
             self.seed = state["seed"]
@@ -318,8 +410,8 @@ class _Run:
                 self.ema.load_state_dict({"weights": state["ema"], "num_updates": self.start})
             self.log_steps = list(state["history"]["step"])
             self.losses = list(state["history"]["loss"])
-            self.running.copy_(state["running"])
-        self.conditional = getattr(model, "num_classes", None) is not None
+            running = state["running"]  # one sum per rank; one for all in older checkpoints
+            self.running.copy_(running[self.rank] if running.dim() else running)
         self.null_label = getattr(model, "null_label", None)
         if self.conditional and cfg.label_dropout > 0 and not isinstance(self.null_label, int):
             raise ValueError("label_dropout > 0 needs a model with an int attribute null_label")
@@ -334,12 +426,13 @@ class _Run:
         if ckpt is None:
             return None
         if not self.distributed:
-            return _load(ckpt, cfg, self.world, self.setup) if ckpt.exists() else None
+            return (_load(ckpt, cfg, self.world, self.setup, self.conditional)
+                    if ckpt.exists() else None)
         box: list[Any] = [None]
         if self.rank == 0:
             try:
-                box = [("state", _load(ckpt, cfg, self.world, self.setup) if ckpt.exists()
-                         else None)]
+                box = [("state", _load(ckpt, cfg, self.world, self.setup, self.conditional)
+                         if ckpt.exists() else None)]
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 box, error = [("error", f"{type(exc).__name__}: {exc}")], exc
         dist.broadcast_object_list(box, src=0)
@@ -408,15 +501,26 @@ class _Run:
         return value
 
     def save(self, step: int) -> None:
-        if self.ckpt is None or self.rank != 0:
+        """Write the checkpoint (rank 0). Every rank calls this at the same steps (the
+        checkpoint steps and the end, which depend only on the config and the resumed step):
+        under DDP the ranks' running loss sums are gathered first, each into its own slot
+        (a sum with zeros, so exact), and a resume gives each rank its own back."""
+        if self.ckpt is None:
+            return
+        running = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        running[self.rank] = self.running
+        if self.distributed:
+            dist.all_reduce(running)
+        if self.rank != 0:
             return
         save_atomically({
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
-            "setup": self.setup, "config": asdict(self.cfg), "model": self.model.state_dict(),
+            "setup": self.setup, "setup_version": _SETUP_VERSION, "config": asdict(self.cfg),
+            "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.model.state_dict(),
             "optimizer": self.opt.state_dict(), "count": self.count,
             "history": {"step": self.log_steps, "loss": self.losses},
-            "running": self.running.detach().cpu(),
+            "running": running.cpu(),
         }, self.ckpt)
 
 

@@ -45,6 +45,18 @@ def test_zero_noise_bridge_is_the_condot_path_and_loss(gen):
     torch.testing.assert_close(a, b)
 
 
+def test_repr_holds_the_exact_sigma():
+    """A training resume compares the path by its repr: a sigma that differs in the 7th
+    significant digit must give another repr, which rebuilds the bridge exactly."""
+    near = GaussianBridge(0.1000004)
+    assert repr(GaussianBridge(0.1)) == "GaussianBridge(sigma=0.1, schedule='constant')"
+    assert repr(near) == "GaussianBridge(sigma=0.1000004, schedule='constant')"
+    for bridge in (near, GaussianBridge(1, "brownian"), GaussianBridge(0.1)):
+        rebuilt = eval(repr(bridge), {"GaussianBridge": GaussianBridge})  # noqa: S307
+        assert (rebuilt.sigma, rebuilt.schedule) == (bridge.sigma, bridge.schedule)
+        assert repr(rebuilt) == repr(bridge)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="sigma"):
         GaussianBridge(-1.0)

@@ -508,3 +508,180 @@ def test_a_checkpoint_of_other_data_path_or_coupling_is_refused(tmp_path):
     torch.save(state, ckpt)
     res = train(mlp(), "8gaussians", quiet(steps=4, batch_size=8), **common)
     assert res.start_step == 2
+
+
+def small(seed=0, **kwargs) -> fs.MLP:
+    return mlp(seed, **{"hidden": 16, "depth": 1, "time_embedding_dim": 4, **kwargs})
+
+
+def refusal(says):
+    return pytest.raises(ValueError, match=re.escape(f"was written with {says}"))
+
+
+def test_no_coupling_and_an_unnamed_source_are_recorded_and_checked(tmp_path):
+    """coupling=None, IndependentCoupling() and an OT coupling train three different
+    trajectories, and a tensor source is not N(0, I) nor a named one: a resume refuses each
+    switch, both ways, and writes the recorded names back."""
+    cfg = lambda steps: quiet(steps=steps, batch_size=16)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(4))
+    plain = train(small(), "moons", cfg(4), generator=g())
+    independent = train(small(), "moons", cfg(4), coupling=fs.IndependentCoupling(),
+                        generator=g())
+    assert plain.losses != independent.losses  # not the same run
+    cases = [  # (first run, resumed with, message)
+        (dict(coupling=fs.OTCoupling("exact")), dict(coupling=None),
+         "coupling=OTCoupling('exact') (this call: None)"),
+        (dict(coupling=None), dict(coupling=fs.OTCoupling("exact")),
+         "coupling=None (this call: OTCoupling('exact'))"),
+        (dict(coupling=None), dict(coupling=fs.IndependentCoupling()),
+         "coupling=None (this call: IndependentCoupling)"),
+        (dict(coupling=fs.IndependentCoupling()), dict(coupling=None),
+         "coupling=IndependentCoupling (this call: None)"),
+        (dict(source=None), dict(source=x0),
+         "source=N(0, I) (this call: a tensor or callable (not recorded))"),
+        (dict(source=x0), dict(source=None),
+         "source=a tensor or callable (not recorded) (this call: N(0, I))"),
+        (dict(source="8gaussians"), dict(source=x0),
+         "source=8gaussians (this call: a tensor or callable (not recorded))"),
+        (dict(source=x0), dict(source="8gaussians"),
+         "source=a tensor or callable (not recorded) (this call: 8gaussians)"),
+    ]
+    for i, (first, then, says) in enumerate(cases):
+        ckpt = tmp_path / f"run{i}.pt"
+        train(small(), "moons", cfg(2), checkpoint=ckpt, generator=g(), **first)
+        with refusal(says):
+            train(small(), "moons", cfg(4), checkpoint=ckpt, **then)
+        # the same inputs resume, bit for bit, and the record keeps its names
+        resumed = train(small(), "moons", cfg(4), checkpoint=ckpt, **first)
+        whole = train(small(), "moons", cfg(4), generator=g(), **first)
+        assert resumed.start_step == 2 and resumed.losses == whole.losses
+        with refusal(says):
+            train(small(), "moons", cfg(6), checkpoint=ckpt, **then)
+    assert torch.load(tmp_path / "run1.pt", weights_only=True)["setup"]["coupling"] == "None"
+    # a checkpoint of the first setup record (None for coupling=None) resumes as before
+    # and is checked the same way
+    ckpt = tmp_path / "run1.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["setup"]["coupling"] = None
+    del state["setup_version"]
+    torch.save(state, ckpt)
+    with refusal("coupling=None (this call: OTCoupling('exact'))"):
+        train(small(), "moons", cfg(6), checkpoint=ckpt, coupling=fs.OTCoupling("exact"))
+    resumed = train(small(), "moons", cfg(6), checkpoint=ckpt)
+    assert resumed.start_step == 4
+    assert resumed.losses == train(small(), "moons", cfg(6), generator=g()).losses
+
+
+def test_paths_that_differ_beyond_six_digits_are_refused(tmp_path):
+    cfg = lambda steps: quiet(steps=steps, batch_size=16)  # noqa: E731
+    pairs = [(GaussianBridge(0.1), GaussianBridge(0.1000004)),
+             (fs.AffineGaussianPath(fs.PolynomialScheduler(2.0)),
+              fs.AffineGaussianPath(fs.PolynomialScheduler(2.000001)))]
+    for i, (old, new) in enumerate(pairs):
+        ckpt = tmp_path / f"run{i}.pt"
+        train(small(), "moons", cfg(2), path=old, checkpoint=ckpt)
+        with refusal(f"path={old!r} (this call: {new!r})"):
+            train(small(), "moons", cfg(4), path=new, checkpoint=ckpt)
+    # a checkpoint of the first setup record, whose reprs rounded floats to 6 digits
+    # (GaussianBridge(sigma=1, ...)), resumes with the same path
+    ckpt = tmp_path / "brownian.pt"
+    bridge = GaussianBridge(1.0, "brownian")
+    train(small(), "moons", cfg(2), path=bridge, checkpoint=ckpt,
+          generator=torch.Generator().manual_seed(0))
+    state = torch.load(ckpt, weights_only=True)
+    state["setup"]["path"] = "GaussianBridge(sigma=1, schedule='brownian')"
+    del state["setup_version"]
+    torch.save(state, ckpt)
+    with refusal("path=GaussianBridge(sigma=1, schedule='brownian') (this call: "
+                 "GaussianBridge(sigma=1.5, schedule='brownian'))"):
+        train(small(), "moons", cfg(4), path=GaussianBridge(1.5, "brownian"), checkpoint=ckpt)
+    resumed = train(small(), "moons", cfg(4), path=bridge, checkpoint=ckpt)
+    whole = train(small(), "moons", cfg(4), path=bridge,
+                  generator=torch.Generator().manual_seed(0))
+    assert resumed.start_step == 2 and resumed.losses == whole.losses
+
+
+def test_settings_the_run_never_reads_may_change_on_resume(tmp_path):
+    """dsm_weighting only weighs the score loss, label_dropout only reaches a conditional
+    model: elsewhere a change is accepted and the losses are those of the run that never
+    stopped. Where they are read, a change is refused."""
+    labeled = sample_labeled("moons", 512, generator=torch.Generator().manual_seed(1))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cfg = lambda steps, **kw: quiet(steps=steps, batch_size=16, **kw)  # noqa: E731
+    for i, (net, change) in enumerate([(small, dict(dsm_weighting="likelihood")),
+                                       (small, dict(label_dropout=0.3))]):
+        ckpt = tmp_path / f"run{i}.pt"
+        train(net(), labeled, cfg(2), checkpoint=ckpt, generator=g())
+        resumed = train(net(), labeled, cfg(4, **change), checkpoint=ckpt)
+        whole = train(net(), labeled, cfg(4), generator=g())
+        assert resumed.start_step == 2 and resumed.losses == whole.losses
+    ckpt = tmp_path / "score.pt"
+    train(small(), "moons", cfg(2, prediction="score"), checkpoint=ckpt)
+    with refusal("dsm_weighting='sigma_squared' (this call: 'likelihood')"):
+        train(small(), "moons", cfg(4, prediction="score", dsm_weighting="likelihood"),
+              checkpoint=ckpt)
+    ckpt = tmp_path / "conditional.pt"
+    train(small(num_classes=2), labeled, cfg(2), checkpoint=ckpt)
+    with refusal("label_dropout=0.0 (this call: 0.3)"):
+        train(small(num_classes=2), labeled, cfg(4, label_dropout=0.3), checkpoint=ckpt)
+
+
+def test_numpy_scalars_in_the_config_become_python_numbers(tmp_path):
+    """A config of numpy scalars equals the built-in one, and its checkpoint (read with
+    weights_only=True) resumes; bools stay refused where numbers are due."""
+    cfg = lambda steps: quiet(steps=np.int64(steps), batch_size=np.int32(16),  # noqa: E731
+                              lr=np.float64(2e-3), weight_decay=np.float32(0.0),
+                              betas=(np.float64(0.9), np.float64(0.99)),
+                              ema_decay=np.float64(0.9), log_every=np.int64(1),
+                              checkpoint_every=np.uint8(1), time_distribution=np.str_("uniform"))
+    plain = quiet(steps=4, batch_size=16, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99),
+                  ema_decay=0.9, checkpoint_every=1)
+    assert cfg(4) == plain
+    for key, value in asdict(cfg(4)).items():
+        assert type(value) is type(asdict(plain)[key]), key
+    ckpt = tmp_path / "run.pt"
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    train(small(), "moons", cfg(2), checkpoint=ckpt, generator=g())
+    resumed = train(small(), "moons", cfg(4), checkpoint=ckpt)
+    assert resumed.start_step == 2
+    assert resumed.losses == train(small(), "moons", plain, generator=g()).losses
+    for key, value in [("steps", True), ("steps", np.bool_(True)), ("steps", np.float64(2.0)),
+                       ("lr", np.bool_(True)), ("lr", np.float64("nan")),
+                       ("label_dropout", np.float32(1.5))]:
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            TrainConfig(**{key: value})
+
+
+def _ddp_running_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        data = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+        cfg = lambda steps: TrainConfig(steps=steps, batch_size=32, log_every=4,  # noqa: E731
+                                        progress=False, ema_decay=None)
+        g = torch.Generator().manual_seed(1)
+        whole = train(small(), data, cfg(4), generator=g)
+        ckpt = os.path.join(out_dir, "c.pt")  # written at step 2, between two logs
+        train(small(), data, cfg(2), checkpoint=ckpt, generator=torch.Generator().manual_seed(1))
+        if rank == 0:
+            torch.save(torch.load(ckpt, weights_only=True)["running"],
+                       os.path.join(out_dir, "running.pt"))
+        resumed = train(small(), data, cfg(4), checkpoint=ckpt)
+        torch.save({"whole": whole.losses, "resumed": resumed.losses,
+                    "start": resumed.start_step}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_resume_between_log_steps_bit_for_bit(tmp_path):
+    """Each rank's running loss sum is saved and restored: a resume between two log steps
+    logs the mean over ranks of an uninterrupted run, not one built on rank 0's sum."""
+    mp.spawn(_ddp_running_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for o in out:
+        assert o["start"] == 2 and len(o["whole"]) == 1
+        assert o["resumed"] == o["whole"] == out[0]["whole"]
+    running = torch.load(tmp_path / "running.pt", weights_only=True)  # at step 2
+    assert running.shape == (2,) and running.min() > 0 and running[0] != running[1]
