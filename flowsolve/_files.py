@@ -1,11 +1,16 @@
 """Atomic file writes. The content goes to a fresh temporary file in the target's own folder
 (``tempfile.mkstemp``: a unique name, so no other file is touched), is flushed to the disk,
 then renamed into place: a crash leaves the old file or the new one, never half of one.
-With ``overwrite=False`` a file that appeared at the target meanwhile is left as it is."""
+With ``overwrite=False`` a file that appeared at the target meanwhile is left as it is.
+
+The written file gets the permissions a plain ``open(path, "wb")`` would give it: those of
+the file it replaces, else ``0o666`` less the process umask (``mkstemp`` alone makes it
+``0o600``, private to the owner)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,16 +19,48 @@ from typing import BinaryIO
 __all__ = ["write_atomically", "save_atomically"]
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in ``/proc/self/status`` (read without changing
+    it); elsewhere it can only be read by setting it, ``os.umask(0)`` then back. The umask
+    is process-global, so a file another thread creates in the instant between the two
+    calls gets umask 0; the window is two system calls long."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves ``path`` with: an existing file keeps
+    its own, a new one gets ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:  # no such file (or unreadable): a new file
+        return 0o666 & ~_umask()
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
                      overwrite: bool = True) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, ``fsync`` it, and move it to
     ``path``. With ``overwrite=False`` an existing ``path`` is never replaced: the call raises
-    ``FileExistsError`` naming the temporary file, which is kept and holds the result."""
+    ``FileExistsError`` naming the temporary file, which is kept and holds the result.
+    The file's permissions are those a plain ``open(path, "wb")`` would give it: an
+    existing ``path``'s own, else ``0o666`` less the umask (not ``mkstemp``'s ``0o600``)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp, keep = Path(name), False
     try:
         with os.fdopen(fd, "wb") as file:
+            if hasattr(os, "fchmod"):
+                os.fchmod(file.fileno(), _plain_mode(path))
+            else:  # pragma: no cover - platforms without fchmod
+                os.chmod(tmp, _plain_mode(path))
             write(file)
             file.flush()
             os.fsync(file.fileno())

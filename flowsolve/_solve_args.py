@@ -54,24 +54,46 @@ def count(name: str, v) -> int:
     return int(v)
 
 
+def _times_dtype(times) -> torch.dtype:
+    """The floating dtype the times were given in: a tensor's or a NumPy array's own (an
+    integer one: float64, exact), float64 for Python numbers and lists."""
+    if torch.is_tensor(times) or hasattr(times, "dtype"):
+        dtype = torch.as_tensor(times).dtype
+        return dtype if dtype.is_floating_point else torch.float64
+    return torch.float64
+
+
 def check_times(times, t0: float, t1: float) -> list[float]:
     """Output times: strictly monotone from ``t0`` towards ``t1``, inside the interval.
 
-    A time within ``tol = min(4 eps_32 max(|t0|, |t1|), 1e-3 |t1 - t0|)`` of ``t0`` or
-    ``t1`` is snapped to it (``eps_32`` float32's machine epsilon), so that times given in
-    float32 (``linspace(0, 0.3, 11, dtype=float32)`` ends at 0.30000001) name their
-    endpoint; farther outside the interval they are refused."""
+    A time *outside* the interval by at most ``tol = min(4 eps max(|t0|, |t1|),
+    1e-3 |t1 - t0|)`` is the endpoint it lies beyond, rounded: it is snapped to that
+    endpoint (``eps`` the machine epsilon of the dtype the times were given in, float64 for
+    Python numbers), so that times given in float32 (``linspace(0, 0.3, 11,
+    dtype=float32)`` ends at 0.30000001) name their endpoint. A time inside the interval is
+    never moved (a float64 time 2e-7 stays 2e-7); farther outside, times are refused, and
+    the error quotes them as given."""
     if times is None:
         return []
-    out = torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()
-    tol = min(4 * torch.finfo(torch.float32).eps * max(abs(t0), abs(t1)), 1e-3 * abs(t1 - t0))
-    out = [t0 if abs(t - t0) <= tol else t1 if abs(t - t1) <= tol else t for t in out]
+    given = torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist()
+    eps = torch.finfo(_times_dtype(times)).eps
+    tol = min(4 * eps * max(abs(t0), abs(t1)), 1e-3 * abs(t1 - t0))
+    lo, hi = min(t0, t1), max(t0, t1)
+    out = [lo if lo - tol <= t < lo else hi if hi < t <= hi + tol else t for t in given]
     sign = 1.0 if t1 > t0 else -1.0
-    inside = all(sign * (t - t0) >= 0 and sign * (t1 - t) >= 0 for t in out)
+    inside = all(lo <= t <= hi for t in out)
     monotone = all(sign * (b - a) > 0 for a, b in zip(out[:-1], out[1:], strict=True))
     if not out or not inside or not monotone:
+        problem = ("empty" if not out else "not strictly monotone" if inside
+                   else "outside the interval")
+        tol32 = min(4 * torch.finfo(torch.float32).eps * max(abs(t0), abs(t1)),
+                    1e-3 * abs(t1 - t0))
+        if not inside and eps < torch.finfo(torch.float32).eps and all(
+                lo - tol32 <= t <= hi + tol32 for t in out):
+            problem += (", by no more than float32 rounding: pass times computed in float32 "
+                        "as a float32 tensor, whose rounding at the endpoints is accepted")
         raise ValueError(f"times must be non-empty, strictly monotone from t0={t0!r} towards "
-                         f"t1={t1!r} and inside that interval; got {out!r}")
+                         f"t1={t1!r} and inside that interval; got {given!r} ({problem})")
     return out
 
 

@@ -64,8 +64,9 @@ class CouplingResult:
             exact plans are float64 on the CPU (where POT solves), entropic ones float64 on
             the inputs' device (MPS, which has no float64: the inputs' dtype).
         cost: 0-d ``<plan, C>`` in units of the unnormalised cost, ``C`` computed in
-            float64 (MPS: float32), returned in the inputs' dtype (at least float32);
-            ``None`` without plan.
+            float64 (MPS: float32) for a named cost, or by a callable cost at the inputs'
+            dtype (at least float32) and converted; returned in the inputs' dtype (at
+            least float32); ``None`` without plan.
         method: ``"independent"``, ``"paired"``, ``"exact"``, ``"sinkhorn"``.
         status: ``"given"`` (no solve), ``"optimal"``, ``"optimal_after_retry"`` (the
             iteration limit was hit, a 100x limit reached optimality), ``"converged"``
@@ -200,7 +201,9 @@ class OTCoupling(Coupling):
 
     Args:
         method: ``"exact"`` or ``"sinkhorn"``.
-        cost: a name in :data:`COSTS` or ``c(x0_flat, x1_flat) -> (N, M)``.
+        cost: a name in :data:`COSTS` (computed in float64) or ``c(x0_flat, x1_flat) ->
+            (N, M)``, called on the batches at their dtype (at least float32) under
+            ``torch.no_grad()``, its result converted to float64 for the solve.
         reg: entropic regularisation :math:`\varepsilon` (Sinkhorn), relative to the
             normalised cost.
         normalize: ``"mean"``, ``"max"`` or ``None`` (Sinkhorn).
@@ -250,17 +253,28 @@ class OTCoupling(Coupling):
 
     # -- one block ------------------------------------------------------------------------
     def _cost(self, x0f: Tensor, x1f: Tensor) -> Tensor:
-        """The cost matrix in float64 (MPS, which has none: float32). In float32,
-        ``torch.cdist``'s matmul route (``|a|^2 + |b|^2 - 2 a.b``) cancels away from the
-        origin: batches offset by 300 (N = 256, d = 2) were paired 1.3% above the optimum,
-        with a reported cost below it."""
-        dtype = torch.float32 if x0f.device.type == "mps" else torch.float64
-        fn = COSTS[self.cost] if isinstance(self.cost, str) else self.cost
-        c = fn(x0f.to(dtype), x1f.to(dtype))
+        """The cost matrix in float64 (MPS, which has none: float32). A named cost is
+        computed in float64: in float32, ``torch.cdist``'s matmul route
+        (``|a|^2 + |b|^2 - 2 a.b``) cancels away from the origin: batches offset by 300
+        (N = 256, d = 2) were paired 1.3% above the optimum, with a reported cost below it.
+        A callable cost gets the inputs at their own dtype (promoted to at least float32),
+        since it may hold a model of that dtype (a learned feature map: float64 inputs to a
+        float32 ``nn.Module`` fail), and is called without autograd (a coupling needs no
+        gradients); its result is converted to float64 for the solve."""
+        solve = torch.float32 if x0f.device.type == "mps" else torch.float64
+        if isinstance(self.cost, str):
+            c = COSTS[self.cost](x0f.to(solve), x1f.to(solve))
+        else:
+            given = torch.promote_types(torch.promote_types(x0f.dtype, x1f.dtype),
+                                        torch.float32)
+            with torch.no_grad():
+                c = self.cost(x0f.to(given), x1f.to(given))
+            if not torch.is_tensor(c):
+                raise TypeError(f"cost must return a tensor (N, M); got {type(c).__name__}")
         if c.shape != (x0f.shape[0], x1f.shape[0]):
             raise ValueError(f"cost must return ({x0f.shape[0]}, {x1f.shape[0]}); got "
                              f"{tuple(c.shape)}")
-        return c
+        return c.to(solve)
 
     def _couple(self, x0f: Tensor, x1f: Tensor, generator) -> CouplingResult:
         # the reported cost's dtype: the inputs' (at least float32)

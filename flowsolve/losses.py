@@ -23,7 +23,9 @@ Per-sample loss: ``l_i = lambda(t_i) * (1/D) ||f_theta(x_t, t_i) - target_i||^2`
 **mean** over the ``D`` entries of a sample's event shape (``D = prod(event_shape)``), shaped
 ``(B,)``. The papers' sum over entries is ``D`` times this: the same minimiser, gradients
 ``D`` times smaller here, so the loss scale does not grow with the data dimension.
-``reduction="mean"`` averages over the batch, ``"none"`` returns ``(B,)``.
+``reduction="mean"`` averages over the batch, ``"none"`` returns ``(B,)``. An empty batch
+(``B = 0``, or samples of no entries) raises ValueError with either reduction, as does
+:func:`flowsolve.bridges.bridge_matching_loss`: a mean over zero samples is undefined.
 
 Time: ``t`` may be given (a number, 0-d or ``(B,)``); when omitted it is drawn per sample
 from ``U[0, 1)``, kept in the open interval (0, 1), with :func:`sample_time` and
@@ -149,7 +151,8 @@ def _check_reduction(reduction: str) -> None:
 def _check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
                              x0_optional: bool) -> None:
     """A callable model and floating ``(B, *event_shape)`` tensors ``x0`` (or ``None`` when
-    ``x0_optional``) and ``x1``; TypeError / ValueError naming what was wrong."""
+    ``x0_optional``) and ``x1``, not empty (``B = 0`` or a sample of no entries: the loss is
+    a mean over both, undefined for none); TypeError / ValueError naming what was wrong."""
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
     for name, x in (("x0", x0), ("x1", x1)):
@@ -161,6 +164,14 @@ def _check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
             raise ValueError(
                 f"{name} must be a floating tensor shaped (B, *event_shape); got dtype "
                 f"{x.dtype} and shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            what = "the batch is empty (B = 0)" if x.shape[0] == 0 else \
+                "its samples have no entries"
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}: {what}. A loss is a mean over the "
+                "samples of a batch and the entries of each, undefined for none of them "
+                "(refused with reduction='none' too); skip empty batches"
             )
 
 

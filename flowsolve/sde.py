@@ -46,6 +46,7 @@ from torchsde._core.methods import select as _select_method
 from torchsde.settings import METHODS, NOISE_TYPES, SDE_TYPES
 
 from ._counting import CountingField
+from ._solve_args import check_times, grid_indices, uniform_grid
 from .brownian import _LEVY, GridBrownian, _check_steps
 from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
 from .paths import AffineGaussianPath
@@ -219,15 +220,13 @@ def _grid(t0: float, t1: float, steps: int, x: Tensor) -> Tensor:
 
 
 def _record_indices(times, t0: float, t1: float, steps: int) -> list[int]:
-    out = []
-    h = (t1 - t0) / steps
-    for t in torch.as_tensor(times, dtype=torch.float64).reshape(-1).tolist():
-        k = round((t - t0) / h)
-        if not (0 <= k <= steps) or abs(t0 + k * h - t) > 1e-9 * max(1.0, abs(t)):
-            raise ValueError(f"times must be points of the grid linspace({t0}, {t1}, {steps + 1})"
-                             f" (a multiple of h={h:g} from t0); got {t!r}")
-        out.append(k)
-    return out
+    """Indices in ``linspace(t0, t1, steps + 1)`` of the requested ``times``, through the
+    ODE front door's checks (:func:`flowsolve._solve_args.check_times`, ``grid_indices``):
+    strictly increasing, inside ``[t0, t1]`` (float32 rounding just beyond an end names
+    that end), each a grid point (to 1e-3 of a cell, so float32 times name their point)
+    named once."""
+    grid = uniform_grid(t0, t1, steps)
+    return grid_indices(check_times(times, t0, t1), grid)
 
 
 def _check_on_grid(bm: GridBrownian, t0: float, t1: float, steps: int) -> None:
@@ -251,6 +250,7 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
     """Step torchsde's solver over the grid ``linspace(t0, t1, steps + 1)``. With a
     GridBrownian the loop reads nothing back from the device (non-finite states are flagged
     there and read once at the end); torchsde's Brownian objects call ``float(t)`` per query."""
+    record = _record_indices(times, t0, t1, steps) if times is not None else []
     y = x0.reshape(x0.shape[0], -1)
     levy = _SOLVER_LEVY[solver_name]
     if bm is None:
@@ -268,7 +268,6 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
     solver = cls(sde=ForwardSDE(sde), bm=bm, dt=(t1 - t0) / steps, adaptive=False, rtol=0.0,
                  atol=0.0, dt_min=0.0, options={})
     grid = _grid(t0, t1, steps, x0).to(x0.device)
-    record = _record_indices(times, t0, t1, steps) if times is not None else []
     saved = {0: y} if 0 in record else {}
     first_bad = torch.full((), steps, dtype=torch.long, device=x0.device)
     extra = solver.init_extra_solver_state(grid[0], y)
@@ -310,7 +309,10 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
         generator: seeds the :class:`GridBrownian` (None: a fresh unseeded generator;
             torch's global RNG is never used); ``bm``: a torchsde Brownian object of shape
             ``(B, D)`` to use instead (e.g. a finer GridBrownian).
-        times: grid points at which to keep the state.
+        times: grid points at which to keep the state: strictly increasing, each a point
+            of ``linspace(t0, t1, steps + 1)`` given once (checked as by
+            :func:`flowsolve.solve.sample` for a fixed-step solver, so float32 times such
+            as ``torch.linspace(0, 1, steps + 1)`` name their grid points).
 
     Returns:
         :class:`SDESolution` with ``x`` at ``t1`` and the counted evaluations.
@@ -358,7 +360,8 @@ def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, ste
 
     The Langevin time s runs over ``t_span = (s0, s1)`` or ``[0, steps * dt]`` (exactly one
     of the two); ``diffusion`` is a number or a callable of s. The Euler-Maruyama bias in
-    the stationary law is O(dt) (unadjusted Langevin).
+    the stationary law is O(dt) (unadjusted Langevin). ``times`` are points of the grid
+    ``linspace(s0, s1, steps + 1)`` in Langevin time, checked as in :func:`sample_sde`.
     """
     if (dt is None) == (t_span is None):
         raise ValueError(f"give exactly one of dt or t_span; got dt={dt!r}, t_span={t_span!r}")

@@ -1,5 +1,6 @@
 """couplings: optimality against POT and scipy, permutations, labels, failure paths."""
 
+import copy
 import math
 import pickle
 import warnings
@@ -408,6 +409,44 @@ def test_custom_cost_and_float32(gen):
     l1 = OTCoupling(cost=lambda a, b: torch.cdist(a, b, p=1)).plan(x0, x1)
     assert l1.cost.item() == pytest.approx(ot.emd2(u, u, torch.cdist(x0, x1, p=1).double()
                                                    .numpy()), rel=1e-5)
+
+
+def test_a_callable_cost_gets_the_inputs_dtype_and_is_solved_in_float64(gen):
+    """A learned cost holds a float32 model: it is called with the float32 batches (not
+    float64, which a float32 nn.Linear refuses), and the exact pairing is optimal for it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        feat = torch.nn.Linear(2, 4)  # float32, parameters requiring grad
+    seen = []
+
+    def cost(a, b, feat=feat):
+        seen.append((a.dtype, b.dtype))
+        return torch.cdist(feat(a), feat(b)).square()
+
+    x0, x1 = _batches(gen, 16, dtype=torch.float32)
+    with torch.no_grad():
+        c = cost(x0, x1).double()
+    u = np.full(16, 1 / 16)
+    best = ot.emd2(u, u, c.numpy())
+    seen.clear()
+    res = OTCoupling("exact", cost=cost).plan(x0, x1)
+    assert seen == [(torch.float32, torch.float32)]
+    assert res.cost.dtype == torch.float32 and not res.cost.requires_grad
+    assert res.cost.item() == pytest.approx(best, rel=1e-6)
+    assert sorted(res.i0.tolist()) == list(range(16))  # a permutation ...
+    assert c[res.i0, res.i1].mean().item() == pytest.approx(best, rel=1e-12)  # ... optimal
+    x0c, x1c = OTCoupling("exact", cost=cost)(x0, x1)
+    assert torch.equal(x0c, x0[res.i0]) and torch.equal(x1c, x1)
+    ent = OTCoupling("sinkhorn", cost=cost, reg=0.01).plan(x0, x1, generator=gen)
+    assert ent.status == "converged" and ent.plan.dtype == F64
+    assert ent.marginal_error <= 1e-4
+    assert best - 1e-6 <= ent.cost.item() <= 1.1 * best  # near the optimum, not below it
+    # float16 batches come as float32; float64 ones reach a float64 feature map in float64
+    seen.clear()
+    OTCoupling(cost=cost).plan(x0.half(), x1.half())
+    feat64 = copy.deepcopy(feat).double()
+    OTCoupling(cost=lambda a, b: cost(a, b, feat64)).plan(x0.double(), x1.double())
+    assert seen == [(torch.float32, torch.float32), (F64, F64)]
 
 
 def test_couplings_pickle_for_dataloader_workers(gen):

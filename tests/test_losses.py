@@ -426,6 +426,55 @@ def relative_l2(field, reference, path, data, gen, times):
     return errs
 
 
+def _losses_of_a_batch():
+    """Every public loss as f(model, x0, x1, reduction): those of losses.py on a CondOT
+    path, and the bridge matching loss (which shares their input checks)."""
+    from flowsolve.bridges import GaussianBridge, bridge_matching_loss
+
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    return {
+        "regression_loss": lambda m, x0, x1, r: regression_loss(
+            m, path, x0, x1, generator=torch.Generator().manual_seed(0), reduction=r),
+        "regression_loss score": lambda m, x0, x1, r: regression_loss(
+            m, path, x0, x1, prediction="score", reduction=r, t=0.5),
+        "flow_matching_loss": lambda m, x0, x1, r: flow_matching_loss(
+            m, path, x0, x1, reduction=r),
+        "denoising_score_matching_loss": lambda m, x0, x1, r: denoising_score_matching_loss(
+            m, path, x0, x1, reduction=r),
+        "epsilon_loss": lambda m, x0, x1, r: epsilon_loss(m, path, x0, x1, reduction=r),
+        "bridge_matching_loss": lambda m, x0, x1, r: bridge_matching_loss(
+            m, GaussianBridge(0.1), x1 if x0 is None else x0, x1, reduction=r),
+    }
+
+
+@pytest.mark.parametrize("name", list(_losses_of_a_batch()))
+def test_an_empty_batch_is_refused_by_every_loss(name):
+    """A mean over zero samples is undefined: B = 0 (or samples of no entries) raises a
+    ValueError saying so, with either reduction and before the model is called; a batch
+    of one still gives a finite loss."""
+    loss = _losses_of_a_batch()[name]
+    calls = []
+
+    def model(x, t):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    for x0 in (None, torch.zeros(0, 2, dtype=F64)):
+        for reduction in REDUCTIONS:
+            with pytest.raises(ValueError, match=r"has shape \(0, 2\): the batch is empty "
+                                                 r"\(B = 0\)"):
+                loss(model, x0, torch.zeros(0, 2, dtype=F64), reduction)
+    with pytest.raises(ValueError, match=r"x0 has shape \(0, 3\): the batch is empty"):
+        loss(model, torch.zeros(0, 3), torch.zeros(0, 3), "mean")
+    with pytest.raises(ValueError, match=r"has shape \(4, 0\): its samples have no entries"):
+        loss(model, torch.zeros(4, 0), torch.zeros(4, 0), "none")
+    assert calls == []
+    x0 = torch.ones(1, 2, dtype=F64)
+    one = loss(model, x0, torch.full((1, 2), 2.0, dtype=F64), "none")
+    assert one.shape == (1,) and torch.isfinite(one).all() and calls == [(1, 2)]
+    assert loss(model, x0, torch.full((1, 2), 2.0, dtype=F64), "mean").shape == ()
+
+
 def test_mlp_trained_with_cfm_approaches_the_marginal_velocity():
     data = mixture()
     path = fs.AffineGaussianPath(fs.CondOTScheduler())

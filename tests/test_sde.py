@@ -349,6 +349,44 @@ def test_trajectory_at_requested_times():
     assert res.times.tolist() == [0.0, 0.25, 1.0]
 
 
+def test_float32_times_name_their_grid_points():
+    """0.1 in float32 is 0.10000000149, 1.5e-9 off the grid: float32 times record the same
+    states (and report the same grid times) as float64 ones, as in the ODE front door."""
+    x0 = noise(8, gen(40))
+    f64 = torch.linspace(0, 1, 11, dtype=F64)
+    for times in (torch.linspace(0, 1, 11, dtype=torch.float32), f64.tolist()[::2]):
+        res = sample_sde(U, x0, score=S, steps=10, times=times, generator=gen(41))
+        ref = sample_sde(U, x0, score=S, steps=10, times=f64, generator=gen(41))
+        keep = [round(float(t) * 10) for t in times]
+        assert torch.equal(res.x, ref.x)
+        assert torch.equal(res.times, ref.times[keep])  # the grid's own values
+        assert torch.equal(res.trajectory, ref.trajectory[keep])
+    assert torch.equal(ref.trajectory[0], x0) and torch.equal(ref.trajectory[-1], ref.x)
+    # Langevin: the grid of its own time span, linspace(0, 2, 21) for dt=0.1, 20 steps
+    a = langevin(S, x0, dt=0.1, steps=20, generator=gen(42),
+                 times=torch.linspace(0, 2, 21, dtype=torch.float32)[[3, 7, 20]])
+    b = langevin(S, x0, dt=0.1, steps=20, generator=gen(42), times=[0.3, 0.7, 2.0])
+    assert torch.equal(a.trajectory, b.trajectory) and torch.equal(a.times, b.times)
+    assert torch.equal(a.trajectory[-1], a.x)
+    with pytest.raises(ValueError, match=r"points of the grid linspace\(0.0, 2.0, 21\)"):
+        langevin(S, x0, dt=0.1, steps=20, generator=gen(42), times=[0.25])
+
+
+def test_repeated_or_decreasing_times_are_refused():
+    """Rather than recorded twice or out of order (as the ODE front door refuses them)."""
+    x0 = noise(8, gen(40))
+    for times, problem in (([0.5, 0.5], r"got \[0.5, 0.5\] \(not strictly monotone\)"),
+                           ([0.5, 0.2], r"got \[0.5, 0.2\] \(not strictly monotone\)"),
+                           ([0.2, 1.5], r"got \[0.2, 1.5\] \(outside the interval\)"),
+                           ([0.5, 0.5000001], r"times 0.5 and 0.5000001 both name the grid "
+                                              r"point 0.5 \(index 5\)")):
+        with pytest.raises(ValueError, match=problem):
+            sample_sde(U, x0, score=S, steps=10, times=times, generator=gen(41))
+    for times in ([0.7, 0.3], [0.7, 0.7]):
+        with pytest.raises(ValueError, match="not strictly monotone"):
+            langevin(S, x0, dt=0.1, steps=20, generator=gen(42), times=times)
+
+
 # -- Langevin ---------------------------------------------------------------------------------
 def test_langevin_keeps_the_mixture(w2_floor):
     g = gen(26)

@@ -462,6 +462,52 @@ def test_float32_times_at_the_endpoints_name_the_endpoints(solver):
         sample(U, x, solver, t1=0.3, times=[0.0, 0.3 + 1e-5], **kwargs)
 
 
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "RK45", "LSODA"])
+def test_an_interior_float64_time_near_an_endpoint_is_kept(solver):
+    """Only float32 rounding beyond an endpoint is snapped: the float64 time 2e-7 (and
+    3e-7 as the first time) is inside [0, 1] and stays where it is. dx/dt = 1e6 gives
+    x(t) = 1 + 1e6 t: 1.2 at 2e-7, not x(0) = 1."""
+    x = torch.ones(2, 1, dtype=torch.float64)
+
+    def field(x, t):
+        return torch.full_like(x, 1e6)
+
+    res = sample(field, x, solver, times=[0.0, 2e-7, 1.0])
+    assert res.times.tolist() == [0.0, 2e-7, 1.0]
+    assert torch.allclose(res.trajectory[:, :, 0].T,
+                          torch.tensor([1.0, 1.2, 1.0 + 1e6], dtype=torch.float64)
+                          .expand(2, 3), rtol=1e-6, atol=0)
+    res = sample(field, x, solver, times=[3e-7, 0.5])
+    assert res.times.tolist() == [3e-7, 0.5]
+    assert res.trajectory[0].flatten().tolist() == pytest.approx([1.3, 1.3], rel=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["rk4", "fast_rk4", "dopri5", "RK45"])
+def test_float32_rounding_beyond_either_end_is_snapped_only_for_float32_times(solver):
+    """-1e-8 and 1.0000001 are float32 roundings of 0 and 1: snapped when the times come
+    as a float32 tensor; as float64 they lie outside the interval and are refused."""
+    kwargs = {} if ODE_SOLVERS[solver].adaptive else {"steps": 2}
+    x = noise(8, 13)
+    times = torch.tensor([-1e-8, 0.5, 1.0000001], dtype=torch.float32)
+    assert times[0] < 0 and times[-1] > 1
+    res = sample(U, x, solver, times=times, **kwargs)
+    assert res.times.tolist() == [0.0, 0.5, 1.0]
+    assert torch.equal(res.trajectory[0], x) and torch.equal(res.trajectory[-1], res.x)
+    with pytest.raises(ValueError, match=r"got \[-1e-08, 0.5, 1.0\] \(outside the interval"):
+        sample(U, x, solver, times=[-1e-8, 0.5, 1.0], **kwargs)
+    with pytest.raises(ValueError, match="outside the interval"):
+        sample(U, x, solver, times=times.double(), **kwargs)
+
+
+def test_an_error_quotes_the_times_as_given(x0):
+    """1e-7 lies within float32 rounding of t0 = 0, but is inside: the refused
+    (non-monotone) times are quoted as given, not with 1e-7 moved to 0."""
+    with pytest.raises(ValueError, match=r"got \[0.5, 1e-07\] \(not strictly monotone\)"):
+        sample(U, x0, "dopri5", times=[0.5, 1e-7])
+    with pytest.raises(ValueError, match=r"got \[0.5, 1e-07\] \(not strictly monotone\)"):
+        sample(U, x0, "rk4", steps=4, times=torch.tensor([0.5, 1e-7], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("solver", ["rk4", "fast_rk4"])
 def test_two_times_naming_one_grid_point_are_refused(solver, x0):
     """0.5 and 0.5000001 both round to grid point 0.5 of 4 steps: both back ends refuse them
