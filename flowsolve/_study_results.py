@@ -20,14 +20,18 @@ __all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry"]
 
 RECORD_FIELDS = (
     "solver", "kind", "library", "declared_order", "budget", "steps", "rejected", "h", "nfe",
-    "time_min", "time_median", "error", "mean_error", "moment2_error", "w2", "ll_error",
-    "ll_nfe",
+    "time_min", "time_median", "error", "below_floor", "mean_error", "moment2_error", "w2",
+    "ll_error", "ll_nfe",
 )
 """Keys of every record, in CSV column order. ``kind`` is ``"fixed"``, ``"adaptive"`` or
 ``"sde"``; ``budget`` is the step count (fixed, sde) or ``rtol = atol`` (adaptive); ``h`` the
 step size ``|t1 - t0| / steps`` (None for adaptive); times in seconds; ``error`` the
-(strong, for SDE solvers) error at t1, ``mean_error`` / ``moment2_error`` the errors of the
-sample mean and second moment, ``w2`` the W2 distance to the data, ``ll_error`` the mean
+(strong, for SDE solvers) error at t1, ``below_floor`` True where that error is at or below
+the study's floor (``meta["order_floor"]``: what the reference's error, or the round-off of
+the study's dtype, could reach; the fitted orders leave such errors out; SDE solvers: floor
+0), ``mean_error`` / ``moment2_error`` the errors of the sample mean and second moment,
+``w2`` the W2 distance to the data (compare it with ``meta["w2_reference"]``, the
+reference's own W2 to the same data: its finite-sample floor), ``ll_error`` the mean
 absolute log-likelihood error in nats; None where not measured."""
 
 _PLOTTABLE = ("error", "mean_error", "moment2_error", "w2", "ll_error")
@@ -86,6 +90,8 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
 def _parse_cell(text: str):
     if text == "":
         return None
+    if text in ("True", "False"):  # below_floor
+        return text == "True"
     for kind in (int, float):
         try:
             return kind(text)
@@ -149,7 +155,8 @@ class Study:
     # -- renderings --------------------------------------------------------------------------
     def table(self) -> str:
         """The records and the orders as two Markdown tables (columns that were never
-        measured are left out; times in milliseconds)."""
+        measured are left out; times in milliseconds; an error at or below the study's floor,
+        ``below_floor``, is marked ``*`` and explained under the table)."""
         columns = [("solver", "solver"), ("budget", "budget"), ("nfe", "NFE"),
                    ("steps", "steps"), ("time_min", "time min (ms)"),
                    ("time_median", "time median (ms)"), ("error", "error"),
@@ -158,9 +165,19 @@ class Study:
         columns = [c for c in columns if any(r.get(c[0]) is not None for r in self.records)]
         lines = ["| " + " | ".join(c[1] for c in columns) + " |",
                  "|" + "---|" * len(columns)]
+        keys = [k for k, _ in columns]
         for r in self.records:
-            lines.append("| " + " | ".join(_fmt(r.get(k), time=k.startswith("time_"))
-                                           for k, _ in columns) + " |")
+            cells = [_fmt(r.get(k), time=k.startswith("time_")) for k in keys]
+            if r.get("below_floor") and "error" in keys:
+                cells[keys.index("error")] += "*"
+            lines.append("| " + " | ".join(cells) + " |")
+        if any(r.get("below_floor") for r in self.records):
+            floor = self.meta.get("order_floor")
+            at = "" if floor is None else f" ({floor:.3g})"
+            dtype = self.meta.get("dtype", "the study's dtype")
+            lines += ["", f"(*) error at or below the study's floor{at}: the reference's "
+                      f"error, or the round-off of {dtype} solves, could be as large; "
+                      "left out of the fitted orders."]
         lines += ["", "| solver | declared order | fitted order | points | h range |",
                   "|---|---|---|---|---|"]
         for name, o in self.orders.items():

@@ -229,6 +229,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # small tensors: one thread is fastest on a shared CPU
+    try:  # restored afterwards: main() may be called in-process (tests, notebooks)
+        return _run_compare(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
     model, saved = _load_model(args.model, args.device)
     reused = args.force and Path(args.out).is_dir()
     out = fresh_folder(args.out, args.force)
@@ -249,10 +258,21 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{name:<16} order: declared {o['declared']}, fitted {fitted}")
     study.to_csv(out / "study.csv")
     study.to_json(out / "study.json")
+    png = out / "study.png"
     try:
-        study.plot(out / "study.png")
-    except ImportError:
-        print("(matplotlib not installed: no plot; pip install flowsolve[plot])")
+        study.plot(png)
+    except BaseException as exc:
+        # the plot is written atomically: a study.png there now is an earlier run's (--force
+        # into a reused folder), which must not sit beside these results as if it were theirs
+        stale = reused and png.is_file()
+        if stale:
+            png.unlink()
+        removed = f"; removed the earlier run's {png}" if stale else ""
+        if not isinstance(exc, ImportError):
+            if stale:
+                print(f"(the plot failed{removed})", file=sys.stderr)
+            raise
+        print(f"(matplotlib not installed: no plot{removed}; pip install flowsolve[plot])")
     print(f"wrote {out}")
     return 0
 
@@ -300,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tolerances of the adaptive solvers")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while timing (recorded in study.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="solver-study", help="report folder")

@@ -6,7 +6,16 @@ notes on solver studies):
 
 1. **Reference** ``x_ref = x(t1)`` from the same ``x0``: a given tensor (a closed form), or a
    tight adaptive solve (``reference="auto"``: scipy's DOP853 on the CPU, torchdiffeq's
-   dopri8 on an accelerator, ``rtol = atol = 1e-10`` in float64, ``1e-6`` otherwise).
+   dopri8 on an accelerator) **in float64** at ``rtol = atol = 1e-10``, whatever the dtype
+   of ``x0``: a float32 study starts it from ``x0`` converted to float64, so that the
+   reference is tighter than every budget it judges (evaluated in float32, a reference
+   stays near float32 round-off, no better than the solves it measures). Only a field that
+   cannot take float64 (it raises, or returns another dtype, on one probing call) falls
+   back to a reference in ``x0``'s dtype at ``1e-6``. An adaptive budget at or below the
+   reference tolerance is refused (ValueError): it would be measured against itself.
+   Errors at or below the study's floor (``meta["order_floor"]``, the larger of what the
+   reference's tolerance and the round-off of ``x0``'s dtype allow) are flagged
+   ``below_floor`` and left out of the fitted orders.
 2. **Work**: for every (solver, budget), ``warmup`` untimed solves, then ``repeats`` timed
    ones, each synchronised with the device before and after; minimum and median seconds.
    NFE is the front door's counter (never a formula).
@@ -58,6 +67,8 @@ DEFAULT_TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 _NORMS = ("rms", "mean", "max")
 _SDE_KEYS = ("score", "path", "diffusion", "reference_solver", "reference_steps")
 _REFERENCE_MAX_STEPS = 100_000
+_REFERENCE_TOL = 1e-10  # of a reference solved in float64
+_LOW_PRECISION_REFERENCE_TOL = 1e-6  # of one in float32 (a field that cannot take float64)
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,25 @@ def _parse_solvers(solvers, steps, tolerances, budgets) -> list[_Spec]:
     return specs
 
 
+def _check_reference_tol(specs: list[_Spec], tol: float, ref_dtype, dtype) -> None:
+    """An adaptive budget at or below the reference's tolerance would be measured against a
+    solve no better than itself (at the same tolerance: error exactly 0)."""
+    for spec in specs:
+        if spec.kind != "adaptive":
+            continue
+        bad = [b for b in spec.budgets if b <= tol]
+        if bad:
+            how = ("pass a smaller reference_tol" if ref_dtype == torch.float64 else
+                   f"the field cannot take float64, so the reference is solved in "
+                   f"{str(dtype).removeprefix('torch.')} at {tol:g}: make it take float64 "
+                   "(e.g. net.double()) for a float64 reference at 1e-10, or pass "
+                   "reference=<closed form>")
+            raise ValueError(
+                f"tolerance {bad[0]:g} of solver {spec.name!r} is at or below the reference "
+                f"tolerance {tol:g}: its error would be measured against a solve no more "
+                f"accurate than itself. Use tolerances above {tol:g}, or {how}")
+
+
 def _count(name: str, v, low: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
         raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
@@ -126,8 +156,18 @@ def _count(name: str, v, low: int) -> int:
 
 # -- measuring ---------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the work queued on ``device``: any accelerator through its torch module
+    (``torch.cuda``, ``torch.mps``, ``torch.xpu``, ...: ``getattr(torch, device.type)``), so
+    that timings measure the solve, not its asynchronous launch. The CPU needs nothing."""
+    if device.type == "cpu":
+        return
+    synchronize = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if synchronize is None:
+        return
+    if device.type == "mps":
+        synchronize()  # torch.mps.synchronize() takes no device (there is only one)
+    else:
+        synchronize(device)
 
 
 def _timed(run: Callable, device: torch.device, repeats: int, warmup: int):
@@ -162,15 +202,34 @@ def _scale(x: Tensor) -> float:
 
 
 # -- references --------------------------------------------------------------------------------
-def _ode_reference(field, x0, reference, solver, tol, t0, t1) -> tuple[Tensor | None, dict]:
+def _takes_float64(field, x0: Tensor, t0: float) -> bool:
+    """Whether the reference can be solved in float64: True for a float64 ``x0``; otherwise
+    one probing call ``field(x0 in float64, t0)`` must return a float64 tensor shaped like
+    ``x0`` (a float32 network raises or returns float32: False)."""
+    if x0.dtype == torch.float64:
+        return True
+    try:
+        with torch.no_grad():
+            x = x0.detach().to(torch.float64)
+            u = field(x, torch.tensor(float(t0), dtype=torch.float64, device=x0.device))
+    except Exception:  # noqa: BLE001 -- any refusal of float64 input means "no"
+        return False
+    return torch.is_tensor(u) and u.dtype == torch.float64 and u.shape == x0.shape
+
+
+def _ode_reference(field, x0, reference, solver, tol, t0, t1,
+                   ref_dtype) -> tuple[Tensor | None, dict]:
     if reference is None:
         return None, {"reference": None}
     if isinstance(reference, str) and reference == "auto":
         with torch.no_grad():
-            sol = sample(field, x0, solver, rtol=tol, atol=tol, t0=t0, t1=t1,
-                         max_steps=_REFERENCE_MAX_STEPS)
-        floor = 30.0 * tol * _scale(sol.x)
+            sol = sample(field, x0.detach().to(ref_dtype), solver, rtol=tol, atol=tol, t0=t0,
+                         t1=t1, max_steps=_REFERENCE_MAX_STEPS)
+        # the reference's own error, or the round-off of the solves it judges (x0's dtype;
+        # the floor of a given reference), whichever is larger
+        floor = max(30.0 * tol, 1e3 * torch.finfo(x0.dtype).eps) * _scale(sol.x)
         return sol.x, {"reference": "auto", "reference_solver": solver, "reference_tol": tol,
+                       "reference_dtype": str(ref_dtype).removeprefix("torch."),
                        "reference_nfe": sol.nfe, "order_floor": floor}
     if torch.is_tensor(reference):
         if reference.shape != x0.shape:
@@ -218,23 +277,32 @@ def _sde_setup(field, x0, specs, sde, generator, t0, t1):
     return kwargs, ref.x, meta
 
 
-def _likelihood_setup(field, likelihood, points, solver, tol, t_interval):
+def _likelihood_setup(field, likelihood, points, solver, tol, t_interval, ref_dtype):
     if likelihood is False or likelihood is None:
         return None
     if points is None:
         raise ValueError("likelihood needs points: give data= (its first B rows are used) or "
                          "a reference (its x(t1) is used)")
-    if likelihood is True:
-        exact = log_likelihood(field, points, solver=solver, rtol=tol, atol=tol,
+    if likelihood is True:  # in float64 where the field takes it, like the ODE reference
+        exact = log_likelihood(field, points.to(ref_dtype), solver=solver, rtol=tol, atol=tol,
                                t_interval=t_interval, max_steps=_REFERENCE_MAX_STEPS).log_prob
     elif callable(likelihood):
-        if t_interval[0] != 0.0:
+        lo, hi = t_interval
+        if (lo, hi) != (0.0, 1.0):
+            why = []
+            if lo != 0.0:
+                why.append(f"put the N(0, I) prior at the lower end min(t0, t1) = {lo!r}, "
+                           f"where p_{lo!r} is not N(0, I)")
+            if hi != 1.0:
+                why.append(f"give log p_{hi!r} (at the upper end max(t0, t1) = {hi!r}), not "
+                           "log p_1")
             raise ValueError(
-                "likelihood=<callable> (an exact log p_1) needs the interval to start at t = 0: "
-                "the solved likelihoods put the N(0, I) prior at the lower end "
-                f"min(t0, t1) = {t_interval[0]!r}, so their gap to log p_1 would include the "
-                "prior's mismatch there, not only solver error. Use t0=0 (or t1=0), or "
-                "likelihood=True (a reference solve with the same prior)")
+                "likelihood=<callable> is the exact log p_1: it needs the interval to start at "
+                "t = 0 and end at t = 1 (t0=0, t1=1, or t0=1, t1=0); got "
+                f"[min(t0, t1), max(t0, t1)] = [{lo!r}, {hi!r}], where the solved "
+                f"likelihoods {' and '.join(why)}, so their gap to it would not be solver "
+                "error only. Use that interval, or likelihood=True (a reference solve on the "
+                "same interval)")
         exact = torch.as_tensor(likelihood(points)).detach().to(points)
         if exact.shape != points.shape[:1]:
             raise ValueError(f"likelihood(x) must return ({points.shape[0]},) log-densities; "
@@ -290,9 +358,10 @@ def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
                rejected=getattr(sol, "rejected", None), nfe=sol.nfe, time_min=t_min,
                time_median=t_med,
                h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget)
-    if ref is not None:
-        rec["error"] = _distance(sol.x, ref, ctx.norm)
-        rec["mean_error"], rec["moment2_error"] = _moment_errors(sol.x, ref)
+    if ref is not None:  # in the reference's dtype (float64 for an automatic one)
+        x = sol.x.to(torch.promote_types(sol.x.dtype, ref.dtype))
+        rec["error"] = _distance(x, ref, ctx.norm)
+        rec["mean_error"], rec["moment2_error"] = _moment_errors(x, ref)
     if ctx.data is not None:
         rec["w2"] = float(wasserstein2(sol.x, ctx.data))
     if ctx.ll is not None and spec.kind != "sde":
@@ -338,7 +407,11 @@ def compare_solvers(
         reference: ``"auto"`` (a tight adaptive solve), a tensor ``x(t1)`` shaped like
             ``x0`` (e.g. a closed form) or None (no ODE error, no fitted ODE orders).
         reference_solver, reference_tol: of ``"auto"`` and ``likelihood=True``; default
-            DOP853 (CPU) or dopri8, at 1e-10 (float64) or 1e-6.
+            DOP853 (CPU) or dopri8, at 1e-10. Both references are solved in float64, from
+            ``x0`` (or the likelihood points) converted to it, whatever ``x0``'s dtype; a
+            field that cannot take float64 (one probing call raises or returns another
+            dtype) gets them in ``x0``'s dtype at 1e-6 instead. An adaptive budget at or
+            below the reference tolerance is a ValueError (it would judge itself).
         data: ``(M, *event_shape)`` samples of the data: W2 of every result to them.
         sde: for SDE solvers, the arguments of :func:`~flowsolve.sde.sample_sde`
             (``score``, ``path``, ``diffusion``), and ``reference_solver`` (``"srk"``) and
@@ -347,8 +420,9 @@ def compare_solvers(
         likelihood: True (against a tight reference solve) or a callable ``x -> (B,)``
             exact ``log p_1`` (e.g. ``GaussianMixture.log_prob``): the log-likelihood error
             of every ODE solver at every budget, at ``data[:B]`` or else at the reference.
-            Every solve puts the prior ``N(0, I)`` at ``min(t0, t1)``: a callable therefore
-            needs ``min(t0, t1) = 0`` (ValueError otherwise); True works on any interval.
+            Every solve puts the prior ``N(0, I)`` at ``min(t0, t1)`` and gives
+            ``log p_{max(t0, t1)}``: a callable therefore needs the interval ``[0, 1]``
+            (ValueError otherwise); True works on any interval.
         repeats, warmup: timed and untimed solves per (solver, budget).
         norm: ``"rms"``, ``"mean"`` or ``"max"`` over the batch of ``||x_hat - x_ref||``.
         t0, t1: the interval; max_steps: step budget of the adaptive solves.
@@ -357,7 +431,11 @@ def compare_solvers(
 
     Returns:
         :class:`Study`: ``records`` (one dict per solver and budget, keys
-        :data:`RECORD_FIELDS`), ``orders`` (declared and fitted, per solver) and ``meta``.
+        :data:`RECORD_FIELDS`; ``below_floor`` marks an error at or below the floor,
+        ``meta["order_floor"]``, which the fitted orders leave out), ``orders`` (declared
+        and fitted, per solver) and ``meta`` (with ``threads``, torch's intra-op threads
+        during the timings, and ``w2_reference``, the W2 of the ODE reference itself to
+        ``data``: the finite-sample floor of the ``w2`` column).
 
     Example:
         >>> import torch, flowsolve as fs
@@ -382,18 +460,26 @@ def compare_solvers(
             raise ValueError(f"data must be (M, *event_shape) with {x0[0].numel()} entries per "
                              f"sample like x0; got {getattr(data, 'shape', type(data))}")
         data = data.detach().to(dtype=x0.dtype, device=x0.device).reshape(-1, *x0.shape[1:])
-    high = x0.dtype == torch.float64
     ref_solver = reference_solver or ("DOP853" if x0.device.type == "cpu" else "dopri8")
     if not ODE_SOLVERS[ref_solver].adaptive:
         raise ValueError(f"reference_solver must be adaptive; {ref_solver!r} is fixed-step "
                          f"(accepted: {', '.join(ODE_SOLVERS.names(adaptive=True))})")
-    ref_tol = reference_tol if reference_tol is not None else (1e-10 if high else 1e-6)
+    auto = isinstance(reference, str) and reference == "auto"
+    ref_dtype = x0.dtype
+    if auto or likelihood is True:
+        ref_dtype = torch.float64 if _takes_float64(field, x0, t0) else x0.dtype
+    ref_tol = reference_tol if reference_tol is not None else (
+        _REFERENCE_TOL if ref_dtype == torch.float64 else _LOW_PRECISION_REFERENCE_TOL)
+    if auto or likelihood is True:
+        _check_reference_tol(specs, ref_tol, ref_dtype, x0.dtype)
 
-    x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1)
+    x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1, ref_dtype)
     sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
-    points = data[: x0.shape[0]] if data is not None else x_ref
+    points = data[: x0.shape[0]] if data is not None else (
+        None if x_ref is None else x_ref.to(x0.dtype))  # the solves under test: x0's dtype
     t_interval = (min(t0, t1), max(t0, t1))
-    ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval)
+    ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval,
+                           ref_dtype)
 
     ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
                    data, ll, t_interval)
@@ -402,14 +488,19 @@ def compare_solvers(
     sde_meta = sde_setup[2] if sde_setup else None
     orders = {}
     for spec in specs:  # SDE: points too close to the fine solve are biased low
+        floor = 0.0 if spec.kind == "sde" else meta.get("order_floor", 0.0)
+        for r in records:
+            if r["solver"] == spec.name and r["error"] is not None:
+                r["below_floor"] = not r["error"] > floor
         orders[spec.name] = order_entry(
-            records, spec.name, spec.kind, spec.info.order,
-            floor=0.0 if spec.kind == "sde" else meta.get("order_floor", 0.0),
+            records, spec.name, spec.kind, spec.info.order, floor=floor,
             max_steps=sde_meta["reference_steps"] // 4 if spec.kind == "sde" else None)
+    if data is not None and x_ref is not None:
+        meta["w2_reference"] = float(wasserstein2(x_ref.to(x0.dtype), data))
     meta.update(dtype=str(x0.dtype).removeprefix("torch."), device=str(x0.device),
                 batch=x0.shape[0], t0=t0, t1=t1, repeats=repeats, warmup=warmup, norm=norm,
                 data_samples=None if data is None else data.shape[0],
                 likelihood=None if ll is None else ("reference solve" if likelihood is True
                                                     else "given"),
-                sde=sde_meta, torch=torch.__version__)
+                sde=sde_meta, threads=torch.get_num_threads(), torch=torch.__version__)
     return Study(records, orders, meta)

@@ -1,6 +1,7 @@
 """The flowsolve command: a tiny train -> sample -> likelihood -> transfer round, and errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -109,6 +110,45 @@ def test_a_result_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
     assert target.read_bytes() == b"forced"
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp makes its file 0o600; the written file must instead get what open() gives:
+    0o666 less the umask when new, the replaced file's own mode when replacing."""
+    import stat
+
+    from flowsolve._files import save_atomically, write_atomically
+    from flowsolve._study_results import _atomic_write
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o002)
+    try:
+        with open(tmp_path / "plain", "wb"):
+            pass
+        assert mode(tmp_path / "plain") == 0o664  # the reference: a plain open
+        save_atomically({"a": 1}, tmp_path / "c.pt")
+        write_atomically(tmp_path / "new.csv", lambda f: f.write(b"x"), overwrite=False)
+        _atomic_write(tmp_path / "study.json", b"{}")
+        for name in ("c.pt", "new.csv", "study.json"):
+            assert mode(tmp_path / name) == 0o664, name
+        os.umask(0o027)
+        write_atomically(tmp_path / "other.csv", lambda f: f.write(b"x"))
+        assert mode(tmp_path / "other.csv") == 0o640
+        # replacing a file keeps its mode, whatever the umask (as open(path, "w") does)
+        existing = tmp_path / "existing.csv"
+        existing.write_text("old\n")
+        os.chmod(existing, 0o644)
+        write_atomically(existing, lambda f: f.write(b"new\n"))
+        assert existing.read_bytes() == b"new\n" and mode(existing) == 0o644
+        os.chmod(existing, 0o600)
+        save_atomically({"b": 2}, existing)
+        assert mode(existing) == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary file left
+        "c.pt", "existing.csv", "new.csv", "other.csv", "plain", "study.json"]
+
+
 def test_a_failed_study_leaves_no_empty_report_folder(model_file, tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["compare", "--model", str(model_file), "--solvers", "rk5",
@@ -131,3 +171,55 @@ def test_likelihood_of_one_point_has_no_standard_error(model_file, capsys):
                  "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "no standard error" in out and "nan" not in out
+
+
+_COMPARE = ["--n", "8", "--solvers", "euler", "--budget-steps", "2", "4", "--repeats", "1"]
+
+
+def test_compare_into_a_reused_folder_removes_a_stale_plot_it_cannot_redraw(
+        model_file, tmp_path, capsys, monkeypatch):
+    """--force into a folder of an earlier study: with matplotlib missing, that study's plot
+    must not stay beside the new study.csv / study.json (only study.png is removed)."""
+    import json
+    import sys
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.png").write_bytes(b"the plot of an earlier study")
+    (out / "notes.txt").write_text("mine")
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib... -> ImportError
+    assert main(["compare", "--model", str(model_file), *_COMPARE, "--out", str(out),
+                 "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "study.csv", "study.json"]
+    said = capsys.readouterr().out
+    assert "matplotlib not installed: no plot; removed the earlier run's" in said
+    assert (out / "notes.txt").read_text() == "mine"
+    records = json.loads((out / "study.json").read_text())["records"]
+    assert [(r["solver"], r["budget"]) for r in records] == [("euler", 2), ("euler", 4)]
+    # a fresh folder has no earlier plot: nothing to remove, nothing said about it
+    assert main(["compare", "--model", str(model_file), *_COMPARE,
+                 "--out", str(tmp_path / "fresh")]) == 0
+    said = capsys.readouterr().out
+    assert "no plot; pip install" in said and "removed" not in said
+
+
+def test_compare_pins_intra_op_threads_records_them_and_restores_them(model_file, tmp_path):
+    """Like demo, compare times with one thread by default (--threads): more threads made
+    small-tensor evaluations up to 1000x slower on a shared CPU. The count is recorded in
+    study.json, and the caller's setting is restored when main() returns."""
+    import json
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for extra, expected in [([], 1), (["--threads", "2"], 2)]:
+            out = tmp_path / f"threads{expected}"
+            assert main(["compare", "--model", str(model_file), *_COMPARE, *extra,
+                         "--out", str(out)]) == 0
+            assert json.loads((out / "study.json").read_text())["meta"]["threads"] == expected
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", str(model_file), "--threads", "0"])

@@ -79,7 +79,21 @@ def test_records_are_complete_and_timed(ode_study):
         assert tuple(r) == RECORD_FIELDS
         assert 0 < r["time_min"] <= r["time_median"]
         assert r["w2"] > 0 and r["ll_error"] is None
+        assert r["below_floor"] is False  # float64: every error is above the 3e-9 floor
     assert ode_study.meta["reference"] == "auto" and ode_study.meta["repeats"] == 2
+    assert ode_study.meta["threads"] == torch.get_num_threads() == 1  # tests/conftest.py
+
+
+def test_w2_reference_is_the_floor_of_the_w2_column(ode_study):
+    # the reference's own W2 to the 256 data samples: what an exact solver scores
+    # (triangle inequality, and W2 to the reference <= the RMS error: |w2 - floor| <= error;
+    # so w2 moves off its floor by at most the error, and may move below it)
+    floor = ode_study.meta["w2_reference"]
+    assert floor > 0.1
+    for r in ode_study.records:
+        assert abs(r["w2"] - floor) <= r["error"] * (1 + 1e-9) + 1e-12, r
+    rk4 = _rows(ode_study, "rk4")[-1]  # 64 steps: error ~1e-7, so W2 within ~1e-7 of it
+    assert abs(rk4["w2"] - floor) < 1e-6
 
 
 def test_table_lists_records_and_orders(ode_study):
@@ -124,6 +138,7 @@ def test_w2_to_data_is_at_most_the_rms_error_to_the_same_points():
                             data=exact, repeats=1, warmup=0)
     for r in study.records:
         assert 0 < r["w2"] <= r["error"] * (1 + 1e-12)
+    assert study.meta["w2_reference"] == pytest.approx(0.0, abs=1e-12)  # data = reference
 
 
 def test_no_reference_measures_work_only():
@@ -138,11 +153,76 @@ def test_no_reference_measures_work_only():
         study.plot("unused.png")
 
 
-def test_float32_reference_tolerance_defaults_to_1e_6():
-    study = compare_solvers(U_GAUSS, _x0(8, dtype=torch.float32), solvers=["rk4"], steps=[4],
-                            repeats=1, warmup=0)
-    assert study.meta["reference_tol"] == 1e-6 and study.meta["dtype"] == "float32"
-    assert study.records[0]["error"] > 0
+RING8 = fs.GaussianMixture.ring(8, radius=4.0, std=0.5)
+U_RING8 = fs.analytic.marginal_velocity(RING8, PATH)
+
+
+def _true_error(field, x0, true, solver, budget, kind) -> float:
+    kw = {"rtol": budget, "atol": budget} if kind == "adaptive" else {"steps": budget}
+    x = sample(field, x0, solver, **kw).x.double()
+    return float((x - true).norm(dim=1).square().mean().sqrt())
+
+
+def test_float32_study_is_measured_against_a_float64_reference():
+    """A float32 study's reference is solved in float64 at 1e-10 (from x0 in float64), not in
+    float32 at 1e-6: that one stays near float32 round-off, so it reported rk4 at 64 steps
+    as 2.3e-6 (true 5.8e-7) and DOP853 at its own tolerance 1e-6 as exactly 0."""
+    x0 = _x0(64, dtype=torch.float32)
+    true = sample(U_RING8, x0.double(), "rk4", steps=2048).x  # the exact flow, to ~1e-12
+    study = compare_solvers(U_RING8, x0, solvers=["rk4", "DOP853"], steps=[4, 64],
+                            repeats=1, warmup=0)  # DOP853: the default tolerances 1e-3 .. 1e-8
+    assert len(study.records) == 2 + 6
+    wrong = []  # (solver, budget, reported, true): none is 0, all within 20% of the truth
+    for r in study.records:
+        e = _true_error(U_RING8, x0, true, r["solver"], r["budget"], r["kind"])
+        if not (r["error"] > 0 and abs(r["error"] / e - 1) < 0.2):
+            wrong.append((r["solver"], r["budget"], r["error"], e))
+    assert wrong == []
+    meta = study.meta
+    assert (meta["dtype"], meta["reference_dtype"], meta["reference_tol"]) == (
+        "float32", "float64", 1e-10)
+    # the floor is float32 round-off (1e3 eps), not the reference's 30 * 1e-10
+    scale = 1 + float(true.norm(dim=1).square().mean().sqrt())
+    assert meta["order_floor"] == pytest.approx(1e3 * torch.finfo(torch.float32).eps * scale,
+                                                rel=1e-3)
+    rk4 = _rows(study, "rk4")
+    assert [r["below_floor"] for r in rk4] == [False, True]  # 7.5e-3 and 5.8e-7
+    lines = study.table().splitlines()
+    assert any(line.startswith("| rk4 | 64 |") and f"{rk4[1]['error']:.3g}*" in line
+               for line in lines)
+    assert not any(line.startswith("| rk4 | 4 |") and "*" in line for line in lines)
+    assert any(line.startswith(f"(*) error at or below the study's floor "
+                               f"({meta['order_floor']:.3g}): ") and "float32" in line
+               for line in lines)
+
+
+def _float32_only(x, t):
+    """A field that computes in float32 whatever it is given, like a float32 network."""
+    return U_GAUSS(x.float(), t.float())
+
+
+def test_a_field_without_float64_gets_a_float32_reference_and_looser_budgets_only():
+    x0 = _x0(8, dtype=torch.float32)
+    kw = dict(solvers=["rk4", "dopri5"], steps=[4], repeats=1, warmup=0)
+    with pytest.raises(ValueError, match=r"tolerance 1e-06 of solver 'dopri5' is at or below "
+                                         r"the reference tolerance 1e-06.*net\.double"):
+        compare_solvers(_float32_only, x0, **kw)  # the defaults reach 1e-8
+    study = compare_solvers(_float32_only, x0, tolerances=[1e-3, 1e-5], **kw)
+    assert (study.meta["reference_dtype"], study.meta["reference_tol"]) == ("float32", 1e-6)
+    assert all(r["error"] > 0 for r in study.records)
+
+
+@pytest.mark.parametrize("kw", [dict(reference_tol=1e-7), dict(reference_tol=1e-5,
+                                                                 likelihood=True)])
+def test_adaptive_budgets_at_or_below_the_reference_tolerance_are_refused(kw):
+    with pytest.raises(ValueError, match=r"tolerance 1e-0[57] of solver 'bosh3' is at or below "
+                                         r"the reference tolerance 1e-0[57]"):
+        compare_solvers(U_GAUSS, _x0(4), solvers=["rk4", "bosh3"], steps=[2],
+                        tolerances=[1e-3, 1e-5, 1e-7], **kw)
+    # a given reference has no tolerance: any budget is judged against it
+    study = compare_solvers(U_GAUSS, _x0(4), solvers=["bosh3"], tolerances=[1e-3, 1e-8],
+                            reference=_gauss_exact(_x0(4)), repeats=1, warmup=0)
+    assert all(r["error"] > 0 for r in study.records)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -229,6 +309,18 @@ def test_likelihood_error_on_an_interval_starting_above_zero():
     kw = dict(solvers=["rk4"], steps=[4, 8, 16], repeats=1, warmup=0, t0=0.3)
     with pytest.raises(ValueError, match=r"needs the interval to start at t = 0.*0\.3"):
         compare_solvers(U_RING, _x0(16), likelihood=RING.log_prob, **kw)
+    # nor where it ends below t = 1: the solves give log p_0.5, not log p_1 (reported as a
+    # flat 'error' of 2.1 nats, whatever the budget, before this was refused)
+    for t0, t1, says in [(0.0, 0.5, r"\[0\.0, 0\.5\].*give log p_0\.5"),
+                         (0.5, 0.0, r"\[0\.0, 0\.5\].*give log p_0\.5"),
+                         (0.3, 0.8, r"\[0\.3, 0\.8\].*prior.*and give log p_0\.8")]:
+        with pytest.raises(ValueError, match=r"exact log p_1: it needs the interval to start "
+                                             r"at t = 0 and end at t = 1.*" + says):
+            compare_solvers(U_RING, _x0(16), likelihood=RING.log_prob,
+                            **{**kw, "t0": t0, "t1": t1})
+    backward = compare_solvers(U_RING, _x0(16), likelihood=RING.log_prob,
+                               **{**kw, "t0": 1.0, "t1": 0.0})  # [0, 1] the other way round
+    assert [r["ll_error"] for r in backward.records][-1] < 1e-3
     errors = [r["ll_error"] for r in compare_solvers(U_RING, _x0(16), likelihood=True,
                                                      **kw).records]
     assert errors[0] > 8 * errors[1] > 64 * errors[2] > 0 and errors[2] < 1e-4
@@ -273,6 +365,31 @@ def test_plot_without_matplotlib_says_how_to_install(ode_study, tmp_path, monkey
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"flowsolve\[plot\]"):
         ode_study.plot(tmp_path / "wp.png")
+
+
+# -- timing ---------------------------------------------------------------------------------
+def test_timings_synchronise_every_accelerator_not_only_cuda(monkeypatch):
+    """Each timed solve is bracketed by the device's synchronize (MPS too: its launches are
+    asynchronous like CUDA's, so without it the times measure the launch only)."""
+    from flowsolve import studies
+
+    calls = []
+    for name in ("cuda", "mps", "xpu"):
+        module = getattr(torch, name)
+        monkeypatch.setattr(module, "synchronize",
+                            lambda *a, _name=name, **k: calls.append((_name, *a)))
+    for device, expected in [("cpu", []), ("cuda", [("cuda", torch.device("cuda"))]),
+                             ("cuda:1", [("cuda", torch.device("cuda:1"))]),
+                             ("mps", [("mps",)]),  # torch.mps.synchronize() takes no device
+                             ("xpu", [("xpu", torch.device("xpu"))])]:
+        calls.clear()
+        studies._sync(torch.device(device))
+        assert calls == expected, device
+    calls.clear()
+    _, t_min, t_med = studies._timed(lambda: calls.append("run"), torch.device("mps"),
+                                     repeats=2, warmup=1)
+    assert calls == ["run", ("mps",), "run", ("mps",), ("mps",), "run", ("mps",)]
+    assert 0 <= t_min <= t_med
 
 
 # -- argument checks --------------------------------------------------------------------------
