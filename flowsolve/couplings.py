@@ -20,6 +20,7 @@ the converse. Failures are never silent: see :class:`OTCoupling`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -70,7 +71,9 @@ class CouplingResult:
         method: ``"independent"``, ``"paired"``, ``"exact"``, ``"sinkhorn"``.
         status: ``"given"`` (no solve), ``"optimal"``, ``"optimal_after_retry"`` (the
             iteration limit was hit, a 100x limit reached optimality), ``"converged"``
-            (Sinkhorn within ``tol``), ``"fallback_exact"`` (Sinkhorn failed; exact plan).
+            (Sinkhorn within ``tol``), ``"fallback_exact"`` (Sinkhorn failed; the exact
+            plan, also when its solve needed the 100x retry, which the warning of the
+            retry reports).
         n_iter: solver iterations (Sinkhorn), else ``None``.
         marginal_error: ``|plan 1 - a|_1 + |plan^T 1 - b|_1`` of the returned plan, ``a``
             and ``b`` the marginals the plan was solved for: uniform, ``1/N`` and ``1/M``
@@ -103,7 +106,8 @@ class CouplingResult:
 def _batches(x0: Tensor, x1: Tensor, extras: tuple) -> tuple[Tensor, Tensor]:
     for name, x in (("x0", x0), ("x1", x1)):
         if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-            raise TypeError(f"{name} must be a tensor shaped (B, *event_shape); got "
+            raise TypeError(f"{name} must be a tensor shaped (B, *event_shape) with B >= 1 "
+                            "((B,): B scalar samples); got "
                             f"{getattr(x, 'shape', type(x).__name__)}")
     if x0[0].numel() != x1[0].numel() or x0.device != x1.device:
         raise ValueError(f"x0 and x1 must have the same number of entries per sample, on one "
@@ -113,7 +117,9 @@ def _batches(x0: Tensor, x1: Tensor, extras: tuple) -> tuple[Tensor, Tensor]:
         if not torch.is_tensor(e) or e.dim() < 1 or e.shape[0] != x1.shape[0]:
             raise ValueError(f"extras[{k}] must be a per-sample tensor of x1 with first dim "
                              f"{x1.shape[0]}; got {getattr(e, 'shape', type(e).__name__)}")
-    return x0.detach().flatten(1), x1.detach().flatten(1)
+    # (B,) is B scalar samples (event_shape ()), as in the bridges, losses and metrics
+    return tuple(x.detach().unsqueeze(1) if x.dim() == 1 else x.detach().flatten(1)
+                 for x in (x0, x1))
 
 
 class Coupling(ABC):
@@ -189,15 +195,19 @@ class OTCoupling(Coupling):
     against 1.35 ms at 512 x 512 on one CPU thread) when every row and column of K has an
     entry above :math:`\sqrt{\text{tiny}}` of the dtype, and in the log domain
     (``method="sinkhorn_log"``, never underflows, whatever ``reg``) otherwise, or when the
-    kernel iterations end non-finite or stop on POT's numerical-error check (not when they
-    merely run out of iterations: the log domain would repeat the same iterates);
-    ``domain="log"`` always uses the log domain. :attr:`CouplingResult.solver` says which
-    one produced the plan. Convergence is checked on the returned plan: marginal error (L1,
-    both marginals) ``<= tol``.
+    kernel iterations fail to converge and K had entries below the dtype's smallest normal
+    number (:math:`\tilde C_{ij}/\varepsilon > -\log \text{tiny}`, 708 in float64: that
+    kernel solves another problem), ended non-finite or stopped on POT's numerical-error
+    check (read from POT's warning, on the last iteration too) -- not when a kernel of
+    normal entries merely runs out of iterations: the log domain would repeat its
+    iterates. ``domain="log"`` always uses the log domain. :attr:`CouplingResult.solver`
+    says which one produced the plan. Convergence is checked on the returned plan: marginal
+    error (L1, both marginals) ``<= tol``.
     Otherwise a warning with reg, iterations and error is issued once per object and, with
     ``fallback="exact"``, the exact plan (the :math:`\varepsilon \to 0` limit, a valid
-    coupling) is used, status ``"fallback_exact"``; ``fallback=None`` raises
-    :class:`CouplingError`.
+    coupling) is used, status ``"fallback_exact"`` (also when its network simplex needed the
+    100x retry, which that warning reports), its plan on the inputs' device like an
+    entropic plan; ``fallback=None`` raises :class:`CouplingError`.
 
     Args:
         method: ``"exact"`` or ``"sinkhorn"``.
@@ -281,11 +291,15 @@ class OTCoupling(Coupling):
         dtype = torch.promote_types(torch.promote_types(x0f.dtype, x1f.dtype), torch.float32)
         c = self._cost(x0f, x1f)
         if self.method == "exact":
-            return self._exact(c, generator, "optimal", dtype)
+            return self._exact(c, generator, dtype)
         return self._sinkhorn(c, generator, dtype)
 
-    def _exact(self, c: Tensor, generator, status: str, dtype: torch.dtype) -> CouplingResult:
+    def _exact(self, c: Tensor, generator, dtype: torch.dtype, *,
+               fallback: bool = False) -> CouplingResult:
+        """The exact plan of cost ``c``; ``fallback``: it stands in for a failed Sinkhorn
+        solve (status ``"fallback_exact"`` whatever the retries, plan on c's device)."""
         n, m = c.shape
+        status = "fallback_exact" if fallback else "optimal"
         c_np = np.ascontiguousarray(c.to("cpu", torch.float64).numpy())
         if not np.isfinite(c_np).all():
             raise ValueError("x0 and x1 must be finite: the cost matrix has "
@@ -295,13 +309,16 @@ class OTCoupling(Coupling):
         limit = own or max(100_000, n * m)
         plan, code = _emd(a, b, c_np, limit)
         if code == 3:
-            self._warn_once("emd", f"ot.emd stopped at max_iter={limit} before optimality "
+            what = "ot.emd (the exact fallback of Sinkhorn)" if fallback else "ot.emd"
+            advice = ("" if fallback else
+                      " Pass a larger max_iter to avoid the repeated solve.")
+            self._warn_once("emd", f"{what} stopped at max_iter={limit} before optimality "
                             f"(result code 3) on a {n}x{m} batch; re-solving with "
-                            f"max_iter={100 * limit}. Pass a larger max_iter to avoid the "
-                            "repeated solve.")
+                            f"max_iter={100 * limit}.{advice}")
             limit *= 100
             plan, code = _emd(a, b, c_np, limit)
-            status = "optimal_after_retry" if code == 1 else status
+            if code == 1 and not fallback:  # a fallback stays "fallback_exact"
+                status = "optimal_after_retry"
         err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
         if code != 1:
             raise CouplingError(
@@ -309,7 +326,7 @@ class OTCoupling(Coupling):
                 f"({_EMD_CODES.get(code, 'unknown')}) with max_iter={limit}; marginal error "
                 f"of the unfinished plan {err:.3g}. Increase max_iter or use method='sinkhorn'.")
         plan_t = torch.from_numpy(plan)
-        if status == "fallback_exact":  # stand-in for an entropic plan: live where it would
+        if fallback:  # stand-in for an entropic plan: live where it would
             plan_t = plan_t.to(c.device, c.dtype)
         device = c.device
         if n == m:  # a permutation matrix / n: read it off, pair without replacement
@@ -344,16 +361,23 @@ class OTCoupling(Coupling):
         a = torch.full((n,), 1.0 / n, dtype=c64.dtype, device=c64.device)
         b = torch.full((m,), 1.0 / m, dtype=c64.dtype, device=c64.device)
         max_iter = self.max_iter or 1000
-        err, n_iter = math.nan, 0  # not tried yet
+        log_domain = True  # unless the kernel is tried and its failure would recur there
         if self.domain == "auto" and self._kernel_is_safe(cn):
-            plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn", max_iter, self.tol)
+            plan, n_iter, err, numerical = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn",
+                                                         max_iter, self.tol)
             solver = "sinkhorn_knopp"
-        # the log domain runs the same iterations from the same start: retry there only when
-        # the kernel was not tried, went non-finite (nan) or stopped early on POT's numerical
-        # error check, not when it merely ran out of iterations
-        if not err <= self.tol and (math.isnan(err) or n_iter < max_iter):
-            plan, n_iter, err = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn_log", max_iter,
-                                              self.tol)
+            # With every entry of K = exp(-cn / reg) a normal number, the log domain runs
+            # the kernel's iterations from the same start: running out of iterations would
+            # recur there. It solves another problem where K underflowed (to 0 or to
+            # subnormals, cn / reg > -log(tiny): 708 in float64, 87 in float32), where the
+            # iterates went non-finite, where POT stopped on its numerical-error check
+            # (detected from its warning, on the last iteration too) or where the kernel
+            # stopped early for any other reason without meeting tol.
+            log_domain = not err <= self.tol and (
+                math.isnan(err) or numerical or n_iter < max_iter or self._kernel_underflows(cn))
+        if log_domain:
+            plan, n_iter, err, _ = _sinkhorn_pot(a, b, cn, self.reg, "sinkhorn_log", max_iter,
+                                                 self.tol)
             solver = "sinkhorn_log"
         if not err <= self.tol:
             msg = (f"Sinkhorn ({solver}) did not converge on a {n}x{m} batch: marginal error "
@@ -363,7 +387,7 @@ class OTCoupling(Coupling):
             if self.fallback is None:
                 raise CouplingError(msg + ".")
             self._warn_once("sinkhorn", msg + "; using the exact OT plan (reg -> 0) instead.")
-            return self._exact(c64, generator, "fallback_exact", dtype)
+            return self._exact(c64, generator, dtype, fallback=True)
         i0, i1 = self._draw(plan, generator)
         return CouplingResult(i0, i1, plan, (plan * c64).sum().to(dtype), "sinkhorn",
                               "converged", n_iter, err, self.keep, solver)
@@ -375,6 +399,12 @@ class OTCoupling(Coupling):
         its plan, after which the log domain takes over."""
         worst = torch.maximum(cn.amin(1).max(), cn.amin(0).max()) / self.reg
         return bool(worst < -0.5 * math.log(torch.finfo(cn.dtype).tiny))
+
+    def _kernel_underflows(self, cn: Tensor) -> bool:
+        """Some entry of ``K = exp(-cn / reg)`` is below the dtype's smallest normal number
+        (0 or subnormal): the kernel iterations then solve another problem than the log
+        domain's (one sync)."""
+        return bool(cn.max() / self.reg > -math.log(torch.finfo(cn.dtype).tiny))
 
     def _draw(self, plan: Tensor, generator) -> tuple[Tensor, Tensor]:
         """One partner per kept sample from the plan's conditional, by inverse CDF (a cumsum
@@ -399,17 +429,30 @@ class OTCoupling(Coupling):
             warnings.warn(message, CouplingWarning, stacklevel=2)
 
 
+_POT_DIR = os.path.dirname(os.path.abspath(ot.__file__)) + os.sep
+
+
 def _sinkhorn_pot(a: Tensor, b: Tensor, c: Tensor, reg: float, method: str, max_iter: int,
-                  tol: float) -> tuple[Tensor, int, float]:
-    """POT's Sinkhorn (``method`` "sinkhorn": kernel domain, "sinkhorn_log": log domain) and
-    the L1 marginal error of its plan, nan when the plan is not finite (one sync)."""
-    with warnings.catch_warnings():  # kernel-domain numerical errors: the caller falls back
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"ot\.")
+                  tol: float) -> tuple[Tensor, int, float, bool]:
+    """POT's Sinkhorn (``method`` "sinkhorn": kernel domain, "sinkhorn_log": log domain):
+    its plan, the iterations run, the L1 marginal error of the plan (nan when the plan is
+    not finite; one sync) and whether POT stopped on its numerical-error check (read from
+    its warning "numerical errors at iteration i", which the caller acts on; POT's other
+    user warnings are dropped, all other warnings re-issued)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         plan, log = ot.sinkhorn(a, b, c, reg, method=method, numItermax=max_iter,
                                 stopThr=tol / math.sqrt(b.shape[0]), log=True, warn=False)
+    numerical = False
+    for w in caught:
+        if not (issubclass(w.category, UserWarning)
+                and os.path.abspath(w.filename).startswith(_POT_DIR)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        elif "numerical errors" in str(w.message):
+            numerical = True
     err = (plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum()
     err = float(torch.where(torch.isfinite(plan).all(), err, torch.nan))
-    return plan, int(log["niter"]) + 1, err
+    return plan, int(log["niter"]) + 1, err, numerical
 
 
 def _emd(a: np.ndarray, b: np.ndarray, c: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
@@ -433,8 +476,10 @@ class ClassConditionalOT(OTCoupling):
     ``N == M``): it is split into groups of the class counts of ``y1`` -- at random with
     ``generator``, else in order, which is random for i.i.d. draws -- and each group is
     transported to its class. With ``y0`` ``(N,)`` the groups are the source classes (the
-    label sets must agree). Within a class this is :class:`OTCoupling` with the same
-    arguments (exact OT is optimal per class); the plan is block diagonal, class c carrying
+    label sets must agree); :class:`~flowsolve.pipeline.BatchProducer` (so
+    :func:`~flowsolve.train.train`) passes a labelled source's labels as ``y0``. Within a
+    class this is :class:`OTCoupling` with the same arguments (exact OT is optimal per
+    class); the plan is block diagonal, class c carrying
     mass ``M_c / M``. Its column marginal is uniform, ``1/M``; its row marginal is
     ``a_i = (M_c / M) / N_c`` for x0[i] in class c, uniform only when the class proportions
     of ``y0`` and ``y1`` agree (always without ``y0``), and ``marginal_error`` is measured

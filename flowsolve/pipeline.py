@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .couplings import Coupling
 from .data import LabeledSamples, get_dataset
 
 __all__ = ["Batch", "BatchProducer"]
@@ -55,20 +56,25 @@ def _check_int(value: object, name: str, minimum: int) -> None:
 
 @dataclass
 class Batch:
-    """Coupled pairs ``(x0[i], x1[i])`` ``(B, *event_shape)`` and labels ``y`` ``(B,)``."""
+    """Coupled pairs ``(x0[i], x1[i])`` ``(B, *event_shape)`` and the labels ``y`` ``(B,)``
+    of x1 (the model's condition). ``y0`` ``(B,)``: the labels of a labelled source's x0,
+    in x0's order, in a batch as drawn (:meth:`BatchProducer.draw`); ``None`` once coupled
+    (a coupling returns no order for them) or for an unlabelled source."""
 
     x0: Tensor
     x1: Tensor
     y: Tensor | None = None
+    y0: Tensor | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
-        y = None if self.y is None else self.y.to(device, non_blocking=True)
+        y, y0 = (None if t is None else t.to(device, non_blocking=True)
+                 for t in (self.y, self.y0))
         return Batch(self.x0.to(device, dtype, non_blocking=True),
-                     self.x1.to(device, dtype, non_blocking=True), y)
+                     self.x1.to(device, dtype, non_blocking=True), y, y0)
 
     def pin_memory(self) -> Batch:
-        return Batch(self.x0.pin_memory(), self.x1.pin_memory(),
-                     None if self.y is None else self.y.pin_memory())
+        y, y0 = (None if t is None else t.pin_memory() for t in (self.y, self.y0))
+        return Batch(self.x0.pin_memory(), self.x1.pin_memory(), y, y0)
 
 
 class _Sample:
@@ -137,6 +143,20 @@ def _accepts_generator(fn: Callable) -> bool:
     return any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _takes_y0(coupling: Callable) -> bool:
+    """Whether ``coupling`` names a ``y0`` parameter (the source labels): in ``plan`` for a
+    :class:`~flowsolve.couplings.Coupling` (whose call forwards its keywords there), in the
+    call itself otherwise. ``**kwargs`` alone does not count: label-free couplings (the
+    independent, paired and OT couplings) forward those to a ``plan`` without ``y0``."""
+    fn = coupling.plan if isinstance(coupling, Coupling) else coupling
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "y0" in params and params["y0"].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)
+
+
 class BatchProducer(Dataset):
     """Batch ``k`` = coupling(source draw, data draw): a pure function of ``(seed, k, rank)``.
 
@@ -146,8 +166,15 @@ class BatchProducer(Dataset):
             ``.sample(n, generator=)`` or a callable ``f(n, generator=)`` returning a
             tensor or ``(x, y)``.
         source: the ``x0`` side, in the same forms; ``None`` draws ``N(0, I)`` shaped like x1.
-        coupling: ``coupling(x0, x1, *extras) -> (x0, x1, *extras)`` (extras: the labels),
-            given ``generator=`` when it accepts one; ``None`` is the independent coupling.
+            A labelled source (``LabeledSamples``, ``(x, y)`` or a sampler returning one)
+            gives its labels to the coupling as ``y0`` (below).
+        coupling: ``coupling(x0, x1, *extras) -> (x0, x1, *extras)`` (extras: the labels
+            of x1), given ``generator=`` when it accepts one, and the source labels as
+            ``y0=`` when the source is labelled and the coupling names a ``y0`` parameter
+            (:class:`~flowsolve.couplings.ClassConditionalOT`: pairs then match labels,
+            ``y0 == y1``); label-free couplings (independent, paired, OT) take no ``y0``
+            and pair a labelled source as an unlabelled one. ``None`` is the independent
+            coupling.
         batch_size, seed, rank, world_size: as in :func:`train`.
         dtype: floating dtype of the produced pairs (default: torch's default dtype).
 
@@ -175,27 +202,31 @@ class BatchProducer(Dataset):
             source, "source", batch_size, _mix(seed, _SOURCE), rank, world_size)
         self.coupling = coupling
         self._coupling_takes_generator = coupling is not None and _accepts_generator(coupling)
+        self._coupling_takes_y0 = coupling is not None and _takes_y0(coupling)
         self.dtype = dtype or torch.get_default_dtype()
 
     def __len__(self) -> int:
         return 1 << 62
 
     def draw(self, k: int) -> Batch:
-        """The uncoupled batch ``k``."""
+        """The uncoupled batch ``k`` (with the source labels ``y0`` of a labelled source)."""
         x1, y = self.data(k)
         x1 = x1.to(self.dtype)
+        y0 = None
         if self.source is None:
             g = _generator(_mix(self.seed, _SOURCE, k, self.rank))
             x0 = torch.randn(x1.shape, generator=g, dtype=self.dtype)
         else:
-            x0 = self.source(k)[0].to(self.dtype)
+            x0, y0 = self.source(k)
+            x0 = x0.to(self.dtype)
         if x0.shape != x1.shape:
             raise ValueError(f"source batches {tuple(x0.shape)} and data batches "
                              f"{tuple(x1.shape)} must have the same shape")
-        return Batch(x0, x1, y)
+        return Batch(x0, x1, y, y0)
 
     def couple(self, batch: Batch, k: int) -> Batch:
-        """Apply the coupling to ``batch`` (randomness seeded by ``(seed, k, rank)``)."""
+        """Apply the coupling to ``batch`` (randomness seeded by ``(seed, k, rank)``); the
+        source labels ``batch.y0`` go to a coupling that takes ``y0``."""
         if self.coupling is None:
             return batch
         extras = () if batch.y is None else (batch.y,)
@@ -203,6 +234,8 @@ class BatchProducer(Dataset):
         if self._coupling_takes_generator:
             kwargs["generator"] = _generator(_mix(self.seed, _COUPLE, k, self.rank),
                                              batch.x0.device)
+        if self._coupling_takes_y0 and batch.y0 is not None:
+            kwargs["y0"] = batch.y0
         out = self.coupling(batch.x0, batch.x1, *extras, **kwargs)
         if not isinstance(out, (tuple, list)) or len(out) != 2 + len(extras) or \
                 out[0].shape != batch.x0.shape or out[1].shape != batch.x1.shape:

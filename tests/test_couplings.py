@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import flowsolve.couplings as couplings_module
 from flowsolve.couplings import (
     COUPLINGS,
     ClassConditionalOT,
@@ -222,7 +223,8 @@ def test_auto_domain_uses_the_log_domain_where_the_kernel_underflows(gen):
 
 def test_a_kernel_that_underflows_mid_solve_hands_over_to_the_log_domain():
     # every row and column has a zero-cost partner, so the kernel passes the entry check, but
-    # the optimum needs x0[2] -> x1[0] at cost 1, whose kernel entry exp(-800) underflows
+    # the optimum moves x0[0], x0[1] -> x1[1], x1[2] at cost 1, whose kernel entries
+    # exp(-800) underflow
     x0 = torch.tensor([[0.0], [0.0], [1.0]], dtype=F64)
     x1 = torch.tensor([[0.0], [1.0], [1.0]], dtype=F64)
     res = OTCoupling("sinkhorn", reg=1 / 800, normalize=None, max_iter=5000).plan(x0, x1)
@@ -230,6 +232,122 @@ def test_a_kernel_that_underflows_mid_solve_hands_over_to_the_log_domain():
     ref = ot.sinkhorn(np.full(3, 1 / 3), np.full(3, 1 / 3), _sqcost(x0, x1), 1 / 800,
                       method="sinkhorn_log", numItermax=5000, stopThr=1e-10)
     assert np.abs(res.plan.numpy() - ref).max() < 1e-4
+
+
+# x0 = (0, 0, 1), x1 = (0, 1, 1), reg 1/800: every row and column has a zero-cost partner, but
+# the kernel entries of cost 1, exp(-800), are 0 in float64, and the optimum needs one of them
+_X0_3 = torch.tensor([[0.0], [0.0], [1.0]], dtype=F64)
+_X1_3 = torch.tensor([[0.0], [1.0], [1.0]], dtype=F64)
+_U3 = torch.full((3,), 1 / 3, dtype=F64)
+
+
+def test_pots_numerical_error_exit_is_read_from_its_warning_on_the_last_iteration_too():
+    c = torch.cdist(_X0_3, _X1_3).square()
+    # the kernel's iterates break down at iteration 1024 (POT's "numerical errors at
+    # iteration 1023", counted from 0): a limit of 1024 ends there with n_iter == max_iter,
+    # which could not be told from running out of iterations by the count
+    plan, n_iter, err, numerical = couplings_module._sinkhorn_pot(
+        _U3, _U3, c, 1 / 800, "sinkhorn", 1024, 1e-4)
+    assert (n_iter, numerical) == (1024, True) and err > 1
+    plan, n_iter, err, numerical = couplings_module._sinkhorn_pot(
+        _U3, _U3, c, 1 / 800, "sinkhorn", 1000, 1e-4)
+    assert (n_iter, numerical) == (1000, False) and err > 0.5  # merely out of iterations
+
+
+@pytest.mark.parametrize("max_iter", [None, 1023, 1024])
+def test_a_kernel_with_underflowed_entries_hands_over_when_it_runs_out_of_iterations(max_iter):
+    """The kernel with entries that underflowed to 0 solves another problem (here an
+    infeasible one: its marginal error stays 0.67) and runs out of iterations (default
+    1000, 1023) or breaks down on the last one (1024); the log domain, not the same
+    iterates there, converges in 591. Before, both ended in the exact fallback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        res = OTCoupling("sinkhorn", reg=1 / 800, normalize=None, max_iter=max_iter).plan(
+            _X0_3, _X1_3)
+    assert res.status == "converged" and res.solver == "sinkhorn_log"
+    assert res.n_iter == 591 and res.marginal_error <= 1e-4
+    ref = ot.sinkhorn(np.full(3, 1 / 3), np.full(3, 1 / 3), _sqcost(_X0_3, _X1_3), 1 / 800,
+                      method="sinkhorn_log", numItermax=5000, stopThr=1e-10)
+    assert np.abs(res.plan.numpy() - ref).max() < 1e-4
+    # a third of the mass on the entries of cost 1, where the kernel is 0
+    assert res.plan[:2, 1:].sum().item() == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_a_kernel_that_merely_runs_out_of_iterations_is_not_retried_in_the_log_domain(
+        monkeypatch):
+    # no entry of the kernel underflows (cn / reg <= 342 < -log(tiny) = 708): the log domain
+    # would repeat the kernel's iterates, so the fallback follows the kernel at once
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = _batches(gen, 256)
+    c = torch.cdist(x0, x1).square()
+    assert (c / c.mean()).max() / 0.01 < -math.log(torch.finfo(F64).tiny)
+    calls = []
+
+    def counted(*args):
+        calls.append(args[4])
+        return solve(*args)
+
+    solve = couplings_module._sinkhorn_pot
+    monkeypatch.setattr(couplings_module, "_sinkhorn_pot", counted)
+    with pytest.warns(CouplingWarning, match=r"Sinkhorn \(sinkhorn_knopp\) did not converge .* "
+                                             r"after 10 iterations \(max_iter=10\)"):
+        res = OTCoupling("sinkhorn", reg=0.01, max_iter=10).plan(x0, x1, generator=gen)
+    assert calls == ["sinkhorn"]  # no log-domain solve
+    assert res.status == "fallback_exact"
+    assert res.cost.item() == pytest.approx(_emd2(x0, x1), rel=1e-12)
+    # which would have been spent for nothing: it does not converge either
+    calls.clear()
+    with pytest.raises(CouplingError, match=r"sinkhorn_log\) did not converge"):
+        OTCoupling("sinkhorn", reg=0.01, max_iter=10, domain="log", fallback=None).plan(x0, x1)
+    assert calls == ["sinkhorn_log"]
+
+
+def _fallback_that_needs_the_emd_retry(monkeypatch, device):
+    """Sinkhorn fails (20 log-domain iterations at reg 1e-3 on the raw cost), the exact
+    fallback's first ot.emd reports its iteration limit (result code 3, faked once) and the
+    100x retry succeeds."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(128, 2, generator=gen, device=device, dtype=F64)
+    x1 = torch.randn(100, 2, generator=gen, device=device, dtype=F64) + 3
+    emd, limits = couplings_module._emd, []
+
+    def once_at_its_limit(a, b, c, limit):
+        limits.append(limit)
+        plan, code = emd(a, b, c, limit)
+        return plan, (3 if len(limits) == 1 else code)
+
+    monkeypatch.setattr(couplings_module, "_emd", once_at_its_limit)
+    coupling = OTCoupling("sinkhorn", reg=1e-3, normalize=None, max_iter=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = coupling.plan(x0, x1, generator=torch.Generator(device=device).manual_seed(1))
+    assert limits == [100_000, 10_000_000]
+    # still the Sinkhorn fallback (not "optimal_after_retry"), its plan where an entropic
+    # plan would be, and pairs drawn from it
+    assert (res.status, res.method, res.solver) == ("fallback_exact", "sinkhorn",
+                                                    "network_simplex")
+    assert res.plan.device == x0.device and res.plan.dtype == F64
+    # the warnings tell both: Sinkhorn failed, and the fallback's solve was repeated
+    messages = [str(w.message) for w in caught if issubclass(w.category, CouplingWarning)]
+    assert len(messages) == 2 and messages[0].startswith("Sinkhorn (sinkhorn_log) did not")
+    assert messages[1].startswith("ot.emd (the exact fallback of Sinkhorn) stopped at "
+                                  "max_iter=100000 before optimality (result code 3) on a "
+                                  "128x100 batch; re-solving with max_iter=10000000.")
+    assert res.i0.device == x0.device and torch.equal(res.i1.cpu(), torch.arange(100))
+    assert bool((res.plan[res.i0, res.i1] > 0).all())
+    best = _emd2(x0.cpu(), x1.cpu())
+    assert res.cost.item() == pytest.approx(best, rel=1e-12)
+    return res
+
+
+def test_a_sinkhorn_fallback_whose_exact_solve_is_retried_stays_a_fallback(monkeypatch):
+    _fallback_that_needs_the_emd_retry(monkeypatch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_retried_sinkhorn_fallback_stays_on_the_gpu(monkeypatch):
+    res = _fallback_that_needs_the_emd_retry(monkeypatch, "cuda")
+    assert res.plan.device.type == "cuda" and res.i0.device.type == "cuda"
 
 
 def test_sinkhorn_on_float32_inputs_solves_in_float64_and_costs_in_float32(gen):
@@ -397,6 +515,33 @@ def test_registry_and_argument_errors(gen):
         OTCoupling()(x0, x1, torch.arange(9))
     with pytest.raises(ValueError, match="finite"):
         OTCoupling()(x0, torch.full((10, 2), float("nan"), dtype=F64))
+
+
+def test_one_dimensional_batches_are_batches_of_scalar_samples(gen):
+    """``(B,)`` is ``(B, *event_shape)`` with ``event_shape = ()``, as in the bridges, losses
+    and metrics: B points on the line, coupled as ``(B, 1)`` would be, returned as ``(B,)``
+    (this raised an IndexError from ``flatten(1)``)."""
+    x0 = torch.randn(9, generator=gen, dtype=F64)
+    x1 = torch.randn(9, generator=gen, dtype=F64) + 2
+    for coupling in (OTCoupling("exact"), OTCoupling("sinkhorn", reg=0.1),
+                     IndependentCoupling(), PairedCoupling()):
+        flat = coupling.plan(x0, x1, generator=torch.Generator().manual_seed(5))
+        col = coupling.plan(x0[:, None], x1[:, None], generator=torch.Generator().manual_seed(5))
+        assert torch.equal(flat.i0, col.i0) and torch.equal(flat.i1, col.i1)
+        assert flat.status == col.status != "fallback_exact"
+        x0c, x1c = coupling(x0, x1, generator=torch.Generator().manual_seed(5))
+        assert x0c.shape == x1c.shape == (9,) and torch.equal(x0c, x0[flat.i0])
+    # exact OT on the line is the sorted matching (squared cost)
+    x0c, x1c = OTCoupling("exact")(x0, x1)
+    assert torch.equal(torch.argsort(x0c), torch.argsort(x1c))
+    y = torch.arange(9) % 2
+    x0c, x1c, yc = ClassConditionalOT("exact")(x0, x1, y, y0=y.flip(0))
+    assert x0c.shape == (9,) and torch.equal(yc, y)
+    src = torch.nonzero(x0c[:, None] == x0[None])[:, 1]  # x0's index of each pair
+    assert torch.equal(y.flip(0)[src], y)  # labels matched
+    for bad in (torch.tensor(1.0), torch.empty(0), torch.empty(0, 2)):
+        with pytest.raises(TypeError, match=r"shaped \(B, \*event_shape\) with B >= 1"):
+            OTCoupling()(bad, bad)
 
 
 def test_custom_cost_and_float32(gen):

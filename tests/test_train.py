@@ -19,7 +19,7 @@ from torch import nn
 import flowsolve as fs
 from flowsolve import analytic
 from flowsolve.bridges import GaussianBridge
-from flowsolve.data import sample_labeled
+from flowsolve.data import LabeledSamples, sample_labeled
 from flowsolve.ema import EMA
 from flowsolve.train import BatchProducer, TrainConfig, load_weights, train
 
@@ -272,6 +272,67 @@ def test_batch_producer_checks_its_seed_and_its_labels():
             BatchProducer((x, torch.arange(n_labels)), batch_size=8, seed=0)
     batch = BatchProducer((x, 10 * torch.arange(40)), batch_size=8, seed=0)[1]
     assert torch.equal(batch.y, 10 * batch.x1.flatten().long())  # labels travel with x
+
+
+def _labelled_source_and_data():
+    """A labelled source and labelled data, 3 classes each; every source point is told apart
+    by its first coordinate (its index) and the source classes sit in an order unrelated to
+    the data's, so pairing without the source labels crosses classes."""
+    g = torch.Generator().manual_seed(7)
+    n = 384
+    y0 = torch.randint(0, 3, (n,), generator=g)
+    x0 = torch.stack([torch.arange(n, dtype=torch.float32) / n,
+                      torch.randn(n, generator=g)], 1)
+    data = sample_labeled("8gaussians", n, generator=g)
+    return LabeledSamples(x0, y0), LabeledSamples(data.x, data.y % 3)
+
+
+def _source_labels(batch, source):
+    """The source label of each x0 of a coupled batch (found by its first coordinate)."""
+    idx = torch.round(batch.x0[:, 0].double() * source.x.shape[0]).long()
+    assert torch.equal(batch.x0, source.x[idx])
+    return source.y[idx]
+
+
+def test_a_labelled_source_is_paired_within_its_labels_by_class_conditional_ot():
+    source, data = _labelled_source_and_data()
+    producer = BatchProducer(data, source, fs.ClassConditionalOT("exact"), batch_size=64,
+                             seed=3)
+    steps = range(8)  # more than one epoch (384 // 64 = 6 batches)
+    batches = [producer[k] for k in steps]
+    for b in batches:
+        assert torch.equal(_source_labels(b, source), b.y)  # y0 == y1 for every pair
+        assert b.y0 is None  # a coupled batch holds no (unordered) source labels
+    drawn = producer.draw(0)
+    assert drawn.y0 is not None and torch.equal(_source_labels(drawn, source), drawn.y0)
+    # the same batches from two DataLoader workers and when coupled after the move
+    loader = torch.utils.data.DataLoader(producer, batch_size=None, sampler=steps,
+                                         num_workers=2, multiprocessing_context="fork")
+    on_device = [producer.couple(producer.draw(k).to("cpu", torch.float32), k) for k in steps]
+    for ours in (list(loader), on_device):
+        for a, b in zip(batches, ours, strict=True):
+            assert torch.equal(a.x0, b.x0) and torch.equal(a.x1, b.x1)
+            assert torch.equal(a.y, b.y)
+    # without the source labels (the same source points, unlabelled) classes are crossed
+    blind = BatchProducer(data, source.x, fs.ClassConditionalOT("exact"), batch_size=64,
+                          seed=3)[0]
+    assert torch.equal(blind.y, batches[0].y)
+    assert (_source_labels(blind, source) != blind.y).float().mean() > 0.3
+
+
+def test_a_label_free_coupling_ignores_the_source_labels():
+    source, data = _labelled_source_and_data()
+    labelled = BatchProducer(data, source, fs.OTCoupling("exact"), batch_size=64, seed=3)
+    plain = BatchProducer(data, source.x, fs.OTCoupling("exact"), batch_size=64, seed=3)
+    for k in range(3):
+        a, b = labelled[k], plain[k]
+        assert torch.equal(a.x0, b.x0) and torch.equal(a.x1, b.x1) and torch.equal(a.y, b.y)
+    # training with the labelled source and class-conditional OT: workers or not, the same
+    settings = [dict(num_workers=0), dict(num_workers=2), dict(couple_on_device=True)]
+    runs = [train(mlp(num_classes=3), data, quiet(steps=4, batch_size=32, **s), source=source,
+                  coupling=fs.ClassConditionalOT("exact"), path=GaussianBridge(0.1))
+            for s in settings]
+    assert runs[0].losses == runs[1].losses == runs[2].losses
 
 
 # -- torch.distributed ----------------------------------------------------------------------------
