@@ -92,6 +92,25 @@ def first_singular_time(t: Tensor, *coefficients: Tensor) -> float | None:
     return t.expand_as(bad)[bad].flatten()[0].item()
 
 
+def check_finite_coefficients(
+    t: Tensor, what: str, scheduler: object, **coefficients: Tensor
+) -> None:
+    """Raise ValueError naming the first ``t`` at which a schedule coefficient that ``what``
+    needs is inf or NaN (e.g. ``alpha'_0 = inf`` of PolynomialScheduler(n < 1)), rather than
+    let it turn into inf or NaN silently. CPU tensors only: it reads their values, which on
+    an accelerator would synchronise with the device."""
+    if not _on_host(t):
+        return
+    for name, c in coefficients.items():
+        if _on_host(c) and c.numel() > 0 and not bool(torch.isfinite(c).all()):
+            where = first_singular_time(t, c)
+            value = c[~torch.isfinite(c)].flatten()[0].item()
+            raise ValueError(
+                f"{what} is singular at t={where!r} for {scheduler!r}: it needs {name}, "
+                f"which is {value!r} there; restrict t to an interval [eps, 1 - eps]"
+            )
+
+
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise ValueError(

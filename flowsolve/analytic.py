@@ -13,7 +13,10 @@ For data ``x1 ~ sum_k w_k N(mu_k, S_k)`` and ``x_t = alpha_t x1 + sigma_t x0``,
 * the denoiser ``E[x1 | x_t = x] = sum_k pi_k [mu_k + alpha_t S_k C_k^{-1} (x - m_k)]``.
 
 No formula divides by sigma_t or alpha_t, so all are exact and finite on the closed
-interval [0, 1] (``sigma'_t sigma_t`` is taken from :meth:`Scheduler.sigma_d_sigma`).
+interval [0, 1] (``sigma'_t sigma_t`` is taken from :meth:`Scheduler.sigma_d_sigma`), with
+one exception: the velocity needs ``alpha'_t``, which is infinite for
+PolynomialScheduler(n < 1) at t = 0; there the velocity field raises ValueError naming t
+(checked on CPU tensors) rather than return NaN.
 Each covariance is diagonalised once, ``S_k = V_k diag(lambda_k) V_k^T``, so that
 ``C_k = V_k diag(alpha^2 lambda_k + sigma^2) V_k^T`` costs O(d^2) per point and component,
 and the mixture sum is a logsumexp over components.
@@ -27,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, generator_or_fresh
+from ._checks import as_time, check_finite_coefficients, generator_or_fresh
 from .paths import AffineGaussianPath
 from .schedules import Scheduler
 
@@ -279,6 +282,8 @@ class _MarginalField:
             return at.average(at.alpha * at.lam / at.c * at.z, offset=at.mu)
         # velocity: alpha' mu_k + (alpha' alpha lam + sigma sigma') / c * z
         s_ds = sched.sigma_d_sigma(t)
+        check_finite_coefficients(t, "the marginal velocity", sched,
+                                  **{"alpha'_t": v.d_alpha_t, "sigma_t sigma'_t": s_ds})
         s_ds = s_ds.reshape(-1, 1, 1) if s_ds.dim() else s_ds
         da = v.d_alpha_t.reshape(-1, 1, 1) if v.d_alpha_t.dim() else v.d_alpha_t
         return at.average((da * at.alpha * at.lam + s_ds) / at.c * at.z, offset=da * at.mu)
@@ -296,7 +301,9 @@ def marginal_score(data: GaussianMixture, path: AffineGaussianPath) -> Field:
 
 def marginal_velocity(data: GaussianMixture, path: AffineGaussianPath) -> Field:
     """Field ``(x, t) -> u_t(x) = E[alpha'_t x1 + sigma'_t x0 | x_t = x]``, the velocity
-    whose flow carries the source to ``data`` along ``path`` (exact, finite on [0, 1])."""
+    whose flow carries the source to ``data`` along ``path`` (exact, finite on [0, 1]
+    except where ``alpha'_t`` is infinite, PolynomialScheduler(n < 1) at t = 0: there it
+    raises ValueError, checked on CPU tensors)."""
     return _MarginalField(data, path, "velocity")
 
 

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_same_shape, first_singular_time, per_sample
+from ._checks import (
+    as_time,
+    check_finite_coefficients,
+    check_same_shape,
+    first_singular_time,
+    per_sample,
+)
 from .schedules import Scheduler, ScheduleValues
 
 __all__ = ["PathSample", "AffineGaussianPath", "PREDICTIONS"]
@@ -127,9 +133,14 @@ class AffineGaussianPath:
         """``x_t = alpha_t x1 + sigma_t x0`` and ``dx_t = alpha'_t x1 + sigma'_t x0``.
 
         For the linear-beta VP scheduler ``sigma'_t`` (so ``dx_t``) is infinite at t = 1.
+        Where ``alpha'_t`` is not finite (PolynomialScheduler(n < 1) at t = 0, where
+        ``dx_t`` would be inf - inf = NaN) it raises ValueError naming t (checked on CPU
+        tensors, where it costs no device synchronisation).
         """
         check_same_shape(x0, x1, "x0", "x1")
         t, v = self._schedule(x1, t)
+        check_finite_coefficients(t, "the conditional velocity dx_t", self.scheduler,
+                                  **{"alpha'_t": v.d_alpha_t})
         a, s = per_sample(v.alpha_t, x1), per_sample(v.sigma_t, x1)
         da, ds = per_sample(v.d_alpha_t, x1), per_sample(v.d_sigma_t, x1)
         return PathSample(t=t, x0=x0, x1=x1, x_t=a * x1 + s * x0, dx_t=da * x1 + ds * x0)
@@ -146,13 +157,18 @@ class AffineGaussianPath:
         r"""``u_t(x | x1) = alpha'_t x1 + sigma'_t (x - alpha_t x1) / sigma_t``.
 
         Evaluated as ``alpha'_t x1 + (sigma_t sigma'_t) (x - alpha_t x1) / sigma_t^2``, finite
-        wherever sigma_t > 0; raises ValueError where sigma_t = 0.
+        wherever sigma_t > 0 and ``alpha'_t`` and ``sigma_t sigma'_t`` are finite; raises
+        ValueError where sigma_t = 0 and where ``alpha'_t`` is infinite
+        (PolynomialScheduler(n < 1) at t = 0). Both are checked on CPU tensors only.
         """
         check_same_shape(x, x1, "x", "x1")
         t, v = self._schedule(x, t)
         self._check_noise(v, "velocity")
+        s_ds = self.scheduler.sigma_d_sigma(t)
+        check_finite_coefficients(t, "the conditional velocity", self.scheduler,
+                                  **{"alpha'_t": v.d_alpha_t, "sigma_t sigma'_t": s_ds})
         a, s = per_sample(v.alpha_t, x), per_sample(v.sigma_t, x)
-        s_ds = per_sample(self.scheduler.sigma_d_sigma(t), x)
+        s_ds = per_sample(s_ds, x)
         return per_sample(v.d_alpha_t, x) * x1 + s_ds * (x - a * x1) / (s * s)
 
     def conditional_score(self, x: Tensor, x1: Tensor, t: Tensor | float) -> Tensor:

@@ -164,7 +164,10 @@ class CondOTScheduler(Scheduler):
 class PolynomialScheduler(Scheduler):
     r"""``alpha_t = t^n``, ``sigma_t = 1 - t^n`` (n > 0; n = 1 is CondOT).
 
-    ``d alpha_t = n t^{n-1}`` is infinite at t = 0 when n < 1.
+    ``d alpha_t = n t^{n-1}`` is infinite at t = 0 when n < 1. ``sigma_t`` is evaluated as
+    ``-expm1(n log t)`` where ``t^n > 1/2`` (accurate as t -> 1) and ``log rho`` as
+    ``n log t - log(-expm1(n log t))`` (finite for large n, where ``t^n`` underflows near
+    t = 0).
     ``rho^{-1}(r) = (r / (1 + r))^{1/n}``.
     """
 
@@ -177,7 +180,22 @@ class PolynomialScheduler(Scheduler):
     def _values(self, t):
         tn1 = torch.pow(t, self.n - 1)
         tn = torch.pow(t, self.n)  # not tn1 * t: that is inf * 0 at t = 0 when n < 1
-        return tn, 1 - tn, self.n * tn1, -self.n * tn1
+        # sigma_t = 1 - t^n, as -expm1(n log t) where t^n > 1/2 (no cancellation as t -> 1;
+        # +0, not -0, at t = 1). Elsewhere 1 - t^n is exact to rounding and keeps a finite
+        # autograd derivative at t = 0 (n >= 1), which log t would turn into 0 * inf = NaN;
+        # the log branch sees t = 1 there for the same reason.
+        near_one = tn > 0.5
+        log_t = torch.log(torch.where(near_one, t, torch.ones_like(t)))
+        sigma = torch.where(near_one, 0.0 - torch.expm1(self.n * log_t), 1 - tn)
+        return tn, sigma, self.n * tn1, -self.n * tn1
+
+    def log_snr(self, t):
+        """``n log t - log(1 - t^n)``, finite for 0 < t < 1 even where ``t^n`` underflows
+        (large n near t = 0); ``-inf`` / ``inf`` at t = 0 / 1."""
+        t = _as_float_tensor(t)
+        check_unit_interval(t)
+        y = self.n * torch.log(t)
+        return y - torch.log(0.0 - torch.expm1(y))
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
@@ -214,8 +232,9 @@ class LinearVPScheduler(Scheduler):
     ``alpha_t = exp(-T/2)``, ``sigma_t = sqrt(1 - exp(-T))``,
     ``d alpha_t = beta(s) alpha_t / 2``, ``d sigma_t = -beta(s) exp(-T) / (2 sigma_t)``
     (infinite at t = 1; use :meth:`sigma_d_sigma`, which is finite).
-    ``rho^2 = 1 / expm1(T)``, so ``rho^{-1}`` solves a quadratic in s:
-    ``T = log1p(rho^{-2})``,
+    ``rho^2 = 1 / expm1(T)``, so ``log rho = -(T + log(-expm1(-T))) / 2`` (finite for any
+    beta_max; ``-log(expm1(T)) / 2`` would overflow for T > 709) and ``rho^{-1}`` solves a
+    quadratic in s: ``T = log(1 + rho^{-2})`` (evaluated as ``logaddexp(0, -2 log rho)``),
     ``s = 2 T / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) T))``.
     Song et al. (2021), Ho et al. (2020).
     """
@@ -256,12 +275,14 @@ class LinearVPScheduler(Scheduler):
         t = _as_float_tensor(t)
         check_unit_interval(t)
         big_t, _ = self._integral(t)
-        return -0.5 * torch.log(torch.expm1(big_t))
+        # -log(expm1(T)) / 2 written so that it does not overflow for T > 709 (large beta_max)
+        return -0.5 * (big_t + torch.log(-torch.expm1(-big_t)))
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)
         self._check_snr_range(torch.log(snr.to(torch.float64)), snr.dtype)
-        big_t = torch.log1p(snr**-2)
+        # T = log(1 + rho^-2), without overflow of rho^-2 for a tiny rho (large beta_max)
+        big_t = torch.logaddexp(torch.zeros_like(snr), -2 * torch.log(snr))
         b, db = self.beta_min, self.beta_max - self.beta_min
         s = 2 * big_t / (b + torch.sqrt(b * b + 2 * db * big_t))
         return (1 - s).clamp(0, 1)  # an snr within rounding of the range stays in [0, 1]

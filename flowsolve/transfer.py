@@ -24,9 +24,11 @@ evaluated at ``t = t_r``, and ``s_r = (alpha_bar_r + sigma_bar_r) / (alpha_t + s
 which never divides by zero. Where ``sigma'_t`` is infinite (linear-beta VP as the source,
 at t = 1) numerator and denominator are multiplied by ``sigma_t`` and use
 ``sigma_t sigma'_t``. The coefficients are finite on all of [0, 1] except where the source
-velocity carries no information (``D_t = 0``: PolynomialScheduler(n > 1) at t = 0, where
-they are 0 / 0) and where the target's derivatives are infinite (linear-beta VP as the
-target, at r = 1); there a call raises rather than return inf or NaN, even where the
+velocity does not determine the posterior means (``D_t = 0``: PolynomialScheduler(n > 1)
+as the source at t = 0, where they are 0 / 0; ``D_t`` infinite: PolynomialScheduler(n < 1)
+as the source at t = 0, where ``alpha'_0 = inf``) and where the target's derivatives are
+infinite (linear-beta VP as the target, at r = 1, and PolynomialScheduler(n < 1) as the
+target at r = 0); there a call raises rather than return inf or NaN, even where the
 transfer has a finite limit (e.g. PolynomialScheduler(2) to itself, the identity, at
 r = 0), which is not evaluated.
 """

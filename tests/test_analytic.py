@@ -259,6 +259,28 @@ def test_bad_points_and_times_raise(gen):
         analytic.marginal_velocity(mix, fs.CondOTScheduler())
 
 
+def test_velocity_where_alpha_prime_is_infinite_raises_and_is_exact_elsewhere(gen):
+    """PolynomialScheduler(0.5) has alpha'_0 = inf: the marginal velocity at t = 0 raises
+    (it was NaN); for t > 0 it is the closed form of one diagonal Gaussian N(mu, diag(l)),
+    u_t(x) = alpha' mu + (alpha' alpha l + sigma sigma') / (alpha^2 l + sigma^2)
+    (x - alpha mu), with alpha = sqrt t, sigma = 1 - sqrt t, alpha' = -sigma' = 1/(2 sqrt t)."""
+    mu, lam = torch.tensor([1.5, -0.5], dtype=F64), torch.tensor([0.3, 2.0], dtype=F64)
+    data = fs.Gaussian(mu, lam)
+    path = fs.AffineGaussianPath(fs.PolynomialScheduler(0.5))
+    u = analytic.marginal_velocity(data, path)
+    x = 2 * torch.randn(5, 2, generator=gen, dtype=F64)
+    message = r"marginal velocity is singular at t=0.0 for PolynomialScheduler\(n=0.5\)"
+    for t in (0.0, torch.tensor([0.3, 0.0, 0.3, 0.3, 0.3], dtype=F64)):
+        with pytest.raises(ValueError, match=message):
+            u(x, t)
+    for make in (analytic.marginal_score, analytic.marginal_log_prob, analytic.posterior_mean):
+        assert torch.isfinite(make(data, path)(x, 0.0)).all()  # these need no alpha'_t
+    for t in (1e-300, 1e-6, 0.2, 0.7, 1.0):
+        a, s, da = math.sqrt(t), 1 - math.sqrt(t), 0.5 / math.sqrt(t)
+        expected = da * mu + (da * a * lam - s * da) / (a * a * lam + s * s) * (x - a * mu)
+        torch.testing.assert_close(u(x, t), expected, rtol=1e-13, atol=1e-13 * da)
+
+
 def test_mixture_parameters_are_copied_once_per_dtype_and_device():
     """A field evaluation makes no host-to-device copy after the first (CUDA-graph capture
     forbids them, and each would synchronise a GPU)."""

@@ -100,6 +100,8 @@ def test_dx_t_is_the_time_derivative_of_x_t(path, event, gen):
 def test_scalar_and_per_sample_time_agree(path, gen):
     x0, x1 = _randn((4, 3), gen), _randn((4, 3), gen)
     for t in (0.0, 0.3, 1.0):
+        if not torch.isfinite(path.scheduler(torch.tensor(t, dtype=F64)).d_alpha_t):
+            continue  # PolynomialScheduler(n < 1) at t = 0 raises: see the test below
         a = path.sample(x0, x1, t)
         b = path.sample(x0, x1, torch.full((4,), t, dtype=F64))
         c = path.sample(x0, x1, torch.full((4, 1), t, dtype=F64))
@@ -165,6 +167,32 @@ def test_conditional_quantities_at_t1(path, gen):
                    path.conditional_log_prob):
         with pytest.raises(ValueError, match="singular where sigma_t = 0"):
             method(x, x1, torch.tensor([0.5, 1.0, 0.5], dtype=F64))
+
+
+def test_velocity_where_alpha_prime_is_infinite_raises_and_is_exact_elsewhere(gen):
+    """PolynomialScheduler(0.5): alpha'_0 = inf, so dx_t and the conditional velocity at
+    t = 0 would be inf - inf = NaN; they raise naming t and the scheduler. For t > 0 they
+    match the closed form alpha_t = sqrt t, sigma_t = 1 - sqrt t, alpha'_t = -sigma'_t =
+    1 / (2 sqrt t)."""
+    path = AffineGaussianPath(PolynomialScheduler(0.5))
+    x0, x1, x = _randn((2, 3), gen), _randn((2, 3), gen), _randn((2, 3), gen)
+    message = r"singular at t=0.0 for PolynomialScheduler\(n=0.5\): it needs alpha'_t"
+    for t in (0.0, torch.tensor([0.5, 0.0], dtype=F64)):  # one bad entry is enough
+        with pytest.raises(ValueError, match=message):
+            path.conditional_velocity(x, x1, t)
+        with pytest.raises(ValueError, match=message):
+            path.sample(x0, x1, t)
+    # the quantities that do not need alpha'_t stay finite at t = 0
+    assert torch.isfinite(path.conditional_score(x, x1, 0.0)).all()
+    assert torch.isfinite(path.conditional_log_prob(x, x1, 0.0)).all()
+    for t in (1e-300, 1e-3, 0.25, 0.9):
+        a, s, da = math.sqrt(t), 1 - math.sqrt(t), 0.5 / math.sqrt(t)
+        _close(path.conditional_velocity(x, x1, t), da * x1 - da * (x - a * x1) / s, 1e-13,
+               f"conditional velocity at t={t}")
+        ps = path.sample(x0, x1, t)
+        _close(ps.x_t, a * x1 + s * x0, 1e-15, f"x_t at t={t}")
+        scale = 1 + abs(da)  # relative to the size of dx_t
+        _close(ps.dx_t / scale, da * (x1 - x0) / scale, 1e-15, f"dx_t at t={t}")
 
 
 # ---------------------------------------------------------------------------------------

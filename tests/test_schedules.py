@@ -157,6 +157,71 @@ def test_linear_vp_reaches_the_data_exactly(dtype):
     assert v.alpha_t.item() == 1.0 and v.sigma_t.item() == 0.0
 
 
+@pytest.mark.parametrize("n", [0.5, 2.0, 7.3])
+def test_polynomial_sigma_near_the_data_end_is_accurate(n):
+    """sigma_t = 1 - t^n cancels as t -> 1 (relative error 1e-4 at t = 1 - 1e-12 for
+    n = 0.5 when evaluated as 1 - t^n); checked against 50-digit arithmetic."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    for gap in (1e-6, 1e-9, 1e-12):
+        t = 1.0 - gap  # the float64 t itself is the input of the reference
+        v = PolynomialScheduler(n)(torch.tensor(t, dtype=F64))
+        tn = mp.mpf(t) ** mp.mpf(n)
+        assert float(v.sigma_t) == pytest.approx(float(1 - tn), rel=1e-12, abs=0)
+        assert float(v.alpha_t) == pytest.approx(float(tn), rel=1e-14, abs=0)
+        assert float(v.d_alpha_t) == pytest.approx(float(n * tn / mp.mpf(t)), rel=1e-14, abs=0)
+        assert float(v.d_sigma_t) == -float(v.d_alpha_t)
+        log_snr = PolynomialScheduler(n).log_snr(torch.tensor(t, dtype=F64))
+        assert float(log_snr) == pytest.approx(float(mp.log(tn / (1 - tn))), rel=1e-12, abs=0)
+    one = PolynomialScheduler(n).sigma(torch.tensor(1.0, dtype=F64)).item()
+    assert one == 0.0 and math.copysign(1.0, one) == 1.0  # +0: the SNR is +inf there
+
+
+def test_polynomial_log_snr_is_finite_where_t_to_the_n_underflows():
+    """For n = 120, t^n underflows for t < ~0.0027: log snr = n log t - log(1 - t^n) stays
+    finite (and strictly increasing) on the grid the transfer checks."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    n = 120.0
+    sched = PolynomialScheduler(n)
+    t = torch.linspace(0.0, 1.0, 2001, dtype=F64)
+    log_snr = sched.log_snr(t)
+    assert log_snr[0] == -math.inf and log_snr[-1] == math.inf
+    assert torch.isfinite(log_snr[1:-1]).all()
+    assert (log_snr[1:] > log_snr[:-1]).all()
+    for i in (1, 2, 5, 100, 1000, 1990, 1999):
+        tn = mp.mpf(t[i].item()) ** mp.mpf(n)
+        exact = float(mp.log(tn) - mp.log(1 - tn))
+        assert log_snr[i].item() == pytest.approx(exact, rel=1e-13, abs=0), t[i].item()
+    # and snr_inverse of an snr that does not underflow gives t back
+    inner = t[(t > 0.05) & (t < 1)]
+    assert_close(sched.snr_inverse(sched.snr(inner)), inner, rtol=1e-13, atol=0)
+
+
+def test_linear_vp_with_a_large_beta_max_has_a_finite_log_snr_and_inverse():
+    """beta_max = 2000: T(t) > 709 near t = 0, where log(expm1(T)) and rho^-2 overflow;
+    log snr = -log(expm1(T)) / 2 checked against 50-digit arithmetic."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    b_min, b_max = 0.1, 2000.0
+    sched = LinearVPScheduler(b_min, b_max)
+    t = torch.linspace(0.0, 1.0, 2001, dtype=F64)[:-1]  # t < 1: log snr finite
+    log_snr = sched.log_snr(t)
+    assert torch.isfinite(log_snr).all() and (log_snr[1:] > log_snr[:-1]).all()
+    assert_close(log_snr, torch.log(sched.snr(t)), rtol=1e-14, atol=0)
+    for i in range(0, 2000, 37):
+        s = 1 - mp.mpf(t[i].item())
+        big_t = b_min * s + (mp.mpf(b_max) - b_min) * s * s / 2
+        exact = float(-mp.log(mp.expm1(big_t)) / 2)
+        assert log_snr[i].item() == pytest.approx(exact, rel=1e-13, abs=0), t[i].item()
+    back = sched.snr_inverse(sched.snr(t))
+    assert torch.isfinite(back).all()
+    assert_close(back, t, rtol=0, atol=1e-14)
+    # the defaults are unchanged
+    assert LinearVPScheduler().log_snr(torch.tensor(0.0, dtype=F64)).item() == pytest.approx(
+        -0.5 * math.log(math.expm1(0.1 + 0.5 * 19.9)), rel=1e-14)
+
+
 @pytest.mark.parametrize("b_min,b_max", [(0.1, 20.0), (0.5, 5.0), (1.0, 1.0)])
 def test_linear_vp_matches_the_score_sde_mean_coefficient(b_min, b_max):
     """Song et al. (2021), VP-SDE: mean coefficient exp(-s^2 (b_max - b_min)/4 - s b_min/2)

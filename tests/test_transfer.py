@@ -33,6 +33,11 @@ PAIRS = [
     (fs.PolynomialScheduler(2.0), fs.CondOTScheduler()),
     (fs.LinearVPScheduler(), fs.CosineScheduler()),
     (fs.VEScheduler(0.02, 5.0), fs.VEScheduler(0.1, 5.0)),
+    # extreme SNR ranges: log snr near -500 at t = 0 (T > 709, where expm1(T) overflows) and
+    # t^120 underflowing near t = 0
+    (fs.CondOTScheduler(), fs.LinearVPScheduler(0.1, 2000.0)),
+    (fs.LinearVPScheduler(0.1, 2000.0), fs.CosineScheduler()),
+    (fs.CondOTScheduler(), fs.PolynomialScheduler(120.0)),
 ]
 IDS = [f"{a!r}->{b!r}" for a, b in PAIRS]
 
