@@ -56,7 +56,6 @@ import multiprocessing
 import numbers
 import operator
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,6 +69,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ._checkpoint import FORMAT as _FORMAT
+from ._checkpoint import SETUP_VERSION as _SETUP_VERSION
+from ._checkpoint import load_checked, setup_record
 from ._files import save_atomically
 from .bridges import GaussianBridge, bridge_matching_loss
 from .ema import EMA
@@ -88,7 +90,6 @@ from .schedules import CondOTScheduler
 __all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "train",
            "load_weights"]
 
-_FORMAT = "flowsolve.train/1"
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -242,92 +243,7 @@ class TrainResult:
     seed: int
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-# Settings a resumed run may change: they do not alter the weights' trajectory (workers give
-# the same batches as the main process). Every other setting must match the checkpoint's.
-_MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "checkpoint_every", "num_workers",
-                                   "prefetch_factor", "worker_start_method", "progress"})
-# what a checkpoint written before a setting existed ran with
-_LEGACY_DEFAULTS = {"ema_warmup": False}
-
-
-# Version of the "setup" record: 2 from when the reprs of the paths hold exact floats (the
-# earlier ones rounded to 6 significant digits) and coupling=None is recorded as "None".
-_SETUP_VERSION = 2
-_UNNAMED = "a tensor or callable (not recorded)"
-
-
-def _setup(data: Any, source: Any, path: Any, coupling: Any) -> dict[str, str | None]:
-    """What a resume compares of the run's inputs: data set names, the path's repr and the
-    coupling's kind ("None" for no coupling); None where the data or source (a tensor, a
-    callable) has no stable name. A resume refuses any difference, None included."""
-    def name(obj: Any) -> str | None:
-        return obj if isinstance(obj, str) else None
-
-    kind = "None" if coupling is None else type(coupling).__name__ + (
-        f"({coupling.method!r})" if isinstance(getattr(coupling, "method", None), str) else "")
-    return {"data": name(data), "source": "N(0, I)" if source is None else name(source),
-            "path": repr(path), "coupling": kind}
-
-
-_FLOAT_LITERAL = re.compile(r"(?<![\w.])-?(?:\d+\.\d*(?:e[+-]?\d+)?|\d+e[+-]?\d+)(?![\w.])")
-
-
-def _rounded_repr(text: str) -> str:
-    """A path repr as version 1 of the setup wrote it: floats formatted with ``:g``."""
-    return _FLOAT_LITERAL.sub(lambda m: f"{float(m.group()):g}", text)
-
-
-def _written_setup(state: dict, setup: dict) -> dict:
-    """The checkpoint's setup record in this version's terms, and the keys it lacks taken
-    from ``setup`` (unchecked); ``setup`` itself for a checkpoint written before it."""
-    written = state.get("setup")
-    if not isinstance(written, dict):  # written before the setup was recorded: unchecked
-        return dict(setup)
-    written = {**setup, **written}
-    if state.get("setup_version", 1) < 2:
-        if written["coupling"] is None:  # version 1 wrote None for coupling=None
-            written["coupling"] = "None"
-        if written["path"] == _rounded_repr(setup["path"]):  # it recorded no more digits
-            written["path"] = setup["path"]
-    return written
-
-
-def _load(path: Path, cfg: TrainConfig, world: int, setup: dict, conditional: bool) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a flowsolve training checkpoint ({_FORMAT})")
-    written = {**_LEGACY_DEFAULTS, **state.get("config", {}), "world_size": state["world_size"]}
-    now = {**asdict(cfg), "world_size": world}
-    # settings this run never reads (the prediction and EMA are compared themselves)
-    if cfg.ema_decay is None and written.get("ema_decay") is None:
-        now.pop("ema_warmup")  # no EMA either way: its warm-up is irrelevant
-    if cfg.prediction != "score":
-        now.pop("dsm_weighting")  # only the score loss is weighted
-    if not conditional:
-        now.pop("label_dropout")  # a model without num_classes is fed no labels
-    differ = [f"{key}={written[key]!r} (this call: {value!r})" for key, value in now.items()
-              if key not in _MAY_CHANGE_ON_RESUME and key in written
-              and _plain(written[key]) != _plain(value)]
-    written_setup = _written_setup(state, setup)
-    differ += [f"{key}={_shown(written_setup[key])} (this call: {_shown(value)})"
-               for key, value in setup.items() if written_setup[key] != value]
-    if differ:
-        raise ValueError(f"checkpoint {path} was written with {', '.join(differ)}. A resumed run "
-                         "continues the same trajectory: use the same values to resume (only "
-                         f"{', '.join(sorted(_MAY_CHANGE_ON_RESUME))} may change), or another "
-                         "checkpoint path to start afresh")
-    return state
-
-
-def _plain(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _shown(value: str | None) -> str:
-    return _UNNAMED if value is None else value
-
-
+# -- checkpoints (format and resume checks: _checkpoint.py) -----------------------------------
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike, *, ema: bool = True) -> nn.Module:
     """Load the EMA (``ema=True``, when the run kept one) or raw weights of a training
     checkpoint into ``model`` (``weights_only`` loading) and return it."""
@@ -378,7 +294,7 @@ class _Run:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed \
             else (0, 1)
         self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
-        self.setup = _setup(*producer_args[:2], path, producer_args[2])
+        self.setup = setup_record(*producer_args[:2], path, producer_args[2])
         self.conditional = getattr(model, "num_classes", None) is not None
         state = self._resume_state(ckpt, cfg)
         if state is not None:
@@ -426,12 +342,13 @@ class _Run:
         if ckpt is None:
             return None
         if not self.distributed:
-            return (_load(ckpt, cfg, self.world, self.setup, self.conditional)
+            return (load_checked(ckpt, asdict(cfg), self.world, self.setup, self.conditional)
                     if ckpt.exists() else None)
         box: list[Any] = [None]
         if self.rank == 0:
             try:
-                box = [("state", _load(ckpt, cfg, self.world, self.setup, self.conditional)
+                box = [("state", load_checked(ckpt, asdict(cfg), self.world, self.setup,
+                                              self.conditional)
                          if ckpt.exists() else None)]
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 box, error = [("error", f"{type(exc).__name__}: {exc}")], exc

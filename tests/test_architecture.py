@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowsolve"
 
 # module -> the flowsolve modules it may import (transitively closed by layer)
 LAYERS = {
-    "_checks": 0, "registry": 0, "_counting": 0, "_solve_args": 0, "_files": 0,
+    "_checks": 0, "registry": 0, "_counting": 0, "_solve_args": 0, "_files": 0, "_checkpoint": 0,
     "schedules": 1,
     "paths": 2,
     "analytic": 3, "losses": 3, "ema": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
