@@ -221,7 +221,6 @@ def _demo(args: argparse.Namespace) -> int:
     if args.closed_form:
         print("\n".join(closed_form_tour(args.scheduler, args.seed)))
         return 0
-    torch.set_num_threads(args.threads)  # small tensors: one thread is fastest on a shared CPU
     out = fresh_folder(args.out, args.force)
     summary = run_demo(out, steps=args.steps, seed=args.seed)
     print(f"\nreport: {summary}")
@@ -229,15 +228,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # small tensors: one thread is fastest on a shared CPU
-    try:  # restored afterwards: main() may be called in-process (tests, notebooks)
-        return _run_compare(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
     model, saved = _load_model(args.model, args.device)
     reused = args.force and Path(args.out).is_dir()
     out = fresh_folder(args.out, args.force)
@@ -259,19 +249,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     study.to_csv(out / "study.csv")
     study.to_json(out / "study.json")
     png = out / "study.png"
+    removed = ""
+    if reused and png.is_file():  # an earlier run's plot must not sit beside these results
+        png.unlink()
+        removed = f"; removed the earlier run's {png}"
     try:
         study.plot(png)
-    except BaseException as exc:
-        # the plot is written atomically: a study.png there now is an earlier run's (--force
-        # into a reused folder), which must not sit beside these results as if it were theirs
-        stale = reused and png.is_file()
-        if stale:
-            png.unlink()
-        removed = f"; removed the earlier run's {png}" if stale else ""
-        if not isinstance(exc, ImportError):
-            if stale:
-                print(f"(the plot failed{removed})", file=sys.stderr)
-            raise
+    except ImportError:
         print(f"(matplotlib not installed: no plot{removed}; pip install flowsolve[plot])")
     print(f"wrote {out}")
     return 0
@@ -387,9 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--budget-steps must all be >= 1; got {args.budget_steps}")
     if any(not v > 0 for v in getattr(args, "tolerances", None) or ()):
         parser.error(f"--tolerances must all be > 0; got {args.tolerances}")
+    threads = torch.get_num_threads()
     try:
         if getattr(args, "device", None) is not None:
             args.device = _device(args.device)
+        if getattr(args, "threads", None) is not None:  # small tensors: one thread is fastest
+            torch.set_num_threads(args.threads)         # on a shared CPU
         return args.run(args)
     except CliError as exc:
         parser.error(str(exc))
@@ -399,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a file or folder the command could not read or write
         print(f"flowsolve {args.command}: {exc}", file=sys.stderr)
         return 2
+    finally:  # restored: main() may be called in-process (tests, notebooks)
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ def _estimator_label(draws: int, importance_weighted: bool) -> str:
     return f"uniform dequantisation, mean of K=1 (over {draws} draws)"
 
 
+def _check_draws(draws: int) -> None:
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+
+
 def _check_range(n_bins: int, low: float, high: float) -> None:
     if not (isinstance(n_bins, int) and n_bins >= 2):
         raise ValueError(f"n_bins must be an int >= 2; got {n_bins!r}")
@@ -138,8 +143,7 @@ def discrete_bits_per_dim(
     bound (the Flow Matching convention). The draws come from ``generator`` as in
     :func:`dequantize` (None: a fresh unseeded generator; torch's global RNG is never used).
     """
-    if not (isinstance(draws, int) and draws >= 1):
-        raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+    _check_draws(draws)
     dim = k[0].numel()
 
     def log_prob(y: Tensor) -> Tensor:

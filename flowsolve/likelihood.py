@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dequantize import BitsPerDim, _check_range, _estimator_label, discrete_bits_per_dim
+from .dequantize import (
+    BitsPerDim,
+    _check_draws,
+    _check_range,
+    _estimator_label,
+    discrete_bits_per_dim,
+)
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 from .dynamics import probability_flow
 from .evaluate import evaluate_dataset
@@ -335,8 +341,7 @@ def dataset_bits_per_dim(
         raise TypeError("dataset_bits_per_dim takes seed=, not generator=: the dequantisation "
                         "noise and probes of the batch starting at sample i come from a "
                         "generator seeded with seed + i (the same draws after resuming)")
-    if not (isinstance(draws, int) and draws >= 1):
-        raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+    _check_draws(draws)
     _check_range(n_bins, low, high)
     dtype = kwargs.pop("dtype", torch.float64)
 

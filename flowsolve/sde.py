@@ -250,7 +250,7 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
     """Step torchsde's solver over the grid ``linspace(t0, t1, steps + 1)``. With a
     GridBrownian the loop reads nothing back from the device (non-finite states are flagged
     there and read once at the end); torchsde's Brownian objects call ``float(t)`` per query."""
-    record = _record_indices(times, t0, t1, steps) if times is not None else []
+    record = _record_indices(times, t0, t1, steps)  # [] for times=None
     y = x0.reshape(x0.shape[0], -1)
     levy = _SOLVER_LEVY[solver_name]
     if bm is None:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._counting import check_like
 from ._study_results import RECORD_FIELDS, Study, fit_order, order_entry
 from .brownian import GridBrownian
 from .likelihood import log_likelihood
@@ -211,10 +212,11 @@ def _takes_float64(field, x0: Tensor, t0: float) -> bool:
     try:
         with torch.no_grad():
             x = x0.detach().to(torch.float64)
-            u = field(x, torch.tensor(float(t0), dtype=torch.float64, device=x0.device))
+            check_like(field(x, torch.tensor(float(t0), dtype=torch.float64, device=x0.device)),
+                       x)
     except Exception:  # noqa: BLE001 -- any refusal of float64 input means "no"
         return False
-    return torch.is_tensor(u) and u.dtype == torch.float64 and u.shape == x0.shape
+    return True
 
 
 def _ode_reference(field, x0, reference, solver, tol, t0, t1,

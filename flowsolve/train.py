@@ -59,7 +59,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,42 +151,29 @@ class TrainConfig:
                              f"host); got num_workers={self.num_workers}")
 
 
-_INTS = ("steps", "batch_size", "log_every", "prefetch_factor", "warmup_steps",
-         "checkpoint_every", "num_workers")
-_FLOATS = ("lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout")
-_STRINGS = ("prediction", "dsm_weighting", "time_distribution", "worker_start_method")
-_BOOLS = ("ema_warmup", "couple_on_device", "progress")
+def _builtin(value: Any) -> Any:
+    """``value`` as the built-in type of its kind: numpy (or other) integers -> int, reals ->
+    float, strings -> str, bools -> bool, sequences element-wise as a tuple; anything else
+    unchanged (the field's check then names it)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if type(value) in (int, float, str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_builtin(v) for v in value)
+    return value
 
 
 def _coerced(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` given as other numeric types (numpy scalars, ...) converted to
-    int / float / str / bool; a bool stays a bool (and is refused where a number is due)."""
-    out: dict[str, Any] = {}
-
-    def number(value: Any, kind: type) -> Any:
-        if isinstance(value, (bool, np.bool_)) or type(value) is kind:
-            return value
-        if kind is int:
-            try:
-                return operator.index(value)
-            except TypeError:
-                return value
-        return float(value) if isinstance(value, numbers.Real) else value
-
-    for name in _INTS:
-        out[name] = number(getattr(cfg, name), int)
-    for name in _FLOATS:
-        out[name] = number(getattr(cfg, name), float)
-    betas = cfg.betas
-    if isinstance(betas, (tuple, list)):
-        out["betas"] = tuple(number(b, float) for b in betas)
-    for name in _STRINGS:
-        value = getattr(cfg, name)
-        out[name] = str(value) if isinstance(value, str) else value
-    for name in _BOOLS:
-        value = getattr(cfg, name)
-        out[name] = bool(value) if isinstance(value, np.bool_) else value
-    return out
+    """Every field of ``cfg`` through :func:`_builtin`: the kind follows the value, so no
+    list of fields needs keeping (a float given for an int field stays a float: refused)."""
+    return {f.name: _builtin(getattr(cfg, f.name)) for f in fields(cfg)}
 
 
 def _int_at_least(minimum: int) -> tuple[Callable[[Any], bool], str]:

@@ -204,7 +204,8 @@ def test_compare_into_a_reused_folder_removes_a_stale_plot_it_cannot_redraw(
     assert "no plot; pip install" in said and "removed" not in said
 
 
-def test_compare_pins_intra_op_threads_records_them_and_restores_them(model_file, tmp_path):
+def test_compare_pins_intra_op_threads_records_them_and_restores_them(model_file, tmp_path,
+                                                                        capsys):
     """Like demo, compare times with one thread by default (--threads): more threads made
     small-tensor evaluations up to 1000x slower on a shared CPU. The count is recorded in
     study.json, and the caller's setting is restored when main() returns."""
@@ -219,7 +220,10 @@ def test_compare_pins_intra_op_threads_records_them_and_restores_them(model_file
                          "--out", str(out)]) == 0
             assert json.loads((out / "study.json").read_text())["meta"]["threads"] == expected
             assert torch.get_num_threads() == 3
+        assert main(["demo", "--closed-form", "--threads", "2"]) == 0  # pinned in main() too
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
     with pytest.raises(SystemExit):
         main(["compare", "--model", str(model_file), "--threads", "0"])
+    assert "--threads must be >= 1; got 0" in capsys.readouterr().err

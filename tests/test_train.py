@@ -329,10 +329,14 @@ def test_a_label_free_coupling_ignores_the_source_labels():
         assert torch.equal(a.x0, b.x0) and torch.equal(a.x1, b.x1) and torch.equal(a.y, b.y)
     # training with the labelled source and class-conditional OT: workers or not, the same
     settings = [dict(num_workers=0), dict(num_workers=2), dict(couple_on_device=True)]
-    runs = [train(mlp(num_classes=3), data, quiet(steps=4, batch_size=32, **s), source=source,
+    runs = [train(mlp(num_classes=3), data, quiet(steps=4, batch_size=32, **s), source=src,
                   coupling=fs.ClassConditionalOT("exact"), path=GaussianBridge(0.1))
-            for s in settings]
-    assert runs[0].losses == runs[1].losses == runs[2].losses
+            for s in settings for src in (source, source.x)]
+    with_labels, without = runs[0::2], runs[1::2]
+    assert with_labels[0].losses == with_labels[1].losses == with_labels[2].losses
+    assert without[0].losses == without[1].losses == without[2].losses
+    # the source labels reach the coupling in every mode: label-matched pairs train otherwise
+    assert with_labels[0].losses != without[0].losses
 
 
 # -- torch.distributed ----------------------------------------------------------------------------
