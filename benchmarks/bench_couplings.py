@@ -27,7 +27,7 @@ import ot
 import scipy.optimize
 import torch
 
-import flowsolve.couplings as fc
+import flowsolve.training.couplings as fc
 
 
 def median_ms(fn, repeats: int, sync) -> float:

@@ -1,7 +1,8 @@
 """Cost of one exact divergence (value and trace of the Jacobian) by each method of
-``flowsolve.divergence`` against the per-dimension autograd loop, plus Hutchinson for scale.
+``flowsolve.likelihood.divergence`` against the per-dimension autograd loop, plus
+Hutchinson for scale.
 
-Cases: the MLP 3x256 of ``flowsolve.nets`` (SiLU, sinusoidal time embedding) at batch 256
+Cases: the MLP 3x256 of ``flowsolve.training.nets`` (SiLU, sinusoidal time embedding) at batch 256
 for d = 2, 16, 64, 256, and a small conv net on 1x8x8 images (d = 64). Time is the
 minimum wall time over rounds in which the methods are called in turn (CUDA: synchronised);
 extra peak memory is reported on CUDA (``torch.cuda.max_memory_allocated``), not on CPU.
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 import flowsolve as fs
-from flowsolve.divergence import EXACT_METHODS, make_probes, value_and_divergence
+from flowsolve.likelihood.divergence import EXACT_METHODS, make_probes, value_and_divergence
 
 
 class ConvField(nn.Module):

@@ -19,7 +19,7 @@ import time
 import torch
 
 import flowsolve as fs
-from flowsolve.likelihood import standard_normal_log_prob
+from flowsolve.likelihood.cnf import standard_normal_log_prob
 
 
 def timed(fn, repeats: int, device: str = "cpu") -> tuple[float, object]:

@@ -26,7 +26,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
-from flowsolve.solve import CapturedSampler, sample
+from flowsolve.ode.solve import CapturedSampler, sample
 
 STEPS, BATCH, DIM = 100, 1024, 2
 

@@ -15,7 +15,7 @@ import torch
 import torchsde
 from torch import nn
 
-from flowsolve.sde import SDE_SOLVERS, GridBrownian, sample_sde
+from flowsolve.sde.solve import SDE_SOLVERS, GridBrownian, sample_sde
 
 STEPS, BATCH, DIM = 100, 1024, 2
 

@@ -36,8 +36,8 @@ import ot
 import torch
 
 import flowsolve as fs
-from flowsolve.bridges import GaussianBridge
-from flowsolve.data import sample_dataset
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training.data import sample_dataset
 
 SIGMA = 0.1
 SINKHORN = 0.05  # entropic regularisation relative to the mean pair cost (OTCoupling's default)

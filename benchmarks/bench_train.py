@@ -5,7 +5,7 @@ MLP 3x256 (SiLU, sinusoidal time embedding), d = 2, N(0, I) -> 8gaussians, I-CFM
 bridge with sigma = 0.1, AdamW. Time per step is the steady state: from the end of the
 warm-up (the first fifth of the steps, at least 2) to the last (the DataLoader's start-up
 and the pipeline fill are excluded). Ratios are from one run. The exact OT is
-flowsolve.couplings.OTCoupling when it is importable, else a stand-in with POT's ``ot.emd``
+flowsolve.training.couplings.OTCoupling when it is importable, else a stand-in with POT's ``ot.emd``
 (say which in the output).
 
 On a GPU (``--device cuda``) the model trains there; ``--couplings independent sinkhorn
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 import flowsolve as fs
-from flowsolve.bridges import GaussianBridge
-from flowsolve.train import TrainConfig, train
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training.loop import TrainConfig, train
 
 try:
-    from flowsolve.couplings import OTCoupling
+    from flowsolve.training.couplings import OTCoupling
 
     def exact_ot():
         return OTCoupling(method="exact")
 
-    OT_NAME = "flowsolve.couplings.OTCoupling('exact')"
+    OT_NAME = "flowsolve.training.couplings.OTCoupling('exact')"
 except ImportError:  # couplings.py not there yet: the same solve, by hand
     import ot
 
@@ -51,7 +51,7 @@ except ImportError:  # couplings.py not there yet: the same solve, by hand
     def exact_ot():
         return _ExactOT()
 
-    OT_NAME = "stand-in ot.emd permutation (flowsolve.couplings not importable)"
+    OT_NAME = "stand-in ot.emd permutation (flowsolve.training.couplings not importable)"
 
 LABELS = {"independent": "independent", "exact": "exact OT", "sinkhorn": "sinkhorn OT"}
 
@@ -59,7 +59,7 @@ LABELS = {"independent": "independent", "exact": "exact OT", "sinkhorn": "sinkho
 def sinkhorn_ot(reg: float):
     """Entropic OT (log-domain fallback, exact fallback with a warning): on the batch's
     device, so on the GPU with ``--couple-on-device``."""
-    from flowsolve.couplings import OTCoupling
+    from flowsolve.training.couplings import OTCoupling
 
     return OTCoupling(method="sinkhorn", reg=reg)
 

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 import flowsolve as fs
-from flowsolve.data import LabeledSamples, load_digits
+from flowsolve.training.data import LabeledSamples, load_digits
 
 NUM_CLASSES = 10
 

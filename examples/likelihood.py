@@ -16,7 +16,7 @@ import time
 import torch
 
 import flowsolve as fs
-from flowsolve.data import get_dataset
+from flowsolve.training.data import get_dataset
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ distance; Euler with 100 steps; 10,000-point test sets; seeds 42-46. The N sourc
 N(0, I) draws at every step; the moons source is a 10,000-point training set like the target.
 
 Each run writes ``OUT/runs/<task>__<method>__seed<k>.json`` atomically, and trains with a
-checkpoint ``OUT/checkpoints/...pt`` (:func:`flowsolve.train.train` resumes from it, bit for
+checkpoint ``OUT/checkpoints/...pt`` (:func:`flowsolve.training.loop.train` resumes from it, bit for
 bit). A second invocation skips finished runs and resumes unfinished ones. At the end the
 table of all selected runs (mean and sample standard deviation over seeds) is written to
 ``OUT/results.md`` and ``OUT/results.csv``; ``--report`` writes that table for every finished
@@ -59,16 +59,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flowsolve.bridges import GaussianBridge
-from flowsolve.couplings import Coupling, OTCoupling
-from flowsolve.data import sample_dataset
 from flowsolve.metrics import normalized_path_energy, path_energy, wasserstein2
-from flowsolve.nets import MLP
-from flowsolve.solve import sample
-from flowsolve.train import TrainConfig, train
+from flowsolve.ode.solve import sample
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training.couplings import Coupling, OTCoupling
+from flowsolve.training.data import sample_dataset
+from flowsolve.training.loop import TrainConfig, train
+from flowsolve.training.nets import MLP
 
 # -- what is compared --------------------------------------------------------------------------
-#: task name -> (source data set or None for N(0, I), target data set), flowsolve.data names
+#: task name -> (source data set or None for N(0, I), target data set),
+#: flowsolve.training.data names
 TASKS: dict[str, tuple[str | None, str]] = {
     "N-8gaussians": (None, "8gaussians"),
     "moons-8gaussians": ("moons_dsb", "8gaussians_dsb"),

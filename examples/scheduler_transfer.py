@@ -16,10 +16,10 @@ import argparse
 import torch
 
 import flowsolve as fs
-from flowsolve.demo import fresh_folder
+from flowsolve.cli.demo import fresh_folder
 from flowsolve.metrics import wasserstein2
-from flowsolve.solve import sample
-from flowsolve.train import TrainConfig, train
+from flowsolve.ode.solve import sample
+from flowsolve.training.loop import TrainConfig, train
 
 TARGETS = {
     "condot": fs.CondOTScheduler(),

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import flowsolve as fs
-from flowsolve.demo import fresh_folder
-from flowsolve.studies import compare_solvers
+from flowsolve.cli.demo import fresh_folder
+from flowsolve.studies.compare import compare_solvers
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path("solver-study"),

@@ -2,48 +2,40 @@
 
 Time runs from t = 0 (source / noise) to t = 1 (data); an affine path is
 ``x_t = alpha_t x1 + sigma_t x0``; a field is any callable ``(x, t) -> Tensor``.
-The modules (``flowsolve.analytic``, ``.couplings``, ``.data``, ``.metrics``, ...) hold
-more than the flat names below.
+The subpackages follow the layers of the maths (``paths``, ``truth``, ``ode``, ``sde``,
+``likelihood``, ``training``, ``studies``, ``cli``) and hold more than the flat names below.
+The documented module names ``flowsolve.analytic``, ``.couplings``, ``.data``,
+``.divergence`` and ``.metrics`` stay importable as before.
 """
 
-from . import analytic, couplings, data, divergence, metrics
-from .analytic import Gaussian, GaussianMixture, StandardNormal
-from .bridges import GaussianBridge, bridge_matching_loss
-from .brownian import GridBrownian
-from .couplings import (
-    ClassConditionalOT,
-    CouplingResult,
-    IndependentCoupling,
-    OTCoupling,
-    PairedCoupling,
-    get_coupling,
-)
-from .dequantize import BitsPerDim, bits_per_dim, dequantize
-from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
-from .divergence import value_and_divergence
-from .dynamics import IntegrationError, NonFiniteStateError, probability_flow
-from .ema import EMA
-from .fields import GuidedField, as_score, as_velocity, convert_field, guided
-from .likelihood import (
+import sys as _sys
+
+from . import metrics
+from ._core.errors import IntegrationError, NonFiniteStateError
+from ._core.registry import SolverInfo, SolverRegistry
+from .likelihood import divergence
+from .likelihood.bits import BitsPerDim, bits_per_dim, dequantize
+from .likelihood.cnf import (
     LikelihoodResult,
     dataset_bits_per_dim,
     dataset_log_likelihood,
     log_likelihood,
     score_log_likelihood,
 )
-from .losses import (
-    denoising_score_matching_loss,
-    epsilon_loss,
-    flow_matching_loss,
-    label_dropout,
-    regression_loss,
-    sample_time,
-)
+from .likelihood.divergence import value_and_divergence
 from .metrics import mmd, normalized_path_energy, path_energy, straightness, wasserstein2
-from .nets import MLP, SinusoidalTimeEmbedding, initial_weights_from
-from .paths import PREDICTIONS, AffineGaussianPath, PathSample
-from .registry import SolverInfo, SolverRegistry
-from .schedules import (
+from .ode.solve import ODE_SOLVERS, Solution, sample
+from .paths.affine import PREDICTIONS, AffineGaussianPath, PathSample
+from .paths.bridges import GaussianBridge
+from .paths.fields import (
+    GuidedField,
+    as_score,
+    as_velocity,
+    convert_field,
+    guided,
+    probability_flow,
+)
+from .paths.schedules import (
     SCHEDULERS,
     CondOTScheduler,
     CosineScheduler,
@@ -54,12 +46,42 @@ from .schedules import (
     VEScheduler,
     get_scheduler,
 )
-from .sde import SDE_SOLVERS, SDESolution, langevin, sample_sde
-from .solve import ODE_SOLVERS, Solution, sample
-from .studies import Study, compare_solvers
-from .train import TrainConfig, TrainResult, load_weights, train
-from .transfer import TransferredField, transfer
-from .unet import UNet
+from .paths.transfer import TransferredField, transfer
+from .sde.brownian import GridBrownian
+from .sde.diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
+from .sde.solve import SDE_SOLVERS, SDESolution, langevin, sample_sde
+from .studies.compare import Study, compare_solvers
+from .training import couplings, data
+from .training.couplings import (
+    ClassConditionalOT,
+    CouplingResult,
+    IndependentCoupling,
+    OTCoupling,
+    PairedCoupling,
+    get_coupling,
+)
+from .training.ema import EMA
+from .training.loop import TrainConfig, TrainResult, load_weights, train
+from .training.losses import (
+    bridge_matching_loss,
+    denoising_score_matching_loss,
+    epsilon_loss,
+    flow_matching_loss,
+    label_dropout,
+    regression_loss,
+    sample_time,
+)
+from .training.nets import MLP, SinusoidalTimeEmbedding, initial_weights_from
+from .training.unet import UNet
+from .truth import analytic
+from .truth.analytic import Gaussian, GaussianMixture, StandardNormal
+
+# The module paths documented before the regrouping (``import flowsolve.analytic``) name
+# the modules that now live in subpackages; importing flowsolve registers them.
+for _name, _module in {"analytic": analytic, "couplings": couplings, "data": data,
+                       "divergence": divergence}.items():
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
+del _name, _module
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ import ot
 import torch
 from torch import Tensor
 
-from ._checks import generator_or_fresh
+from ._core.checks import generator_or_fresh
 
 __all__ = [
     "wasserstein2",

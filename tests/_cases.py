@@ -2,14 +2,14 @@
 
 import torch
 
-from flowsolve.analytic import GaussianMixture
-from flowsolve.schedules import (
+from flowsolve.paths.schedules import (
     CondOTScheduler,
     CosineScheduler,
     LinearVPScheduler,
     PolynomialScheduler,
     VEScheduler,
 )
+from flowsolve.truth.analytic import GaussianMixture
 
 SCHEDULER_CASES = [
     CondOTScheduler(),

@@ -1,60 +1,125 @@
-"""The import direction of docs/architecture.md: a lower module never imports a higher one."""
+"""The layers of docs/architecture.md, held in one list: the folder tree, the import direction
+and the module map of the docs are all checked against ``LAYERS``."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "flowsolve"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flowsolve"
 
-# module -> the flowsolve modules it may import (transitively closed by layer)
-LAYERS = {
-    "_checks": 0, "registry": 0, "_counting": 0, "_solve_args": 0, "_files": 0, "_checkpoint": 0,
-    "schedules": 1,
-    "paths": 2,
-    "analytic": 3, "losses": 3, "ema": 3, "couplings": 3, "metrics": 3, "nets": 3, "divergence": 3,
-    "_study_results": 0, "data": 4, "unet": 4, "pipeline": 5, "evaluate": 0, "bridges": 4,
-    "dequantize": 0,
-    "fields": 4,
-    "dynamics": 5, "fixed_step": 5.5, "sde": 5, "brownian": 4, "diffusions": 4,
-    "transfer": 4,
-    "solve": 6, "likelihood": 7, "train": 7, "studies": 8, "demo": 9, "cli": 10, "__main__": 11,
-    "__init__": 11,
-}
+# Bottom to top: (subpackage or top-level module, tiers of its modules). A module may import
+# any module of a lower entry and, inside its own subpackage, modules of lower tiers only.
+LAYERS: list[tuple[str, list[set[str]]]] = [
+    ("_core", [{"types", "errors"}, {"finite", "checks", "counting", "files", "registry"}]),
+    ("paths", [{"schedules"}, {"affine"}, {"fields", "transfer", "bridges"}]),
+    ("truth", [{"analytic"}]),
+    ("ode", [{"args", "systems", "fixed_step"}, {"backends"}, {"solve"}]),
+    ("sde", [{"brownian", "diffusions"}, {"solve"}]),
+    ("likelihood", [{"divergence", "bits", "dataset"}, {"cnf"}]),
+    ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
+                  {"pipeline"}, {"loop"}]),
+    ("metrics", []),
+    ("studies", [{"results"}, {"compare"}]),
+    ("cli", [{"demo"}, {"main"}]),
+]
 THIRD_PARTY_OWNERS = {
-    "ot": {"couplings", "metrics"},
-    "torchdiffeq": {"dynamics", "solve"},
-    "torchsde": {"sde", "brownian"},
+    "ot": {"training.couplings", "metrics"},
+    "torchdiffeq": {"ode.systems", "ode.backends", "ode.solve"},
+    "torchsde": {"sde.solve", "sde.brownian"},
 }
 
 
-def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def rank(dotted: str) -> tuple[int, int]:
+    """(layer, tier) of ``"ode.solve"`` or ``"metrics"``; KeyError if it has no place."""
+    top, _, mod = dotted.partition(".")
+    for i, (name, tiers) in enumerate(LAYERS):
+        if name == top:
+            if not mod and not tiers:
+                return i, 0
+            for j, tier in enumerate(tiers):
+                if mod in tier:
+                    return i, j
+    raise KeyError(dotted)
+
+
+def placed_modules() -> list[str]:
+    return [f"{name}.{m}" if tiers else name for name, tiers in LAYERS
+            for tier in (tiers or [{""}]) for m in sorted(tier)]
+
+
+def tree_modules() -> list[str]:
+    """Every module of the package but the ``__init__`` / ``__main__`` files."""
+    found = []
+    for p in PACKAGE.rglob("*.py"):
+        if p.stem in ("__init__", "__main__"):
+            continue
+        found.append(".".join(p.relative_to(PACKAGE).with_suffix("").parts))
+    return sorted(found)
+
+
+def flowsolve_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(dotted module, imported names)`` of each relative import, resolved from ``path``."""
+    here = path.relative_to(PACKAGE).with_suffix("").parts[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(here[: len(here) - (node.level - 1)])
+            names = [a.name for a in node.names]
+            if node.module:
+                out.append((".".join(base + node.module.split(".")), names))
+            else:  # from . import a, b: each name is a module
+                out += [(".".join(base + [n]), []) for n in names]
+    return out
+
+
+def third_party_imports(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module is None:
-                names.update(a.name for a in node.names)
-            elif node.level == 1:
-                names.add(node.module.split(".")[0])
-            elif node.module:
-                names.add(node.module.split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
     return names
 
 
-MODULES = sorted(p for p in PACKAGE.glob("*.py"))
+MODULES = sorted(PACKAGE.rglob("*.py"))
+IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
 
 
-@pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])
+def test_every_module_has_exactly_one_place():
+    assert tree_modules() == sorted(placed_modules())
+
+
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
 def test_imports_flow_downwards(path):
-    me = path.stem
-    assert me in LAYERS, f"flowsolve/{me}.py is not placed in a layer in {__file__}"
-    for name in imports_of(path):
-        if name in LAYERS and name != me and me != "__init__":
-            assert LAYERS[name] < LAYERS[me] or (LAYERS[name] == LAYERS[me] == 0), (
-                f"{me} (layer {LAYERS[me]}) imports {name} (layer {LAYERS[name]})"
-            )
-        if name in THIRD_PARTY_OWNERS:
-            assert me in THIRD_PARTY_OWNERS[name], f"only {THIRD_PARTY_OWNERS[name]} import {name}"
+    me = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    if path.stem in ("__init__", "__main__"):
+        return  # the front doors re-export from every layer
+    mine = rank(me)
+    for target, names in flowsolve_imports(path):
+        assert rank(target) < mine, f"{me} (layer, tier {mine}) imports {target} {rank(target)}"
+        private = [n for n in names if n.startswith("_")]
+        assert not private, f"{me} imports private names {private} of {target}"
+    for lib, owners in THIRD_PARTY_OWNERS.items():
+        if lib in third_party_imports(path):
+            assert me in owners, f"only {sorted(owners)} import {lib}; {me} does"
+
+
+def test_subpackage_inits_import_nothing():
+    """A subpackage's ``__init__`` is its docstring: importing ``flowsolve.ode`` cannot drag a
+    higher layer in, and each name has one home."""
+    for p in PACKAGE.glob("*/__init__.py"):
+        assert not flowsolve_imports(p), p
+
+
+def test_architecture_doc_lists_the_tree_in_layer_order():
+    """The module map of docs/architecture.md names every module once, bottom to top."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\|[^|\n]*\| `((?:[a-z_]+/)?[a-z_]+)\.py` \|", text, re.M)
+    listed = [row.replace("/", ".") for row in rows]
+    assert sorted(listed) == tree_modules()
+    ranks = [rank(m) for m in listed]
+    assert ranks == sorted(ranks), "docs/architecture.md lists the modules out of layer order"

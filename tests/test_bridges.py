@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.bridges import GaussianBridge, bridge_matching_loss
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training.losses import bridge_matching_loss
 
 F64 = torch.float64
 
@@ -73,7 +74,7 @@ def test_loss_inputs_are_checked_naming_what_is_accepted():
     path = fs.AffineGaussianPath(fs.CondOTScheduler())
     with pytest.raises(TypeError, match="model must be callable.*got str"):
         bridge_matching_loss("mlp", GaussianBridge(), x, x)
-    with pytest.raises(TypeError, match="bridge must be a flowsolve.bridges.GaussianBridge; "
+    with pytest.raises(TypeError, match="bridge must be a flowsolve.paths.bridges.GaussianBridge; "
                                         "got str"):
         bridge_matching_loss(u, "constant", x, x)
     with pytest.raises(TypeError, match="got AffineGaussianPath.*flow_matching_loss"):

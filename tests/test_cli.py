@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from flowsolve.cli import main
+from flowsolve.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_outputs_use_a_private_temporary_file(model_file, tmp_path, capsys):
 
 
 def test_a_result_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
-    from flowsolve._files import write_atomically
+    from flowsolve._core.files import write_atomically
 
     target = tmp_path / "result.csv"
 
@@ -115,8 +115,8 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     0o666 less the umask when new, the replaced file's own mode when replacing."""
     import stat
 
-    from flowsolve._files import save_atomically, write_atomically
-    from flowsolve._study_results import _atomic_write
+    from flowsolve._core.files import save_atomically, write_atomically
+    from flowsolve.studies.results import _atomic_write
 
     def mode(p):
         return stat.S_IMODE(os.stat(p).st_mode)

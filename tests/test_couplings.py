@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-import flowsolve.couplings as couplings_module
-from flowsolve.couplings import (
+import flowsolve.training.couplings as couplings_module
+from flowsolve.training.couplings import (
     COUPLINGS,
     ClassConditionalOT,
     CouplingError,

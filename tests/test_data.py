@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.data import (
+from flowsolve.training.data import (
     DATASETS,
     LabeledSamples,
     get_dataset,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flowsolve.dequantize import bits_per_dim, dequantize, discrete_bits_per_dim
+from flowsolve.likelihood.bits import bits_per_dim, dequantize, discrete_bits_per_dim
 
 F64 = torch.float64
 

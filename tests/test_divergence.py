@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import flowsolve as fs
 from flowsolve import analytic
-from flowsolve.divergence import (
+from flowsolve.likelihood.divergence import (
     DIVERGENCE_METHODS,
     EXACT_METHODS,
     PROBE_KINDS,
@@ -22,8 +22,8 @@ from flowsolve.divergence import (
     make_probes,
     value_and_divergence,
 )
-from flowsolve.nets import MLP
-from flowsolve.unet import UNet
+from flowsolve.training.nets import MLP
+from flowsolve.training.unet import UNet
 
 F64 = torch.float64
 EXACT = list(EXACT_METHODS)
@@ -58,7 +58,7 @@ def random_mixture(gen, k, d):
 
 
 class TimeMLP(nn.Module):
-    """A small MLP on [x, t] (its own, independent of flowsolve.nets)."""
+    """A small MLP on [x, t] (its own, independent of flowsolve.training.nets)."""
 
     def __init__(self, d, width=32):
         super().__init__()

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowsolve.evaluate import evaluate_dataset, shard_bounds
+from flowsolve.likelihood.dataset import evaluate_dataset, shard_bounds
 
 
 def squared_norm(batch, offset):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.fields import ConvertedField, as_score, as_velocity, convert_field, guided
+from flowsolve.paths.fields import ConvertedField, as_score, as_velocity, convert_field, guided
 
 F64 = torch.float64
 DATA = fs.GaussianMixture(

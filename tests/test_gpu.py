@@ -22,12 +22,17 @@ from _cases import three_gaussians
 from torch import nn
 
 import flowsolve as fs
-from flowsolve.bridges import GaussianBridge
-from flowsolve.divergence import EXACT_METHODS, auto_method, make_probes, value_and_divergence
-from flowsolve.dynamics import NonFiniteStateError
-from flowsolve.likelihood import log_likelihood
-from flowsolve.sde import GridBrownian, langevin, sample_sde
-from flowsolve.solve import CapturedSampler, sample
+from flowsolve import NonFiniteStateError
+from flowsolve.likelihood.cnf import log_likelihood
+from flowsolve.likelihood.divergence import (
+    EXACT_METHODS,
+    auto_method,
+    make_probes,
+    value_and_divergence,
+)
+from flowsolve.ode.solve import CapturedSampler, sample
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.sde.solve import GridBrownian, langevin, sample_sde
 
 DEVICE = torch.device(os.environ.get("FLOWSOLVE_TEST_DEVICE", "cuda"))
 

@@ -7,7 +7,7 @@ import torch
 
 import flowsolve as fs
 from flowsolve import analytic
-from flowsolve.likelihood import (
+from flowsolve.likelihood.cnf import (
     dataset_bits_per_dim,
     dataset_log_likelihood,
     log_likelihood,

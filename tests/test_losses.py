@@ -11,9 +11,9 @@ import torch
 from scipy import stats
 
 import flowsolve as fs
-from flowsolve import losses
-from flowsolve.analytic import Gaussian, marginal_score, marginal_velocity
-from flowsolve.losses import (
+from flowsolve.paths.affine import PREDICTIONS
+from flowsolve.training import losses
+from flowsolve.training.losses import (
     DSM_WEIGHTINGS,
     REDUCTIONS,
     TIME_DISTRIBUTIONS,
@@ -24,8 +24,8 @@ from flowsolve.losses import (
     regression_loss,
     sample_time,
 )
-from flowsolve.nets import MLP
-from flowsolve.paths import PREDICTIONS
+from flowsolve.training.nets import MLP
+from flowsolve.truth.analytic import Gaussian, marginal_score, marginal_velocity
 
 F64 = torch.float64
 
@@ -429,7 +429,8 @@ def relative_l2(field, reference, path, data, gen, times):
 def _losses_of_a_batch():
     """Every public loss as f(model, x0, x1, reduction): those of losses.py on a CondOT
     path, and the bridge matching loss (which shares their input checks)."""
-    from flowsolve.bridges import GaussianBridge, bridge_matching_loss
+    from flowsolve.paths.bridges import GaussianBridge
+    from flowsolve.training.losses import bridge_matching_loss
 
     path = fs.AffineGaussianPath(fs.CondOTScheduler())
     return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowsolve.nets import MLP, SinusoidalTimeEmbedding
+from flowsolve.training.nets import MLP, SinusoidalTimeEmbedding
 
 F64 = torch.float64
 
@@ -219,8 +219,8 @@ def test_raw_time_mlp_with_labels_has_a_label_embedding(gen):
 
 
 def test_initial_weights_come_from_the_generator_and_leave_the_global_rng_alone():
-    from flowsolve.nets import initial_weights_from
-    from flowsolve.unet import UNet
+    from flowsolve.training.nets import initial_weights_from
+    from flowsolve.training.unet import UNet
 
     state = torch.random.get_rng_state()
     a = MLP(2, hidden=8, depth=2, num_classes=3, generator=torch.Generator().manual_seed(5))

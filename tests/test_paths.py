@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from flowsolve.paths import PREDICTIONS, AffineGaussianPath
-from flowsolve.schedules import (
+from flowsolve.paths.affine import PREDICTIONS, AffineGaussianPath
+from flowsolve.paths.schedules import (
     CondOTScheduler,
     CosineScheduler,
     LinearVPScheduler,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.data import DATASETS, make_circles, make_moons, make_s_curve, sample_labeled
-from flowsolve.dequantize import discrete_bits_per_dim
-from flowsolve.divergence import make_probes
+from flowsolve.likelihood.bits import discrete_bits_per_dim
+from flowsolve.likelihood.divergence import make_probes
+from flowsolve.training.data import DATASETS, make_circles, make_moons, make_s_curve, sample_labeled
 
 F64 = torch.float64
 PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
@@ -146,7 +146,7 @@ def test_equal_generators_give_equal_results(name):
 
 
 def test_the_fresh_generator_is_seeded_nondeterministically_on_the_device():
-    from flowsolve._checks import generator_or_fresh
+    from flowsolve._core.checks import generator_or_fresh
 
     g = torch.Generator().manual_seed(0)
     assert generator_or_fresh(g) is g and generator_or_fresh(g, "meta") is g

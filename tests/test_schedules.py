@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from flowsolve.schedules import (
+from flowsolve.paths.schedules import (
     SCHEDULERS,
     CondOTScheduler,
     CosineScheduler,
@@ -436,7 +436,7 @@ def test_reprs_hold_the_exact_parameters():
     """A training resume compares the path by its repr: parameters that differ in the 7th
     significant digit must give different reprs (``:g`` printed both as 2), and the repr
     must rebuild the scheduler exactly, with plain floats (no numpy, no addresses)."""
-    import flowsolve.schedules as schedules
+    import flowsolve.paths.schedules as schedules
 
     pairs = [(PolynomialScheduler(2.0), PolynomialScheduler(2.000001)),
              (LinearVPScheduler(0.1, 20.0), LinearVPScheduler(0.1, 20.00001)),

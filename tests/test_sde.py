@@ -9,7 +9,7 @@ import torchsde
 from _cases import three_gaussians
 
 import flowsolve as fs
-from flowsolve.sde import (
+from flowsolve.sde.solve import (
     DIFFUSIONS,
     SDE_SOLVERS,
     GridBrownian,

@@ -11,15 +11,15 @@ from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 import flowsolve as fs
-from flowsolve.dynamics import (
+from flowsolve.ode.fixed_step import TABLEAUS, Tableau
+from flowsolve.ode.solve import ODE_SOLVERS, CapturedSampler, sample
+from flowsolve.ode.systems import (
     FiniteRecord,
     IntegrationError,
     NonFiniteStateError,
     probability_flow,
 )
-from flowsolve.fields import guided
-from flowsolve.fixed_step import TABLEAUS, Tableau
-from flowsolve.solve import ODE_SOLVERS, CapturedSampler, sample
+from flowsolve.paths.fields import guided
 
 F64 = torch.float64
 DATA = fs.GaussianMixture(
@@ -109,7 +109,7 @@ def test_registry_is_read_from_the_libraries():
 
 
 def test_registry_refuses_non_names_and_duplicates(x0):
-    from flowsolve.registry import SolverInfo, SolverRegistry, UnknownSolverError
+    from flowsolve._core.registry import SolverInfo, SolverRegistry, UnknownSolverError
 
     with pytest.raises(ValueError, match=r"ODE solver must be a name \(str\); got \['rk4'\] "
                        r"of type list; accepted: .*dopri5.*rk4"):

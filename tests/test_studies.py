@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import flowsolve as fs
-from flowsolve.sde import SDE_SOLVERS, GridBrownian, sample_sde
-from flowsolve.solve import ODE_SOLVERS, sample
-from flowsolve.studies import RECORD_FIELDS, Study, compare_solvers, fit_order
+from flowsolve.ode.solve import ODE_SOLVERS, sample
+from flowsolve.sde.solve import SDE_SOLVERS, GridBrownian, sample_sde
+from flowsolve.studies.compare import RECORD_FIELDS, Study, compare_solvers, fit_order
 
 F64 = torch.float64
 PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
@@ -371,7 +371,7 @@ def test_plot_without_matplotlib_says_how_to_install(ode_study, tmp_path, monkey
 def test_timings_synchronise_every_accelerator_not_only_cuda(monkeypatch):
     """Each timed solve is bracketed by the device's synchronize (MPS too: its launches are
     asynchronous like CUDA's, so without it the times measure the launch only)."""
-    from flowsolve import studies
+    from flowsolve.studies import compare as studies
 
     calls = []
     for name in ("cuda", "mps", "xpu"):

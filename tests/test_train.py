@@ -18,10 +18,10 @@ from torch import nn
 
 import flowsolve as fs
 from flowsolve import analytic
-from flowsolve.bridges import GaussianBridge
-from flowsolve.data import LabeledSamples, sample_labeled
-from flowsolve.ema import EMA
-from flowsolve.train import BatchProducer, TrainConfig, load_weights, train
+from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training.data import LabeledSamples, sample_labeled
+from flowsolve.training.ema import EMA
+from flowsolve.training.loop import BatchProducer, TrainConfig, load_weights, train
 
 F64 = torch.float64
 
@@ -513,7 +513,7 @@ def test_a_diverging_loss_stops_the_run():
 
 
 def test_ot_coupling_plugs_in():
-    couplings = pytest.importorskip("flowsolve.couplings")
+    couplings = pytest.importorskip("flowsolve.training.couplings")
     ot = couplings.OTCoupling(method="exact")
     coupled = BatchProducer("8gaussians", coupling=ot, batch_size=256, seed=0)[0]
     plain = BatchProducer("8gaussians", batch_size=256, seed=0)[0]
@@ -532,7 +532,7 @@ def test_ot_coupling_plugs_in():
 def test_ot_cfm_paths_are_straighter_than_i_cfm():
     """Tong et al. (2024): with the same data, seed and steps, minibatch-OT pairs give a flow
     whose path energy is lower and closer to W2^2(q0, q1) (here 15.1) than I-CFM's."""
-    couplings = pytest.importorskip("flowsolve.couplings")
+    couplings = pytest.importorskip("flowsolve.training.couplings")
     metrics = pytest.importorskip("flowsolve.metrics")
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(9))
     x1 = sample_labeled("8gaussians", 2000, generator=torch.Generator().manual_seed(10)).x

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowsolve.unet import UNet
+from flowsolve.training.unet import UNet
 
 F64 = torch.float64
 

@@ -28,7 +28,7 @@ def generator_or_fresh(
     return gen
 
 
-def _on_host(t: Tensor) -> bool:
+def on_host(t: Tensor) -> bool:
     """A CPU tensor whose values can be read: not inside a torch.func transform (vmap,
     jacrev), where reading a value is impossible."""
     if t.device.type != "cpu":
@@ -40,7 +40,7 @@ def _on_host(t: Tensor) -> bool:
 
 def check_unit_interval(t: Tensor, name: str = "t") -> None:
     """Raise ValueError if any entry of ``t`` lies outside [0, 1] (CPU tensors only)."""
-    if _on_host(t) and t.numel() > 0:
+    if on_host(t) and t.numel() > 0:
         bad = (t < 0) | (t > 1) | torch.isnan(t)
         if bool(bad.any()):
             value = t[bad].flatten()[0].item()
@@ -99,10 +99,10 @@ def check_finite_coefficients(
     needs is inf or NaN (e.g. ``alpha'_0 = inf`` of PolynomialScheduler(n < 1)), rather than
     let it turn into inf or NaN silently. CPU tensors only: it reads their values, which on
     an accelerator would synchronise with the device."""
-    if not _on_host(t):
+    if not on_host(t):
         return
     for name, c in coefficients.items():
-        if _on_host(c) and c.numel() > 0 and not bool(torch.isfinite(c).all()):
+        if on_host(c) and c.numel() > 0 and not bool(torch.isfinite(c).all()):
             where = first_singular_time(t, c)
             value = c[~torch.isfinite(c)].flatten()[0].item()
             raise ValueError(

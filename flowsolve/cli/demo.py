@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from . import analytic
-from .couplings import OTCoupling
-from .data import get_dataset
-from .likelihood import log_likelihood
-from .metrics import path_energy, wasserstein2
-from .nets import MLP
-from .paths import AffineGaussianPath
-from .schedules import CondOTScheduler, get_scheduler
-from .solve import sample
-from .studies import compare_solvers
-from .train import TrainConfig, train
-from .transfer import transfer
+from ..likelihood.cnf import log_likelihood
+from ..metrics import path_energy, wasserstein2
+from ..ode.solve import sample
+from ..paths.affine import AffineGaussianPath
+from ..paths.schedules import CondOTScheduler, get_scheduler
+from ..paths.transfer import transfer
+from ..studies.compare import compare_solvers
+from ..training.couplings import OTCoupling
+from ..training.data import get_dataset
+from ..training.loop import TrainConfig, train
+from ..training.nets import MLP
+from ..truth import analytic
 
 __all__ = ["closed_form_tour", "run_demo", "fresh_folder"]
 

@@ -19,22 +19,22 @@ from pathlib import Path
 
 import torch
 
-from ._files import save_atomically, write_atomically
-from .bridges import GaussianBridge
-from .couplings import IndependentCoupling, OTCoupling
-from .data import DATASETS, sample_dataset
+from .._core.files import save_atomically, write_atomically
+from ..likelihood.cnf import log_likelihood
+from ..metrics import wasserstein2
+from ..ode.solve import ODE_SOLVERS, sample
+from ..paths.affine import AffineGaussianPath
+from ..paths.bridges import GaussianBridge
+from ..paths.schedules import SCHEDULERS, CondOTScheduler, get_scheduler
+from ..paths.transfer import transfer
+from ..studies.compare import compare_solvers
+from ..training.couplings import IndependentCoupling, OTCoupling
+from ..training.data import DATASETS, sample_dataset
+from ..training.loop import TrainConfig, train
+from ..training.nets import MLP
 from .demo import closed_form_tour, fresh_folder, run_demo
-from .likelihood import log_likelihood
-from .metrics import wasserstein2
-from .nets import MLP
-from .paths import AffineGaussianPath
-from .schedules import SCHEDULERS, CondOTScheduler, get_scheduler
-from .solve import ODE_SOLVERS, sample
-from .studies import compare_solvers
-from .train import TrainConfig, train
-from .transfer import transfer
 
-MODEL_FORMAT = "flowsolve.cli-model/1"
+MODEL_FORMAT = "flowsolve.cli.main-model/1"
 METHODS = {
     "cfm": "CondOT path, independent pairs (rectified flow, sigma = 0)",
     "icfm": "constant-sigma bridge, independent pairs (Tong et al. I-CFM)",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import generator_or_fresh
+from .._core.checks import generator_or_fresh
 
 __all__ = ["BitsPerDim", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
 

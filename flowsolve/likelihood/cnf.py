@@ -6,13 +6,13 @@ For the flow ``dx/dt = u_t(x)`` carrying the source ``p_0`` at t = 0 to ``p_1`` 
 
 (Chen et al. 2018; Grathwohl et al. 2019). flowsolve integrates the augmented state
 ``(x_t, l_t)`` with ``dl/dt = div u_t(x_t)``, ``l_1 = 0``, *backwards* from t = 1 to t = 0
-through the ODE front door (:func:`flowsolve.solve.sample`), so every registered solver,
+through the ODE front door (:func:`flowsolve.ode.solve.sample`), so every registered solver,
 fixed-step or adaptive, is available, the NFE is counted, and for an adaptive solver the
 log-density channel is part of the error control. Then ``log p_1(x) = log p_0(x_0) + l_0``.
 
-The divergence is exact (:mod:`flowsolve.divergence`, vectorised) or Hutchinson's estimate
-with ``k`` probes drawn once per solve and carried as ``k`` log-density channels: the result
-is their mean, with the standard error across channels.
+The divergence is exact (:mod:`~flowsolve.likelihood.divergence`, vectorised) or
+Hutchinson's estimate with ``k`` probes drawn once per solve and carried as ``k``
+log-density channels: the result is their mean, with the standard error across channels.
 
 A score model (diffusion) is evaluated through its probability-flow ODE: see
 :func:`score_log_likelihood`.
@@ -28,18 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dequantize import (
+from .._core.types import Field
+from ..ode.solve import ODE_SOLVERS, sample
+from ..paths.affine import AffineGaussianPath
+from ..paths.fields import probability_flow
+from .bits import (
     BitsPerDim,
     _check_draws,
     _check_range,
     _estimator_label,
     discrete_bits_per_dim,
 )
+from .dataset import evaluate_dataset
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
-from .dynamics import probability_flow
-from .evaluate import evaluate_dataset
-from .paths import AffineGaussianPath
-from .solve import ODE_SOLVERS, sample
 
 __all__ = [
     "LikelihoodResult",
@@ -49,7 +50,6 @@ __all__ = [
     "dataset_bits_per_dim",
 ]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 Prior = Callable[[Tensor], Tensor]
 
 
@@ -150,11 +150,12 @@ def log_likelihood(
             ``log_prob`` (e.g. ``flowsolve.StandardNormal(d, std)`` or
             ``torch.distributions.Independent(Normal(...), n_event_dims)``) or a callable
             -> (B,); any other output shape (a per-element ``Normal``, ``(B, 1)``) raises.
-        solver, steps, rtol, atol: any solver of :data:`flowsolve.solve.ODE_SOLVERS`;
+        solver, steps, rtol, atol: any solver of :data:`flowsolve.ode.solve.ODE_SOLVERS`;
             fixed-step solvers need ``steps``, adaptive ones take ``rtol`` / ``atol``
             (default 1e-5). Extra keywords go to the front door.
-        divergence: ``"exact"`` (method chosen by :func:`flowsolve.divergence.auto_method`),
-            one of the exact methods by name, or ``"hutchinson"``.
+        divergence: ``"exact"`` (method chosen by
+            :func:`~flowsolve.likelihood.divergence.auto_method`), one of the exact methods by
+            name, or ``"hutchinson"``.
         n_probes, probe, generator: Hutchinson's ``k`` probes (``"rademacher"`` or
             ``"gaussian"``), drawn once from ``generator`` and fixed for the whole solve
             (None: a fresh unseeded generator; torch's global RNG is never used).
@@ -262,8 +263,8 @@ def dataset_log_likelihood(
 ) -> dict[str, Tensor]:
     """:func:`log_likelihood` over a whole data set: batched, resumable (``checkpoint``),
     with a progress line, sharded across torch.distributed ranks (see
-    :func:`flowsolve.evaluate.evaluate_dataset`). Hutchinson probes of the batch starting at
-    sample ``i`` come from a generator seeded with ``seed + i``.
+    :func:`~flowsolve.likelihood.dataset.evaluate_dataset`). Hutchinson probes of the batch
+    starting at sample ``i`` come from a generator seeded with ``seed + i``.
 
     Returns ``{"log_prob": (N,), "stderr": (N,) (Hutchinson only), "nfe": (N,)}``."""
     if "generator" in kwargs:
@@ -299,9 +300,9 @@ def dataset_bits_per_dim(
     **kwargs: Any,
 ) -> BitsPerDim:
     r"""Bits/dim of integer data ``k`` under the flow of ``field`` with uniform
-    dequantisation (see :mod:`flowsolve.dequantize`), batched, resumable (``checkpoint``),
+    dequantisation (see :mod:`flowsolve.likelihood.bits`), batched, resumable (``checkpoint``),
     with a progress line and sharded across torch.distributed ranks like
-    :func:`dataset_log_likelihood` (through :func:`flowsolve.evaluate.evaluate_dataset`).
+    :func:`dataset_log_likelihood` (through :func:`flowsolve.likelihood.dataset.evaluate_dataset`).
 
     The batch starting at sample ``i`` draws everything from one generator seeded with
     ``seed + i``, in this order for each of the ``K = draws`` draws: the noise
@@ -324,8 +325,8 @@ def dataset_bits_per_dim(
         k: integers in ``[0, n_bins)``, a tensor ``(N, *event_shape)`` or an indexable data
             set of such tensors (or of ``(tensor, label, ...)`` tuples).
         draws, importance_weighted, n_bins, low, high: the dequantisation and the bound,
-            as :func:`flowsolve.dequantize.discrete_bits_per_dim`.
-        batch_size, checkpoint, progress: as :func:`flowsolve.evaluate.evaluate_dataset`
+            as :func:`flowsolve.likelihood.bits.discrete_bits_per_dim`.
+        batch_size, checkpoint, progress: as :func:`~.dataset.evaluate_dataset`
             (resume with the same arguments).
         seed: the batch starting at sample ``i`` draws from a generator seeded ``seed + i``
             (no ``generator=``: TypeError).
@@ -333,8 +334,8 @@ def dataset_bits_per_dim(
             dequantised points.
 
     Returns:
-        :class:`~flowsolve.dequantize.BitsPerDim` with ``bpd`` and ``nll_nats`` of shape
-        ``(N,)`` in data-set order (on the CPU, as :func:`flowsolve.evaluate.evaluate_dataset`
+        :class:`~flowsolve.likelihood.bits.BitsPerDim` with ``bpd`` and ``nll_nats`` of shape
+        ``(N,)`` in data-set order (on the CPU, as :func:`~.dataset.evaluate_dataset`
         gathers them).
     """
     if "generator" in kwargs:

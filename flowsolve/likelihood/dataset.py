@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._files import save_atomically
+from .._core.files import save_atomically
 
 __all__ = ["evaluate_dataset", "shard_bounds"]
 

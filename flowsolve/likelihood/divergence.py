@@ -22,7 +22,7 @@ Exact methods (all compute the ``d`` diagonal entries ``e_i^T J e_i`` with one-h
   backward is instead ``torch.func.vjp`` of the batched field, vmapped over the
   cotangents (the same divergence; its gradients agree to rounding), because torch's
   ``is_grads_batched`` double backward fails for ``nn.GroupNorm`` (torch 2.x; "The size
-  of tensor a ... must match"), i.e. for :class:`flowsolve.unet.UNet`; the field is
+  of tensor a ... must match"), i.e. for :class:`flowsolve.training.unet.UNet`; the field is
   still called once on the whole batch, and Python control flow on values still works
   (only the backward is vmapped);
 * ``"loop"``: a Python loop of ``d`` backward passes, the ``i``-th
@@ -60,7 +60,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import generator_or_fresh
+from .._core.checks import generator_or_fresh
+from .._core.types import Field
 
 __all__ = [
     "DIVERGENCE_METHODS",
@@ -74,7 +75,6 @@ __all__ = [
     "value_and_divergence",
 ]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 # Cotangent budget of one batched backward: chunk * B * d <= this many elements.
 _CHUNK_BUDGET = 2**25

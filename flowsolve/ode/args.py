@@ -1,4 +1,4 @@
-"""Argument checks and time grids of the ODE front door (:mod:`flowsolve.solve`).
+"""Argument checks and time grids of the ODE front door (:mod:`flowsolve.ode.solve`).
 
 Value checks read CPU tensors only (``x0`` on an accelerator is not inspected), so no check
 synchronises a GPU.

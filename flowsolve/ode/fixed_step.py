@@ -4,17 +4,18 @@ at the end), so that on a GPU the whole loop can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .dynamics import FiniteRecord, NonFiniteStateError
+from .._core.errors import NonFiniteStateError
+from .._core.finite import FiniteRecord
+from .._core.types import Field
 
 __all__ = ["Tableau", "TABLEAUS", "FixedStepLoop"]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ for reference solutions) and flowsolve's own synchronisation-free fixed-step loo
   tiny step). ``times`` must be points of that grid.
 * **Adaptive** solvers take ``rtol``/``atol`` and a budget of ``max_steps`` attempted steps
   (accepted + rejected; scipy: steps taken). Exceeding it raises
-  :class:`~flowsolve.dynamics.IntegrationError` (status ``"max_steps"``); a solve never
+  :class:`~flowsolve.ode.systems.IntegrationError` (status ``"max_steps"``); a solve never
   hangs. ``times`` may be anywhere in the interval (the solver's dense output).
 * ``t0 > t1`` integrates backwards (data to noise).
 * NFE is counted by wrapping the field, never computed from a formula; a non-finite field
-  or state raises :class:`~flowsolve.dynamics.NonFiniteStateError` naming the time.
+  or state raises :class:`~flowsolve.ode.systems.NonFiniteStateError` naming the time.
 
 scipy is called through its ``OdeSolver`` classes directly rather than through
 torchdiffeq's ``scipy_solver`` wrapper (which is therefore not registered): the step loop
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +46,11 @@ from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
-from ._counting import CountingField
-from ._solve_args import (
+from .._core.counting import CountingField
+from .._core.errors import IntegrationError
+from .._core.registry import SolverInfo, SolverRegistry
+from .._core.types import Field
+from .args import (
     check_span,
     check_state,
     check_times,
@@ -57,13 +60,11 @@ from ._solve_args import (
     times_tensor,
     uniform_grid,
 )
-from .dynamics import IntegrationError, ODESystem, ScipySystem
 from .fixed_step import TABLEAUS, FixedStepLoop
-from .registry import SolverInfo, SolverRegistry
+from .systems import ODESystem, ScipySystem
 
 __all__ = ["ODE_SOLVERS", "Solution", "sample", "CapturedSampler"]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 
 # -- the registry, read from the libraries -----------------------------------------------------
@@ -160,7 +161,7 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         field: the velocity ``u_t(x)``, a callable ``(x, t) -> Tensor`` (called with a 0-d
             ``t`` in ``x0``'s dtype) returning ``x``'s shape and dtype (checked on the first
             call, from metadata only: ValueError naming both). A field with an
-            ``on_interval(t_lo, t_hi)`` method (the adapters of :mod:`flowsolve.fields`) is
+            ``on_interval(t_lo, t_hi)`` method (the adapters of :mod:`flowsolve.paths.fields`) is
             re-bound to ``[t0, t1]`` first, so its singularity check runs once rather than
             every call.
         x0: ``(B, *event_shape)``, a sample of ``p_{t0}`` (noise when ``t0 = 0``).

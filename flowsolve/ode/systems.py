@@ -1,121 +1,38 @@
-r"""The ODE systems handed to the solvers: ``dx/dt = u_t(x)`` for torchdiffeq and for scipy,
-the probability-flow ODE of a score model, and the failures a solve can end in.
+r"""The ODE systems handed to the solvers: ``dx/dt = u_t(x)`` for torchdiffeq and for scipy.
 
 * :class:`ODESystem` is torchdiffeq's ``func(t, x)``. It counts field evaluations by
-  wrapping the field (:class:`~flowsolve._counting.CountingField`, a Python int: no device
-  work; its first output must have the state's shape and dtype), counts attempted /
+  wrapping the field (:class:`~flowsolve._core.counting.CountingField`, a Python int: no
+  device work; its first output must have the state's shape and dtype), counts attempted /
   accepted / rejected steps through torchdiffeq's step callbacks, enforces a step budget,
-  and records whether each evaluation was finite (:class:`FiniteRecord`: on an accelerator
-  the record stays on the device and is read at a rejected step and once at the end, never
-  per call). torchdiffeq integrates forwards
-  (``t0 < t1``, noise to data) or backwards (``t0 > t1``, data to noise): it negates time
-  internally and calls the system with the original ``t``, so the field always sees times
-  in [0, 1].
+  and records whether each evaluation was finite
+  (:class:`~flowsolve._core.finite.FiniteRecord`: on an accelerator the record stays on the
+  device and is read at a rejected step and once at the end, never per call). torchdiffeq
+  integrates forwards (``t0 < t1``, noise to data) or backwards (``t0 > t1``, data to
+  noise): it negates time internally and calls the system with the original ``t``, so the
+  field always sees times in [0, 1].
 * :class:`ScipySystem` is scipy's ``fun(t, y)`` on the flattened float64 state, with the
   sparsity of its Jacobian (samples evolve independently: block diagonal) for the implicit
   methods.
-* :class:`FiniteRecord` is the finiteness record that the systems above and flowsolve's
-  own fixed-step loop share (the loop, :class:`~flowsolve.fixed_step.Tableau` and
-  :class:`~flowsolve.fixed_step.FixedStepLoop`, lives in :mod:`flowsolve.fixed_step`).
-* :func:`probability_flow` is the ODE whose marginals are those of a score model's
-  diffusion, ``u_t = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t)
-  s_t`` (Song et al. 2021), an adapter of :mod:`flowsolve.fields`.
 
-A solve that cannot finish raises :class:`IntegrationError` with a ``status``
-(``"max_steps"``, ``"step_underflow"``, ``"failed"``) or :class:`NonFiniteStateError`
-(``"non_finite"``, also a ``FloatingPointError`` like the SDE front door's), each naming the
+A solve that cannot finish raises :class:`~flowsolve._core.errors.IntegrationError` with a
+``status`` (``"max_steps"``, ``"step_underflow"``, ``"failed"``) or
+:class:`~flowsolve._core.errors.NonFiniteStateError` (``"non_finite"``), each naming the
 solver and the time and saying what to change.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy import sparse
 from torch import Tensor, nn
 
-from ._counting import CountingField
-from .fields import ConvertedField, as_velocity
-from .paths import AffineGaussianPath
+from .._core.counting import CountingField
+from .._core.errors import IntegrationError, NonFiniteStateError
+from .._core.finite import FiniteRecord
+from .._core.types import Field
 
-__all__ = ["IntegrationError", "NonFiniteStateError", "FiniteRecord", "ODESystem", "ScipySystem",
-           "probability_flow"]
-
-Field = Callable[[Tensor, Tensor], Tensor]
-
-_ADVICE = {
-    "max_steps": "raise max_steps, loosen rtol/atol, or look for a singularity of the field "
-                 "near that time (restrict the interval to [eps, 1 - eps])",
-    "step_underflow": "the step size underflowed: the field is probably singular or "
-                      "non-smooth near that time; restrict the interval or loosen rtol/atol",
-    "failed": "see the solver's message; try another solver or looser tolerances",
-    "non_finite": "check the model near that time, restrict the interval (t0 = eps or "
-                  "t1 = 1 - eps), or use more steps / tighter tolerances",
-}
-
-
-class IntegrationError(RuntimeError):
-    """A solve that could not finish. ``status`` names why (``"max_steps"``,
-    ``"step_underflow"``, ``"failed"``, ``"non_finite"``); ``solver`` and ``t`` say where."""
-
-    def __init__(self, status: str, solver: str, t: float | None, detail: str):
-        self.status, self.solver, self.t = status, solver, t
-        where = "" if t is None else f" at t={t:.10g}"
-        super().__init__(f"solver {solver!r} stopped{where} ({status}): {detail}; "
-                         f"{_ADVICE[status]}")
-
-
-class NonFiniteStateError(IntegrationError, FloatingPointError):
-    """The field or the state became inf or NaN during a solve (status ``"non_finite"``)."""
-
-    def __init__(self, solver: str, t: float | None, detail: str = "the field or the state "
-                 "became non-finite (inf or NaN)"):
-        super().__init__("non_finite", solver, t, detail)
-
-
-class FiniteRecord:
-    """Where tensors were finite, and the key (a time, a step) of the first that was not.
-
-    Each tensor is reduced to its ``(min, max)`` (``Tensor.aminmax``: one reduction kernel,
-    exact: an inf or NaN anywhere shows in the min or the max, and unlike a sum it cannot
-    overflow). On an accelerator the pairs stay on the device and :meth:`first_bad` reads
-    them all at once (one host synchronisation). On the CPU each pair is read at once
-    (reading a CPU tensor is not a device synchronisation) and nothing is kept: holding many
-    small tensors alive between a network's large activations fragments the CPU heap, which
-    was measured to slow each evaluation of a 3x256 MLP at batch 1024 by ~20%.
-    """
-
-    def __init__(self, device: torch.device, *, eager: bool | None = None):
-        self.eager = device.type == "cpu" if eager is None else eager
-        self._extrema: list[Tensor] = []
-        self._keys: list = []
-        self._bad = None
-
-    def add(self, x: Tensor, key) -> bool:
-        """Record ``x`` under ``key``; True if it is known at once not to be finite (CPU)."""
-        lo, hi = x.detach().aminmax()
-        if self.eager:
-            if self._bad is None and not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
-                self._bad = key
-            return self._bad is not None
-        self._extrema += [lo, hi]
-        self._keys.append(key)
-        return False
-
-    def first_bad(self):
-        """The key of the first non-finite tensor recorded, or None."""
-        if self._bad is not None or not self._extrema:
-            return self._bad
-        ok = torch.isfinite(torch.stack(self._extrema)).view(-1, 2).all(1)
-        if bool(ok.all()):
-            return None
-        return self._keys[int((~ok).nonzero()[0, 0])]
-
-    def clear(self) -> None:
-        self._extrema, self._keys = [], []
+__all__ = ["ODESystem", "ScipySystem"]
 
 
 class ODESystem(nn.Module):
@@ -217,12 +134,13 @@ class ScipySystem:
     r"""``dx/dt = u_t(x)`` as scipy's ``fun(t, y)``: ``y`` is the flattened state in float64,
     the field sees ``x`` reshaped to ``x0``'s shape, dtype and device. Evaluations are
     counted by wrapping the field and checked for inf / NaN on the host (where scipy
-    needs them anyway)."""
+    needs them anyway) by the same :class:`~flowsolve._core.finite.FiniteRecord` as every solve."""
 
     def __init__(self, field: Field, x0: Tensor, solver: str):
         self.counter = CountingField(field, like_input=True)
         self.shape, self.dtype, self.device = x0.shape, x0.dtype, x0.device
         self.solver = solver
+        self.finite = FiniteRecord(torch.device("cpu"))  # scipy reads every value anyway
 
     @property
     def nfe(self) -> int:
@@ -234,10 +152,10 @@ class ScipySystem:
         tt = torch.tensor(float(t), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             u = self.counter(x, tt)
-        f = u.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
-        if not np.isfinite(f).all():
+        f = u.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if self.finite.add(f, t):
             raise NonFiniteStateError(self.solver, float(t), "the field returned inf or NaN")
-        return f
+        return f.numpy()
 
     def integrate(self, solver_cls: type, x0: Tensor, t0: float, t1: float, *, rtol: float,
                   atol: float, max_steps: int, times: list[float], options: dict | None
@@ -287,15 +205,3 @@ class ScipySystem:
         if method == "LSODA":
             return {"lband": d - 1, "uband": d - 1}
         return {}
-
-
-def probability_flow(score: Field, path: AffineGaussianPath, *,
-                     interval: tuple[float, float] | None = None) -> ConvertedField:
-    r"""The probability-flow ODE's velocity of a score model on ``path``,
-    ``u_t(x) = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t) s_t(x)``.
-
-    Its flow has the marginals ``p_t`` of ``s_t = grad log p_t``. Singular where
-    ``alpha_t = 0`` (t = 0 for CondOT / cosine): start from ``t0 = eps`` with a sample of
-    ``p_eps`` (the front door checks the interval once, see :mod:`flowsolve.fields`).
-    """
-    return as_velocity(score, path, "score", interval=interval)

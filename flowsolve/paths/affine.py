@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import (
+from .._core.checks import (
     as_time,
     check_finite_coefficients,
     check_same_shape,
@@ -46,7 +46,7 @@ for ``x1``)."""
 _ALIASES = {"x0": "epsilon", "noise": "epsilon", "eps": "epsilon", "data": "x1"}
 
 
-def _canonical(kind: str, arg: str) -> str:
+def canonical_prediction(kind: str, arg: str) -> str:
     name = _ALIASES.get(kind, kind)
     if name not in PREDICTIONS:
         accepted = ", ".join(PREDICTIONS + tuple(_ALIASES))
@@ -54,7 +54,7 @@ def _canonical(kind: str, arg: str) -> str:
     return name
 
 
-def _homogeneous(kind: str, v: ScheduleValues) -> tuple[Tensor, Tensor, Tensor]:
+def homogeneous_coefficients(kind: str, v: ScheduleValues) -> tuple[Tensor, Tensor, Tensor]:
     """(n, p1, p2) with ``n * prediction = p1 * x1_hat + p2 * eps_hat``."""
     one, zero = torch.ones_like(v.alpha_t), torch.zeros_like(v.alpha_t)
     if kind == "velocity":
@@ -217,15 +217,16 @@ class AffineGaussianPath:
         the finite limits velocity <-> score and velocity -> anything there; to velocity
         from ``epsilon``, ``x1`` or ``v`` stays singular (they carry no score at t = 1).
         """
-        src, dst = _canonical(from_kind, "from_kind"), _canonical(to_kind, "to_kind")
+        src = canonical_prediction(from_kind, "from_kind")
+        dst = canonical_prediction(to_kind, "to_kind")
         v = self.scheduler(t)
         if src == dst:
             return torch.zeros_like(v.alpha_t), torch.ones_like(v.alpha_t)
         if {src, dst} == {"score", "epsilon"}:
             factor = -v.sigma_t if src == "score" else -1 / v.sigma_t
             return torch.zeros_like(v.alpha_t), factor
-        n_p, p1, p2 = _homogeneous(src, v)
-        n_q, q1, q2 = _homogeneous(dst, v)
+        n_p, p1, p2 = homogeneous_coefficients(src, v)
+        n_q, q1, q2 = homogeneous_coefficients(dst, v)
         d_p = v.alpha_t * p2 - v.sigma_t * p1
         d_q = v.alpha_t * q2 - v.sigma_t * q1
         den = d_p * n_q
@@ -262,7 +263,7 @@ class AffineGaussianPath:
         t = as_time(t, x)
         a_t, b_t = self.conversion_coefficients(t, from_kind, to_kind)
         if check and (where := first_singular_time(t, a_t, b_t)) is not None:
-            advice = ("" if _canonical(from_kind, "from_kind") == "velocity" else
+            advice = ("" if canonical_prediction(from_kind, "from_kind") == "velocity" else
                       " or use the velocity parameterisation, which is regular on [0, 1]")
             raise ValueError(
                 f"converting {from_kind!r} to {to_kind!r} is singular at t={where!r} "

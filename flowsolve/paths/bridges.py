@@ -14,25 +14,23 @@ with conditional velocity ``dx_t = x1 - x0 + sigma'_t eps``. Two noise schedules
   gives the Schrodinger bridge (SB-CFM). ``sigma'_t eps = (1 - 2t) / (2 t (1 - t)) (x_t -
   mu_t)`` is infinite at t = 0 and t = 1 (a draw of exactly t = 0 or 1 raises).
 
-The regression :func:`bridge_matching_loss` is minimised by the marginal velocity of the
-bridge's mixture path; for Gaussian sources :class:`flowsolve.paths.AffineGaussianPath` is
+The regression :func:`~flowsolve.training.losses.bridge_matching_loss` is minimised by the
+marginal velocity of the bridge's mixture path; for Gaussian sources
+:class:`~flowsolve.paths.affine.AffineGaussianPath` is
 the richer tool (conversions, scores, closed forms).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_same_shape, generator_or_fresh, per_sample
-from .losses import _check_model_and_samples, _check_reduction, sample_time
-from .paths import AffineGaussianPath, PathSample
+from .._core.checks import as_time, check_same_shape, generator_or_fresh, per_sample
+from .affine import PathSample
 
-__all__ = ["GaussianBridge", "bridge_matching_loss", "BRIDGE_SCHEDULES"]
+__all__ = ["GaussianBridge", "BRIDGE_SCHEDULES"]
 
 BRIDGE_SCHEDULES = ("constant", "brownian")
 
@@ -88,45 +86,3 @@ class GaussianBridge:
         tt = per_sample(t, x1)
         x_t = (1 - tt) * x0 + tt * x1 + per_sample(s, x1) * noise
         return PathSample(t=t, x0=x0, x1=x1, x_t=x_t, dx_t=x1 - x0 + per_sample(ds, x1) * noise)
-
-
-def bridge_matching_loss(
-    model: Callable[..., Tensor],
-    bridge: GaussianBridge,
-    x0: Tensor,
-    x1: Tensor,
-    t: Tensor | float | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    reduction: str = "mean",
-    **model_kwargs: Any,
-) -> Tensor:
-    r"""``l_i = (1/D) ||v_theta(x_t, t_i) - dx_t||^2`` on a :class:`GaussianBridge`.
-
-    ``model(x_t, t, **model_kwargs)`` returns ``(B, *event_shape)``; ``x0`` and ``x1`` are
-    floating ``(B, *event_shape)`` tensors of coupled pairs (``x0`` is required: a bridge's
-    source need not be Gaussian). ``t`` is drawn with :func:`~flowsolve.losses.sample_time`
-    in (0, 1) (clamped to ``[1e-5, 1 - 1e-5]`` for the Brownian bridge) when omitted;
-    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``). ``t`` and the bridge noise come
-    from ``generator`` (None: a fresh unseeded generator on x1's device; torch's global RNG
-    is never used). Bad input: TypeError / ValueError as in
-    :func:`flowsolve.losses.flow_matching_loss`.
-    """
-    _check_reduction(reduction)
-    if not isinstance(bridge, GaussianBridge):
-        hint = (" (an AffineGaussianPath goes to flowsolve.flow_matching_loss)"
-                if isinstance(bridge, AffineGaussianPath) else "")
-        raise TypeError(f"bridge must be a flowsolve.bridges.GaussianBridge; got "
-                        f"{type(bridge).__name__}{hint}")
-    _check_model_and_samples(model, x0, x1, x0_optional=False)
-    generator = generator_or_fresh(generator, x1.device)
-    if t is None:
-        t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
-        if bridge.schedule == "brownian":
-            t = t.clamp(1e-5, 1 - 1e-5)
-    s = bridge.sample(x0, x1, t, generator=generator)
-    out = model(s.x_t, s.t, **model_kwargs)
-    if not torch.is_tensor(out) or out.shape != x1.shape:
-        raise ValueError(f"model(x, t) must return a tensor shaped like x, {tuple(x1.shape)}")
-    loss = (out - s.dx_t).pow(2).reshape(x1.shape[0], -1).mean(1)
-    return loss.mean() if reduction == "mean" else loss

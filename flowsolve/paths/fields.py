@@ -4,7 +4,7 @@ parameterisation), and classifier-free guidance.
 A *field* is any callable ``(x, t) -> Tensor`` shaped like ``x``, with ``x`` shaped
 ``(B, *event_shape)`` and ``t`` a 0-d or ``(B,)`` tensor in [0, 1].
 
-**Conversions.** On an :class:`~flowsolve.paths.AffineGaussianPath` every parameterisation
+**Conversions.** On an :class:`~flowsolve.paths.affine.AffineGaussianPath` every parameterisation
 (velocity, score, epsilon, x1, v) is an affine function of any other,
 ``to = A_t x + B_t prediction``, with the coefficients of
 :meth:`AffineGaussianPath.conversion_coefficients`. For example a score model gives the
@@ -17,7 +17,7 @@ singular only where ``alpha_t = 0``, ``sigma_t = 0`` or ``sigma'_t`` is infinite
 ends of [0, 1] for the shipped schedulers. A :class:`ConvertedField` checks its coefficients
 on every call by default (on a GPU that is a host synchronisation per call); built with
 ``interval=(t_lo, t_hi)``, or re-bound with :meth:`ConvertedField.on_interval` (which
-:func:`flowsolve.solve.sample` does for the interval it integrates over), it checks them
+:func:`flowsolve.ode.solve.sample` does for the interval it integrates over), it checks them
 once on that interval and calls never synchronise.
 
 **Classifier-free guidance** (Ho & Salimans 2022) in flowsolve's convention:
@@ -32,8 +32,8 @@ and then converting equals converting and then guiding: guidance works the same 
 velocity, score, epsilon and x1 models.
 
 **Scheduler transfer** (a velocity trained on one scheduler sampled under another) is the
-third kind of field adapter; it lives in :mod:`flowsolve.transfer`
-(:func:`~flowsolve.transfer.transfer`), kept apart because it changes the clock as well as
+third kind of field adapter; it lives in :mod:`flowsolve.paths.transfer`
+(:func:`~flowsolve.paths.transfer.transfer`), kept apart because it changes the clock as well as
 the parameterisation.
 """
 
@@ -45,13 +45,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time
-from .paths import AffineGaussianPath
+from .._core.checks import as_time
+from .._core.types import Field
+from .affine import AffineGaussianPath
 
 __all__ = ["Field", "ConvertedField", "convert_field", "as_velocity", "as_score",
-           "GuidedField", "guided"]
+           "GuidedField", "guided", "probability_flow"]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 _CHECK_POINTS = 1025  # grid on which an interval is checked once (ends included exactly)
 
@@ -195,7 +195,7 @@ class GuidedField:
     r"""Classifier-free guidance ``f_w(x, t) = (1 - w) f(x, t | null) + w f(x, t | y)``.
 
     ``model(x, t, y)`` is a conditional model whose ``null_label`` means "no label"
-    (e.g. :class:`flowsolve.nets.MLP`, trained with label dropout). For ``w`` other than 0
+    (e.g. :class:`flowsolve.training.nets.MLP`, trained with label dropout). For ``w`` other than 0
     and 1 each call evaluates the conditional and unconditional halves in **one** batched
     model call of ``2B`` samples
     (``x`` and ``t`` repeated, labels ``[y, null]``), so one guided evaluation is one model
@@ -274,3 +274,15 @@ def guided(model: Callable[[Tensor, Tensor, Tensor], Tensor], labels: Tensor, w:
         [3.0, 4.5]
     """
     return GuidedField(model, labels, w, null_label=null_label)
+
+
+def probability_flow(score: Field, path: AffineGaussianPath, *,
+                     interval: tuple[float, float] | None = None) -> ConvertedField:
+    r"""The probability-flow ODE's velocity of a score model on ``path``,
+    ``u_t(x) = (alpha'_t/alpha_t) x + (sigma_t^2 alpha'_t/alpha_t - sigma'_t sigma_t) s_t(x)``.
+
+    Its flow has the marginals ``p_t`` of ``s_t = grad log p_t``. Singular where
+    ``alpha_t = 0`` (t = 0 for CondOT / cosine): start from ``t0 = eps`` with a sample of
+    ``p_eps`` (the front door checks the interval once, see :mod:`flowsolve.paths.fields`).
+    """
+    return as_velocity(score, path, "score", interval=interval)

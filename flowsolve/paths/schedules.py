@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_unit_interval
+from .._core.checks import check_unit_interval
 
 __all__ = [
     "ScheduleValues",

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, first_singular_time, per_sample
+from .._core.checks import as_time, first_singular_time, per_sample
 from .schedules import Scheduler
 
 __all__ = ["TransferredField", "transfer"]

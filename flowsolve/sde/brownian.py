@@ -10,14 +10,16 @@ from torch import Tensor
 from torchsde import BaseBrownian
 from torchsde.settings import LEVY_AREA_APPROXIMATIONS
 
-from ._checks import generator_or_fresh
+from .._core.checks import generator_or_fresh
 
 __all__ = ["GridBrownian"]
 
-_LEVY = {"none": LEVY_AREA_APPROXIMATIONS.none, "space-time": LEVY_AREA_APPROXIMATIONS.space_time}
+#: flowsolve's names of the Levy-area approximations -> torchsde's
+LEVY_AREAS = {"none": LEVY_AREA_APPROXIMATIONS.none,
+              "space-time": LEVY_AREA_APPROXIMATIONS.space_time}
 
 
-def _check_steps(steps) -> None:
+def check_steps(steps) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")
 
@@ -52,15 +54,15 @@ class GridBrownian(BaseBrownian):
         size = tuple(int(s) for s in size)
         if len(size) < 2 or min(size) < 1:
             raise ValueError(f"size must be (B, *event_shape) with positive entries; got {size}")
-        _check_steps(steps)
+        check_steps(steps)
         if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
             raise ValueError(f"need finite t0 < t1; got t0={t0!r}, t1={t1!r}")
-        if levy_area not in _LEVY:
-            raise ValueError(f"levy_area={levy_area!r}; accepted: {', '.join(_LEVY)}")
+        if levy_area not in LEVY_AREAS:
+            raise ValueError(f"levy_area={levy_area!r}; accepted: {', '.join(LEVY_AREAS)}")
         self._shape = (size[0], math.prod(size[1:]))
         self._dtype = dtype or torch.get_default_dtype()
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._levy = _LEVY[levy_area]
+        self._levy = LEVY_AREAS[levy_area]
         self.t0, self.t1, self.steps = float(t0), float(t1), int(steps)
         h = (self.t1 - self.t0) / self.steps
         gen = generator_or_fresh(generator, self._device)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .paths import AffineGaussianPath
+from ..paths.affine import AffineGaussianPath
 
 __all__ = ["DiffusionSchedule", "DIFFUSIONS", "diffusion_schedule"]
 

@@ -10,7 +10,7 @@ on X), so Ito and Stratonovich agree, Milstein terms vanish, Euler-Maruyama has 
 order 1, and every torchsde method runs; ``g_prod(t, y, v) = g_t v`` means no ``d x d``
 matrix is ever built. Images are flattened to the ``(B, D)`` state torchsde wants.
 
-Given only one model on an :class:`~flowsolve.paths.AffineGaussianPath` the other comes
+Given only one model on an :class:`~flowsolve.paths.affine.AffineGaussianPath` the other comes
 from the path's conversion ``u = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigma sigma') s``:
 
 * score only: ``drift = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigma sigma' + g^2/2) s``
@@ -24,7 +24,8 @@ from the path's conversion ``u = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigm
   infinite, ``g_1 = sqrt(beta_min)`` not 0); false for a constant (end at ``t1 = 1 - eps``).
 
 The endpoint coefficients are checked before integrating; a non-finite state during the
-solve raises :class:`FloatingPointError` naming the time and the solver.
+solve raises :class:`~flowsolve._core.errors.NonFiniteStateError` (a ``FloatingPointError``,
+the ODE front door's error too) naming the time and the solver.
 
 Noise comes from a :class:`GridBrownian`: all increments on the solver's own grid drawn in
 one ``randn`` call from a ``torch.Generator`` (the fastest choice measured, no host sync per
@@ -45,19 +46,21 @@ from torchsde._core.base_sde import ForwardSDE
 from torchsde._core.methods import select as _select_method
 from torchsde.settings import METHODS, NOISE_TYPES, SDE_TYPES
 
-from ._counting import CountingField
-from ._solve_args import check_times, grid_indices, uniform_grid
-from .brownian import _LEVY, GridBrownian, _check_steps
+from .._core.counting import CountingField
+from .._core.errors import NonFiniteStateError
+from .._core.finite import FiniteRecord
+from .._core.registry import SolverInfo, SolverRegistry
+from .._core.types import Field
+from ..ode.args import check_times, grid_indices, uniform_grid
+from ..paths.affine import AffineGaussianPath
+from .brownian import LEVY_AREAS, GridBrownian, check_steps
 from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
-from .paths import AffineGaussianPath
-from .registry import SolverInfo, SolverRegistry
 
 __all__ = [
     "GridBrownian", "DiffusionSchedule", "DIFFUSIONS", "diffusion_schedule",
     "SDE_SOLVERS", "SDESolution", "sample_sde", "langevin",
 ]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 
 # -- the system handed to torchsde -------------------------------------------------------------
@@ -141,7 +144,7 @@ def _probe(method: str):
     cls = _select_method(method, SDE_TYPES.ito)
     if cls.sde_type != SDE_TYPES.ito:
         cls = _select_method(method, SDE_TYPES.stratonovich)
-    levy = [a for a in ("none", "space-time") if _LEVY[a] in cls.levy_area_approximations]
+    levy = [a for a in ("none", "space-time") if LEVY_AREAS[a] in cls.levy_area_approximations]
     if not levy:
         return None
     bm = GridBrownian((1, 1), steps=1, generator=torch.Generator().manual_seed(0),
@@ -221,7 +224,7 @@ def _grid(t0: float, t1: float, steps: int, x: Tensor) -> Tensor:
 
 def _record_indices(times, t0: float, t1: float, steps: int) -> list[int]:
     """Indices in ``linspace(t0, t1, steps + 1)`` of the requested ``times``, through the
-    ODE front door's checks (:func:`flowsolve._solve_args.check_times`, ``grid_indices``):
+    ODE front door's checks (:func:`flowsolve.ode.args.check_times`, ``grid_indices``):
     strictly increasing, inside ``[t0, t1]`` (float32 rounding just beyond an end names
     that end), each a grid point (to 1e-3 of a cell, so float32 times name their point)
     named once."""
@@ -261,7 +264,7 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
                          f"{tuple(y.shape)}; got {bm!r}")
     if isinstance(bm, GridBrownian):
         _check_on_grid(bm, t0, t1, steps)
-    if levy != "none" and bm.levy_area_approximation not in (_LEVY[levy], "davie", "foster"):
+    if levy != "none" and bm.levy_area_approximation not in (LEVY_AREAS[levy], "davie", "foster"):
         raise ValueError(f"solver {solver_name!r} needs a Brownian motion with Levy area "
                          f"{levy!r}; got bm={bm!r}")
     cls = _select_method(solver_name, sde.sde_type)
@@ -269,21 +272,20 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
                  atol=0.0, dt_min=0.0, options={})
     grid = _grid(t0, t1, steps, x0).to(x0.device)
     saved = {0: y} if 0 in record else {}
-    first_bad = torch.full((), steps, dtype=torch.long, device=x0.device)
+    finite = FiniteRecord(x0.device)
     extra = solver.init_extra_solver_state(grid[0], y)
     for k in range(steps):
         y, extra = solver.step(grid[k], grid[k + 1], y, extra)
-        bad = ~torch.isfinite(y).all()
-        first_bad = torch.where(bad & (first_bad == steps), k, first_bad)
+        if finite.add(y, k):  # known at once on the CPU; on a device read once at the end
+            break
         if k + 1 in record:
             saved[k + 1] = y
-    k_bad = int(first_bad)  # the solve's single host synchronisation
-    if k_bad < steps:
-        raise FloatingPointError(
+    k_bad = finite.first_bad()
+    if k_bad is not None:
+        raise NonFiniteStateError(
+            solver_name, float(grid[k_bad]),
             f"the state became non-finite in step {k_bad + 1} of {steps}, from "
-            f"t={grid[k_bad].item():.6g} to t={grid[k_bad + 1].item():.6g} (solver "
-            f"{solver_name!r}): check the model there, shorten the interval (t1=1-eps) or use "
-            "more steps")
+            f"t={float(grid[k_bad]):.6g} to t={float(grid[k_bad + 1]):.6g}")
     shape = x0.shape
     traj = torch.stack([saved[k].reshape(shape) for k in record]) if record else None
     t_rec = grid[record] if record else None
@@ -311,7 +313,7 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
             ``(B, D)`` to use instead (e.g. a finer GridBrownian).
         times: grid points at which to keep the state: strictly increasing, each a point
             of ``linspace(t0, t1, steps + 1)`` given once (checked as by
-            :func:`flowsolve.solve.sample` for a fixed-step solver, so float32 times such
+            :func:`flowsolve.ode.solve.sample` for a fixed-step solver, so float32 times such
             as ``torch.linspace(0, 1, steps + 1)`` name their grid points).
 
     Returns:
@@ -334,7 +336,7 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
     """
     info = SDE_SOLVERS[solver]
     _check_state(x0)
-    _check_steps(steps)
+    check_steps(steps)
     if not (0.0 <= t0 < t1 <= 1.0):
         raise ValueError(f"need 0 <= t0 < t1 <= 1 (0 = noise, 1 = data); got t0={t0!r}, "
                          f"t1={t1!r}")
@@ -365,7 +367,7 @@ def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, ste
     """
     if (dt is None) == (t_span is None):
         raise ValueError(f"give exactly one of dt or t_span; got dt={dt!r}, t_span={t_span!r}")
-    _check_steps(steps)
+    check_steps(steps)
     s0, s1 = (0.0, steps * float(dt)) if dt is not None else map(float, t_span)
     if not (math.isfinite(s0) and math.isfinite(s1) and s0 < s1):
         raise ValueError(f"the Langevin time span must be finite and increasing; got "

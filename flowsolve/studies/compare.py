@@ -24,7 +24,7 @@ notes on solver studies):
    ``moment2_error = ||mean x_hat^2 - mean x_ref^2||``, W2 to ``data`` samples, and the mean
    absolute error of the log-likelihood (nats) against a reference likelihood.
 4. **SDE solvers** (names ``"sde:<torchsde method>"``) all integrate on one
-   :class:`~flowsolve.brownian.GridBrownian` of ``N_ref`` cells, so every step count sees the
+   :class:`~flowsolve.sde.brownian.GridBrownian` of ``N_ref`` cells, so every step count sees the
    same Brownian path; their reference is ``reference_solver`` (``srk``) at ``N_ref`` on that
    path. ``error`` is then the *strong* error, the statistics are the *weak* errors.
 5. **Order**: the least-squares slope ``p`` of ``log e = log C + p log h``,
@@ -48,19 +48,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._counting import check_like
-from ._study_results import RECORD_FIELDS, Study, fit_order, order_entry
-from .brownian import GridBrownian
-from .likelihood import log_likelihood
-from .metrics import wasserstein2
-from .registry import SolverInfo
-from .sde import SDE_SOLVERS, sample_sde
-from .solve import ODE_SOLVERS, sample
+from .._core.counting import check_like
+from .._core.registry import SolverInfo
+from .._core.types import Field
+from ..likelihood.cnf import log_likelihood
+from ..metrics import wasserstein2
+from ..ode.solve import ODE_SOLVERS, sample
+from ..sde.brownian import GridBrownian
+from ..sde.solve import SDE_SOLVERS, sample_sde
+from .results import RECORD_FIELDS, Study, fit_order, order_entry
 
 __all__ = ["compare_solvers", "fit_order", "Study", "RECORD_FIELDS", "SDE_PREFIX",
            "DEFAULT_STEPS", "DEFAULT_TOLERANCES"]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 SDE_PREFIX = "sde:"
 DEFAULT_STEPS = (4, 8, 16, 32, 64)
@@ -402,8 +402,8 @@ def compare_solvers(
         field: the velocity ``(x, t) -> Tensor``.
         x0: ``(B, *event_shape)`` source points; every solve starts from them (dtype and
             device of the study).
-        solvers: names of :data:`~flowsolve.solve.ODE_SOLVERS` (fixed-step and adaptive) and
-            ``"sde:<name>"`` for :data:`~flowsolve.sde.SDE_SOLVERS`; ValueError lists them.
+        solvers: names of :data:`~flowsolve.ode.solve.ODE_SOLVERS` (fixed-step and adaptive) and
+            ``"sde:<name>"`` for :data:`~flowsolve.sde.solve.SDE_SOLVERS`; ValueError lists them.
         steps, tolerances: default budgets: step counts of fixed-step and SDE solvers,
             ``rtol = atol`` of adaptive ones. ``budgets={name: [...]}`` overrides per solver.
         reference: ``"auto"`` (a tight adaptive solve), a tensor ``x(t1)`` shaped like
@@ -415,7 +415,7 @@ def compare_solvers(
             dtype) gets them in ``x0``'s dtype at 1e-6 instead. An adaptive budget at or
             below the reference tolerance is a ValueError (it would judge itself).
         data: ``(M, *event_shape)`` samples of the data: W2 of every result to them.
-        sde: for SDE solvers, the arguments of :func:`~flowsolve.sde.sample_sde`
+        sde: for SDE solvers, the arguments of :func:`~flowsolve.sde.solve.sample_sde`
             (``score``, ``path``, ``diffusion``), and ``reference_solver`` (``"srk"``) and
             ``reference_steps`` (a multiple of every SDE budget; default at least 16 times
             the largest) of the fine solve on the shared Brownian path.

@@ -1,7 +1,7 @@
 """The result of a solver study: its plain records, the convergence orders fitted from them
 (:func:`fit_order`), and the :class:`Study` that holds both with its renderings (CSV and
 JSON written atomically, a Markdown table, a work-precision plot). Private; re-exported by
-:mod:`flowsolve.studies`, which does the measuring."""
+:mod:`flowsolve.studies.compare`, which does the measuring."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._files import write_atomically
+from .._core.files import write_atomically
 
 __all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry"]
 
@@ -80,7 +80,7 @@ def order_entry(records: list[dict], solver: str, kind: str, declared: float | N
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (:func:`flowsolve._files.write_atomically`),
+    """Write ``data`` to ``path`` atomically (:func:`flowsolve._core.files.write_atomically`),
     creating its folder: readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def _fmt(value, time: bool = False) -> str:
 
 @dataclass
 class Study:
-    """What :func:`~flowsolve.studies.compare_solvers` returns.
+    """What :func:`~flowsolve.studies.compare.compare_solvers` returns.
 
     Attributes:
         records: one dict per (solver, budget) with the keys of :data:`RECORD_FIELDS`

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-FORMAT = "flowsolve.train/1"
+FORMAT = "flowsolve.training.loop/1"
 
 # Settings a resumed run may change: they do not alter the weights' trajectory (workers give
 # the same batches as the main process). Every other setting must match the checkpoint's.

@@ -31,7 +31,7 @@ import ot
 import torch
 from torch import Tensor
 
-from ._checks import generator_or_fresh
+from .._core.checks import generator_or_fresh
 
 __all__ = ["COSTS", "COUPLINGS", "ClassConditionalOT", "Coupling", "CouplingError",
            "CouplingResult", "CouplingWarning", "IndependentCoupling", "OTCoupling",
@@ -476,8 +476,8 @@ class ClassConditionalOT(OTCoupling):
     ``N == M``): it is split into groups of the class counts of ``y1`` -- at random with
     ``generator``, else in order, which is random for i.i.d. draws -- and each group is
     transported to its class. With ``y0`` ``(N,)`` the groups are the source classes (the
-    label sets must agree); :class:`~flowsolve.pipeline.BatchProducer` (so
-    :func:`~flowsolve.train.train`) passes a labelled source's labels as ``y0``. Within a
+    label sets must agree); :class:`~flowsolve.training.pipeline.BatchProducer` (so
+    :func:`~flowsolve.training.loop.train`) passes a labelled source's labels as ``y0``. Within a
     class this is :class:`OTCoupling` with the same arguments (exact OT is optimal per
     class); the plan is block diagonal, class c carrying
     mass ``M_c / M``. Its column marginal is uniform, ``1/M``; its row marginal is

@@ -13,7 +13,7 @@ name              definition
                   (TMLR 2024) as re-run in [SF]2M (torchdyn ``ToyDataset("gaussians")``
                   with ``radius=5, std_gaussians=1``; torchdyn draws exactly N/8 points per
                   component plus a 1e-3 per-component offset, neither reproduced). An
-                  analytic :class:`~flowsolve.analytic.GaussianMixture` (exact
+                  analytic :class:`~flowsolve.truth.analytic.GaussianMixture` (exact
                   ``log_prob``); mean 0, covariance ``(r^2 / 2 + std^2) I = 13.5 I``.
 ``8gaussians_torchcfm``  torchcfm's *package* ``sample_8gaussians``: radius 5 but
                   ``MultivariateNormal(0, sqrt(0.1) I)`` takes a covariance, so the
@@ -66,8 +66,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import generator_or_fresh
-from .analytic import GaussianMixture
+from .._core.checks import generator_or_fresh
+from ..truth.analytic import GaussianMixture
 
 __all__ = [
     "LabeledSamples",

@@ -69,23 +69,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ._checkpoint import FORMAT as _FORMAT
-from ._checkpoint import SETUP_VERSION as _SETUP_VERSION
-from ._checkpoint import load_checked, setup_record
-from ._files import save_atomically
-from .bridges import GaussianBridge, bridge_matching_loss
+from .._core.files import save_atomically
+from ..paths.affine import AffineGaussianPath, canonical_prediction
+from ..paths.bridges import GaussianBridge
+from ..paths.schedules import CondOTScheduler
+from .checkpoint import FORMAT as _FORMAT
+from .checkpoint import SETUP_VERSION as _SETUP_VERSION
+from .checkpoint import load_checked, setup_record
 from .ema import EMA
 from .losses import (
     DSM_WEIGHTINGS,
     TIME_DISTRIBUTIONS,
+    bridge_matching_loss,
     denoising_score_matching_loss,
     label_dropout,
     regression_loss,
     sample_time,
 )
-from .paths import AffineGaussianPath, _canonical
-from .pipeline import _STEP, Batch, BatchProducer, _generator, _mix
-from .schedules import CondOTScheduler
+from .pipeline import STEP_STREAM, Batch, BatchProducer, mix_seed, seeded_generator
 
 __all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "train",
            "load_weights"]
@@ -139,7 +140,7 @@ class TrainConfig:
         # loadable by torch.load(weights_only=True) once written into a checkpoint
         for name, value in _coerced(self).items():
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "prediction", _canonical(self.prediction, "prediction"))
+        object.__setattr__(self, "prediction", canonical_prediction(self.prediction, "prediction"))
         for name, (ok, accepted) in _RULES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not ok(value):
@@ -320,7 +321,7 @@ class _Run:
             raise ValueError("label_dropout > 0 needs a model with an int attribute null_label")
         self.producer = BatchProducer(*producer_args, batch_size=cfg.batch_size, seed=self.seed,
                                       rank=self.rank, world_size=self.world, dtype=self.dtype)
-        self.step_seed = _mix(self.seed, _STEP)
+        self.step_seed = mix_seed(self.seed, STEP_STREAM)
 
     def _resume_state(self, ckpt: Path | None, cfg: TrainConfig) -> dict | None:
         """The checkpoint's state, or None to start afresh. Under DDP rank 0 decides and
@@ -349,7 +350,7 @@ class _Run:
 
     def loss(self, batch: Batch, k: int) -> Tensor:
         cfg, path, net = self.cfg, self.path, self.net
-        g = _generator(_mix(self.step_seed, k, self.rank), self.device)
+        g = seeded_generator(mix_seed(self.step_seed, k, self.rank), self.device)
         kwargs = {}
         if self.conditional and batch.y is not None:
             y = batch.y
@@ -448,8 +449,8 @@ def train(
             the coupling, e.g. class-conditional OT).
         data, source, coupling: the batch producer's sides (see :class:`BatchProducer`).
         config: a :class:`TrainConfig`.
-        path: an :class:`~flowsolve.paths.AffineGaussianPath` (default CondOT: rectified
-            flow / I-CFM with sigma = 0) or a :class:`~flowsolve.bridges.GaussianBridge`
+        path: an :class:`~flowsolve.paths.affine.AffineGaussianPath` (default CondOT: rectified
+            flow / I-CFM with sigma = 0) or a :class:`~flowsolve.paths.bridges.GaussianBridge`
             (I-CFM / OT-CFM with constant sigma, SB-CFM with the Brownian bridge).
         checkpoint: a file to resume from if it exists, and to write.
         generator: seeds the run (one draw); a fresh default ``torch.Generator`` if None.

@@ -14,7 +14,7 @@ prediction     conditional target for the pair ``(x0, x1)``  loss
 ``v``          ``alpha_t x0 - sigma_t x1``
 =============  ============================================  =================================
 
-(the table of :mod:`flowsolve.paths`, with the posterior means replaced by the pair). The
+(the table of :mod:`flowsolve.paths.affine`, with the posterior means replaced by the pair). The
 regression is minimised by the *marginal* quantity, e.g. ``E[dx_t | x_t = x] = u_t(x)``,
 whatever the coupling that produced the pairs, since for any function ``f``,
 ``E||f - target||^2 = E||f - E[target | x_t]||^2 + const``.
@@ -25,7 +25,7 @@ Per-sample loss: ``l_i = lambda(t_i) * (1/D) ||f_theta(x_t, t_i) - target_i||^2`
 ``D`` times smaller here, so the loss scale does not grow with the data dimension.
 ``reduction="mean"`` averages over the batch, ``"none"`` returns ``(B,)``. An empty batch
 (``B = 0``, or samples of no entries) raises ValueError with either reduction, as does
-:func:`flowsolve.bridges.bridge_matching_loss`: a mean over zero samples is undefined.
+:func:`flowsolve.training.losses.bridge_matching_loss`: a mean over zero samples is undefined.
 
 Time: ``t`` may be given (a number, 0-d or ``(B,)``); when omitted it is drawn per sample
 from ``U[0, 1)``, kept in the open interval (0, 1), with :func:`sample_time` and
@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import generator_or_fresh, per_sample
-from .paths import AffineGaussianPath, _canonical, _homogeneous
-from .schedules import ScheduleValues
+from .._core.checks import generator_or_fresh, per_sample
+from ..paths.affine import AffineGaussianPath, canonical_prediction, homogeneous_coefficients
+from ..paths.bridges import GaussianBridge
+from ..paths.schedules import ScheduleValues
 
 __all__ = [
     "TIME_DISTRIBUTIONS",
@@ -56,6 +57,7 @@ __all__ = [
     "denoising_score_matching_loss",
     "epsilon_loss",
     "label_dropout",
+    "bridge_matching_loss",
 ]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -141,14 +143,14 @@ def sample_time(
 
 
 # -- the shared regression core ----------------------------------------------------------
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction={reduction!r} is not accepted; accepted: {', '.join(REDUCTIONS)}"
         )
 
 
-def _check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
+def check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
                              x0_optional: bool) -> None:
     """A callable model and floating ``(B, *event_shape)`` tensors ``x0`` (or ``None`` when
     ``x0_optional``) and ``x1``, not empty (``B = 0`` or a sample of no entries: the loss is
@@ -178,7 +180,7 @@ def _check_model_and_samples(model: Any, x0: Tensor | None, x1: Tensor, *,
 def _check_inputs(model: Any, path: Any, x0: Tensor | None, x1: Tensor) -> None:
     if not isinstance(path, AffineGaussianPath):
         raise TypeError(f"path must be an AffineGaussianPath; got {type(path).__name__}")
-    _check_model_and_samples(model, x0, x1, x0_optional=True)
+    check_model_and_samples(model, x0, x1, x0_optional=True)
 
 
 def _weighted_regression(
@@ -195,12 +197,13 @@ def _weighted_regression(
 ) -> Tensor:
     r"""``factor(t, values, n) * mean_D(r^2)`` with the homogeneous residual
     ``r = n_t f_theta - (p1_t x1 + p2_t x0)`` (``n_t f = p1_t x1 + p2_t x0`` is the conditional
-    target, :func:`flowsolve.paths._homogeneous`; ``n_t = sigma_t`` for the score, else 1).
+    target, :func:`~flowsolve.paths.affine.homogeneous_coefficients`; ``n_t = sigma_t`` for
+    the score, else 1).
 
     ``r`` stays finite where ``sigma_t = 0`` even for the score, so a weighting that cancels
     ``1 / n_t^2`` (``factor = 1``) is finite on the whole of [0, 1]."""
-    kind = _canonical(prediction, "prediction")
-    _check_reduction(reduction)
+    kind = canonical_prediction(prediction, "prediction")
+    check_reduction(reduction)
     _check_inputs(model, path, x0, x1)
     if t is None or x0 is None:
         generator = generator_or_fresh(generator, x1.device)
@@ -210,7 +213,7 @@ def _weighted_regression(
         x0 = _draw(torch.randn, tuple(x1.shape), generator, x1.dtype, x1.device)
     s = path.sample(x0, x1, t)
     v = path.scheduler(s.t)
-    n_t, p1_t, p2_t = _homogeneous(kind, v)
+    n_t, p1_t, p2_t = homogeneous_coefficients(kind, v)
     target = per_sample(p1_t, x1) * x1 + per_sample(p2_t, x0) * x0
     out = model(s.x_t, s.t, **model_kwargs)
     if not torch.is_tensor(out) or out.shape != x1.shape:
@@ -256,7 +259,7 @@ def regression_loss(
 
     Args:
         model: ``model(x_t, t, **model_kwargs)`` returning ``(B, *event_shape)``.
-        path: the :class:`~flowsolve.paths.AffineGaussianPath`.
+        path: the :class:`~flowsolve.paths.affine.AffineGaussianPath`.
         x0: source samples ``(B, *event_shape)``, or ``None`` to draw ``x0 ~ N(0, I)`` from
             ``generator``.
         x1: data samples, same shape; ``(x0[i], x1[i])`` are the coupled pairs.
@@ -425,7 +428,7 @@ def label_dropout(
     The conditioning dropout of classifier-free guidance training (Ho & Salimans 2021):
     one model learns ``u_t(x | y)`` and, on the null label, ``u_t(x)``. ``labels`` is
     ``(B, ...)``; one draw ``u_i ~ U[0, 1)`` per sample replaces the whole label
-    ``labels[i]`` (every entry, as :class:`flowsolve.fields.GuidedField`'s unconditional
+    ``labels[i]`` (every entry, as :class:`flowsolve.paths.fields.GuidedField`'s unconditional
     half does) where ``u_i < p``. Returns a new tensor shaped and typed like ``labels``;
     ``p = 0`` returns the labels unchanged and ``p = 1`` all ``null_label``, exactly.
     Randomness only from ``generator`` (None: a fresh unseeded generator on the labels'
@@ -448,3 +451,46 @@ def label_dropout(
     u = _draw(torch.rand, (labels.shape[0],), generator, torch.float32, labels.device)
     drop = per_sample(u < p, labels)  # (B, 1, ...): the whole label of a sample
     return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+# -- bridges -----------------------------------------------------------------------------
+def bridge_matching_loss(
+    model: Callable[..., Tensor],
+    bridge: GaussianBridge,
+    x0: Tensor,
+    x1: Tensor,
+    t: Tensor | float | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    **model_kwargs: Any,
+) -> Tensor:
+    r"""``l_i = (1/D) ||v_theta(x_t, t_i) - dx_t||^2`` on a :class:`GaussianBridge`.
+
+    ``model(x_t, t, **model_kwargs)`` returns ``(B, *event_shape)``; ``x0`` and ``x1`` are
+    floating ``(B, *event_shape)`` tensors of coupled pairs (``x0`` is required: a bridge's
+    source need not be Gaussian). ``t`` is drawn with :func:`~flowsolve.training.losses.sample_time`
+    in (0, 1) (clamped to ``[1e-5, 1 - 1e-5]`` for the Brownian bridge) when omitted;
+    ``reduction`` is ``"mean"`` or ``"none"`` (``(B,)``). ``t`` and the bridge noise come
+    from ``generator`` (None: a fresh unseeded generator on x1's device; torch's global RNG
+    is never used). Bad input: TypeError / ValueError as in
+    :func:`flowsolve.training.losses.flow_matching_loss`.
+    """
+    check_reduction(reduction)
+    if not isinstance(bridge, GaussianBridge):
+        hint = (" (an AffineGaussianPath goes to flowsolve.flow_matching_loss)"
+                if isinstance(bridge, AffineGaussianPath) else "")
+        raise TypeError(f"bridge must be a flowsolve.paths.bridges.GaussianBridge; got "
+                        f"{type(bridge).__name__}{hint}")
+    check_model_and_samples(model, x0, x1, x0_optional=False)
+    generator = generator_or_fresh(generator, x1.device)
+    if t is None:
+        t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
+        if bridge.schedule == "brownian":
+            t = t.clamp(1e-5, 1 - 1e-5)
+    s = bridge.sample(x0, x1, t, generator=generator)
+    out = model(s.x_t, s.t, **model_kwargs)
+    if not torch.is_tensor(out) or out.shape != x1.shape:
+        raise ValueError(f"model(x, t) must return a tensor shaped like x, {tuple(x1.shape)}")
+    loss = (out - s.dx_t).pow(2).reshape(x1.shape[0], -1).mean(1)
+    return loss.mean() if reduction == "mean" else loss

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ._checks import _on_host
+from .._core.checks import on_host
 
 __all__ = ["ACTIVATIONS", "SinusoidalTimeEmbedding", "MLP", "initial_weights_from"]
 
@@ -56,7 +56,7 @@ def initial_weights_from(generator: torch.Generator | None) -> Iterator[None]:
         yield
 
 
-def _positive_int(value: object, name: str, minimum: int = 1) -> int:
+def positive_int(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
     return value
@@ -79,7 +79,7 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_frequency: float = 1000.0):
         super().__init__()
-        _positive_int(dim, "dim", 2)
+        positive_int(dim, "dim", 2)
         if dim % 2:
             raise ValueError(f"dim must be even (sin and cos pairs); got dim={dim!r}")
         if isinstance(max_frequency, bool) or not isinstance(max_frequency, int | float) or \
@@ -116,7 +116,7 @@ class MLP(nn.Module):
 
     Class labels run over ``0 .. num_classes - 1``; the extra index ``null_label =
     num_classes`` is the "no label" class of classifier-free guidance (train with
-    :func:`flowsolve.losses.label_dropout`), and ``y=None`` means the null label.
+    :func:`flowsolve.training.losses.label_dropout`), and ``y=None`` means the null label.
 
     Args:
         dim: the event size, ``x`` is ``(B, dim)``.
@@ -156,11 +156,11 @@ class MLP(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        self.dim = _positive_int(dim, "dim")
-        _positive_int(hidden, "hidden")
-        _positive_int(depth, "depth")
+        self.dim = positive_int(dim, "dim")
+        positive_int(hidden, "hidden")
+        positive_int(depth, "depth")
         if num_classes is not None:
-            _positive_int(num_classes, "num_classes")
+            positive_int(num_classes, "num_classes")
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got "
                              f"{activation!r}")
@@ -183,7 +183,7 @@ class MLP(nn.Module):
                 size = label_embedding_dim
                 if size is None:
                     size = 16 if time_embedding_dim is None else time_embedding_dim
-                _positive_int(size, "label_embedding_dim")
+                positive_int(size, "label_embedding_dim")
                 self.label_embedding = nn.Embedding(num_classes + 1, size)
                 cond += size
             layers: list[nn.Module] = []
@@ -237,7 +237,7 @@ class MLP(nn.Module):
             raise ValueError(
                 f"y must be 0-d or shaped (B,) = ({b},); got y of shape {tuple(y.shape)}"
             )
-        if _on_host(y) and y.numel():  # no value check on a device or under vmap / jacrev
+        if on_host(y) and y.numel():  # no value check on a device or under vmap / jacrev
             bad = (y < 0) | (y > self.num_classes)
             if bool(bad.any()):
                 raise ValueError(

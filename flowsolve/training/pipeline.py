@@ -28,11 +28,11 @@ __all__ = ["Batch", "BatchProducer"]
 
 _M64 = (1 << 64) - 1
 # stream tags of the seed hash: data, source, coupling, training step
-_DATA, _SOURCE, _COUPLE, _STEP = 1, 2, 3, 4
+DATA_STREAM, SOURCE_STREAM, COUPLING_STREAM, STEP_STREAM = 1, 2, 3, 4
 
 
 # -- the batch producer: data -> source -> coupling, no model -----------------------------
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A seed from integers: splitmix64 (Steele, Lea & Flood 2014) chained over ``values``."""
     h = 0
     for v in values:
@@ -43,7 +43,7 @@ def _mix(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
@@ -122,13 +122,13 @@ class _Stream:
 
     def __call__(self, k: int) -> tuple[Tensor, Tensor | None]:
         if self.x is None:
-            out = self.fn(self.b, generator=_generator(_mix(self.seed, k, self.rank)))
+            out = self.fn(self.b, generator=seeded_generator(mix_seed(self.seed, k, self.rank)))
             if isinstance(out, LabeledSamples):
                 return out.x, out.y
             return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         epoch, slot = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            g = _generator(_mix(self.seed, epoch))
+            g = seeded_generator(mix_seed(self.seed, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.x.shape[0], generator=g)
         start = (slot * self.world + self.rank) * self.b
         idx = self._perm[start:start + self.b]
@@ -145,7 +145,7 @@ def _accepts_generator(fn: Callable) -> bool:
 
 def _takes_y0(coupling: Callable) -> bool:
     """Whether ``coupling`` names a ``y0`` parameter (the source labels): in ``plan`` for a
-    :class:`~flowsolve.couplings.Coupling` (whose call forwards its keywords there), in the
+    :class:`~flowsolve.training.couplings.Coupling` (whose call forwards its keywords there), in the
     call itself otherwise. ``**kwargs`` alone does not count: label-free couplings (the
     independent, paired and OT couplings) forward those to a ``plan`` without ``y0``."""
     fn = coupling.plan if isinstance(coupling, Coupling) else coupling
@@ -162,7 +162,7 @@ class BatchProducer(Dataset):
 
     Args:
         data: the ``x1`` side: a tensor ``(N, ...)``, ``LabeledSamples`` / ``(x, y)`` (visited
-            in epochs), a data-set name of :mod:`flowsolve.data`, an object with
+            in epochs), a data-set name of :mod:`flowsolve.training.data`, an object with
             ``.sample(n, generator=)`` or a callable ``f(n, generator=)`` returning a
             tensor or ``(x, y)``.
         source: the ``x0`` side, in the same forms; ``None`` draws ``N(0, I)`` shaped like x1.
@@ -171,7 +171,7 @@ class BatchProducer(Dataset):
         coupling: ``coupling(x0, x1, *extras) -> (x0, x1, *extras)`` (extras: the labels
             of x1), given ``generator=`` when it accepts one, and the source labels as
             ``y0=`` when the source is labelled and the coupling names a ``y0`` parameter
-            (:class:`~flowsolve.couplings.ClassConditionalOT`: pairs then match labels,
+            (:class:`~flowsolve.training.couplings.ClassConditionalOT`: pairs then match labels,
             ``y0 == y1``); label-free couplings (independent, paired, OT) take no ``y0``
             and pair a labelled source as an unlabelled one. ``None`` is the independent
             coupling.
@@ -197,9 +197,9 @@ class BatchProducer(Dataset):
             raise TypeError("coupling must be None or callable as coupling(x0, x1, *extras); "
                             f"got {type(coupling).__name__}")
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
-        self.data = _Stream(data, "data", batch_size, _mix(seed, _DATA), rank, world_size)
+        self.data = _Stream(data, "data", batch_size, mix_seed(seed, DATA_STREAM), rank, world_size)
         self.source = None if source is None else _Stream(
-            source, "source", batch_size, _mix(seed, _SOURCE), rank, world_size)
+            source, "source", batch_size, mix_seed(seed, SOURCE_STREAM), rank, world_size)
         self.coupling = coupling
         self._coupling_takes_generator = coupling is not None and _accepts_generator(coupling)
         self._coupling_takes_y0 = coupling is not None and _takes_y0(coupling)
@@ -214,7 +214,7 @@ class BatchProducer(Dataset):
         x1 = x1.to(self.dtype)
         y0 = None
         if self.source is None:
-            g = _generator(_mix(self.seed, _SOURCE, k, self.rank))
+            g = seeded_generator(mix_seed(self.seed, SOURCE_STREAM, k, self.rank))
             x0 = torch.randn(x1.shape, generator=g, dtype=self.dtype)
         else:
             x0, y0 = self.source(k)
@@ -232,8 +232,8 @@ class BatchProducer(Dataset):
         extras = () if batch.y is None else (batch.y,)
         kwargs = {}
         if self._coupling_takes_generator:
-            kwargs["generator"] = _generator(_mix(self.seed, _COUPLE, k, self.rank),
-                                             batch.x0.device)
+            seed = mix_seed(self.seed, COUPLING_STREAM, k, self.rank)
+            kwargs["generator"] = seeded_generator(seed, batch.x0.device)
         if self._coupling_takes_y0 and batch.y0 is not None:
             kwargs["y0"] = batch.y0
         out = self.coupling(batch.x0, batch.x1, *extras, **kwargs)

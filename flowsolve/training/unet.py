@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import _on_host
-from .nets import SinusoidalTimeEmbedding, _positive_int, initial_weights_from
+from .._core.checks import on_host
+from .nets import SinusoidalTimeEmbedding, initial_weights_from, positive_int
 
 __all__ = ["UNet"]
 
@@ -72,14 +72,14 @@ class UNet(nn.Module):
         groups: GroupNorm groups (at most; reduced to a divisor of the channels).
         max_frequency: highest frequency of the sinusoidal time embedding. The default
             1000 (the DDPM / transformer value) is kept because the documented digits
-            results were trained with it; :class:`flowsolve.nets.MLP` defaults to 30
+            results were trained with it; :class:`flowsolve.training.nets.MLP` defaults to 30
             because with 1000 a trained 2-D model's fixed-step ODE errors stalled near 1e-2
             and euler / midpoint / rk4 fell short of their orders (the field varies on time
             scales of ``1 / max_frequency``). A smaller value (e.g. 30) makes the field
             smoother in ``t`` and fixed-step solvers more accurate per step, at the cost of
             a coarser code of ``t``; the weights do not depend on it (same parameter count
             and initial draws), but a trained model must be rebuilt with its own value.
-        generator: draws the initial weights (:func:`flowsolve.nets.initial_weights_from`);
+        generator: draws the initial weights (:func:`flowsolve.training.nets.initial_weights_from`);
             ``None``: torch's global RNG.
 
     Shapes: ``x`` ``(B, c, H, W)`` with even ``H``, ``W`` (8x8 for the digits); ``t`` 0-d
@@ -102,12 +102,12 @@ class UNet(nn.Module):
         max_frequency: float = 1000.0,
     ):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        c = _positive_int(channels, "channels")
-        e = _positive_int(embedding_dim, "embedding_dim", 2)
-        _positive_int(groups, "groups")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        c = positive_int(channels, "channels")
+        e = positive_int(embedding_dim, "embedding_dim", 2)
+        positive_int(groups, "groups")
         if num_classes is not None:
-            _positive_int(num_classes, "num_classes")
+            positive_int(num_classes, "num_classes")
         self.num_classes = num_classes
         with initial_weights_from(generator):
             freq = c + c % 2  # sin/cos pairs
@@ -172,7 +172,7 @@ class UNet(nn.Module):
             y = y.expand(b)
         elif y.shape != (b,):
             raise ValueError(f"y must be 0-d or shaped (B,) = ({b},); got {tuple(y.shape)}")
-        if _on_host(y) and y.numel():  # no value check on a device or under vmap / jacrev
+        if on_host(y) and y.numel():  # no value check on a device or under vmap / jacrev
             bad = (y < 0) | (y > self.num_classes)
             if bool(bad.any()):
                 raise ValueError(f"y must hold labels in 0..{self.num_classes - 1} or the null "

@@ -25,14 +25,14 @@ and the mixture sum is a logsumexp over components.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_finite_coefficients, generator_or_fresh
-from .paths import AffineGaussianPath
-from .schedules import Scheduler
+from .._core.checks import as_time, check_finite_coefficients, generator_or_fresh
+from .._core.types import Field
+from ..paths.affine import AffineGaussianPath
+from ..paths.schedules import Scheduler
 
 __all__ = [
     "GaussianMixture",
@@ -253,7 +253,6 @@ class _MixtureAtTime:
         return torch.einsum("bk,bkd->bd", post, vec).reshape(self.shape)
 
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 
 class _MarginalField:
