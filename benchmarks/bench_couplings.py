@@ -5,7 +5,8 @@ log domain) against the independent coupling, at B = 256, 1024, 2048.
 Data as in the couplings note: x0 ~ N(0, I), x1 ~ 0.5 N(0, I) + 3, float32. Times are the
 median of repeats of a whole call ``coupling(x0, x1)`` (cost matrix, solve, pairing);
 ratios are to the independent coupling from the same run. The OT solve needs no model, so
-in training it can run in DataLoader workers and overlap the step (see couplings.py).
+in training it can run in DataLoader workers and overlap the step (see
+flowsolve/training/couplings.py).
 
 ``--assignment`` adds scipy's ``linear_sum_assignment`` (a shortest-augmenting-path
 Jonker-Volgenant solver) on the same squared-distance cost: for equal uniform batches the

@@ -68,10 +68,11 @@ def flowsolve_imports(path: Path) -> list[tuple[str, list[str]]]:
         if isinstance(node, ast.ImportFrom) and node.level:
             base = list(here[: len(here) - (node.level - 1)])
             names = [a.name for a in node.names]
-            if node.module:
-                out.append((".".join(base + node.module.split(".")), names))
-            else:  # from . import a, b: each name is a module
-                out += [(".".join(base + [n]), []) for n in names]
+            target = base + (node.module.split(".") if node.module else [])
+            if PACKAGE.joinpath(*target).is_dir():  # from ..truth import analytic: modules
+                out += [(".".join(target + [n]), []) for n in names]
+            else:
+                out.append((".".join(target), names))
     return out
 
 

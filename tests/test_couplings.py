@@ -9,6 +9,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+from _cases import batches as _batches
 from scipy.optimize import linear_sum_assignment
 
 import flowsolve.training.couplings as couplings_module
@@ -25,24 +26,6 @@ from flowsolve.training.couplings import (
 )
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Sinkhorn's small column reductions (POT's logsumexp) wait for a second OpenMP thread
-    on a loaded 2-core machine: measured 11.7 ms per 32x32 logsumexp with 2 threads against
-    16 us with 1. These tests check numbers, not threading."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _batches(gen, n=64, m=None, d=2, dtype=F64):
-    """x0 ~ N(0, I), x1 ~ 0.5 N(0, I) + 3 (the shapes of the couplings note)."""
-    x0 = torch.randn(n, d, generator=gen, dtype=dtype)
-    x1 = 0.5 * torch.randn(m or n, d, generator=gen, dtype=dtype) + 3
-    return x0, x1
 
 
 def _sqcost(x0, x1):
@@ -614,3 +597,17 @@ def test_sinkhorn_stays_on_the_gpu():
     assert res.cost.item() == pytest.approx(exact.cost.item(), rel=0.1)
     with pytest.raises(ValueError, match="generator must be on cuda"):
         OTCoupling("sinkhorn").plan(x0, x1, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("coupling", [IndependentCoupling(), PairedCoupling(),
+                                      OTCoupling("exact"), OTCoupling("sinkhorn", reg=0.5),
+                                      ClassConditionalOT()],
+                         ids=["independent", "paired", "exact", "sinkhorn", "class"])
+@pytest.mark.parametrize("generator", [7, "seed", np.random.default_rng(0)],
+                         ids=["int", "str", "numpy"])
+def test_a_generator_that_is_not_a_torch_generator_is_refused(coupling, generator):
+    """An int seed (or a NumPy generator) was an AttributeError deep inside the draw."""
+    x0, x1 = torch.randn(6, 2, dtype=F64), torch.randn(6, 2, dtype=F64)
+    extras = (torch.arange(6) % 2,) if isinstance(coupling, ClassConditionalOT) else ()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got"):
+        coupling(x0, x1, *extras, generator=generator)

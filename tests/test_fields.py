@@ -18,15 +18,6 @@ SCHEDULERS = [fs.CondOTScheduler(), fs.CosineScheduler(), fs.LinearVPScheduler()
 KINDS = ["score", "epsilon", "x1", "v"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (much of it on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def points(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = 2 * torch.randn(n, 2, generator=g, dtype=F64)

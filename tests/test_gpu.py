@@ -18,7 +18,8 @@ import numpy as np
 import ot
 import pytest
 import torch
-from _cases import three_gaussians
+from _cases import batches as two_clouds
+from _cases import gen, noise, random_mixture, three_gaussians
 from torch import nn
 
 import flowsolve as fs
@@ -58,14 +59,6 @@ PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
 DATA = three_gaussians()
 U = fs.analytic.marginal_velocity(DATA, PATH)
 S = fs.analytic.marginal_score(DATA, PATH)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def noise(n: int, seed: int, d: int = 2) -> torch.Tensor:
-    return torch.randn(n, d, generator=gen(seed), dtype=F64)
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -286,11 +279,7 @@ def test_langevin_on_the_device_matches_the_cpu():
 
 # -- likelihood --------------------------------------------------------------------------------
 def mixture(d: int, seed: int, k: int = 3) -> fs.GaussianMixture:
-    g = gen(seed)
-    means = 2.0 * torch.randn(k, d, generator=g, dtype=F64)
-    a = torch.randn(k, d, d, generator=g, dtype=F64)
-    covs = a @ a.transpose(1, 2) / d + 0.3 * torch.eye(d, dtype=F64)
-    return fs.GaussianMixture(means, covs, torch.rand(k, generator=g, dtype=F64) + 0.5)
+    return random_mixture(seed, d, k)
 
 
 def test_exact_log_likelihood_on_the_device():
@@ -420,9 +409,7 @@ def test_divergence_methods_agree_on_the_device(case):
 
 # -- couplings ---------------------------------------------------------------------------------
 def batches(n: int, m: int, seed: int, d: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    g = gen(seed)
-    return (torch.randn(n, d, generator=g, dtype=F64),
-            0.5 * torch.randn(m, d, generator=g, dtype=F64) + 3)
+    return two_clouds(seed, n, m, d)
 
 
 @pytest.mark.parametrize("domain", ["auto", "log"])

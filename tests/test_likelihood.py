@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _cases import random_mixture as mixture
 
 import flowsolve as fs
 from flowsolve import analytic
@@ -16,13 +17,6 @@ from flowsolve.likelihood.cnf import (
 
 F64 = torch.float64
 TIGHT = dict(solver="dopri5", rtol=1e-10, atol=1e-10)
-
-
-def mixture(gen, d, k=3):
-    means = 2.0 * torch.randn(k, d, generator=gen, dtype=F64)
-    a = torch.randn(k, d, d, generator=gen, dtype=F64)
-    covs = a @ a.transpose(1, 2) / d + 0.3 * torch.eye(d, dtype=F64)
-    return fs.GaussianMixture(means, covs, torch.rand(k, generator=gen, dtype=F64) + 0.5)
 
 
 @pytest.mark.parametrize("d", [2, 10])

@@ -19,16 +19,6 @@ from flowsolve.metrics import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small reductions wait for a second OpenMP thread on a loaded 2-core machine (see
-    tests/test_couplings.py); these tests check numbers, not threading."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spd(d: int, gen: torch.Generator) -> torch.Tensor:
     a = torch.randn(d, d, generator=gen, dtype=F64)
     return a @ a.T / d + 0.5 * torch.eye(d, dtype=F64)
@@ -258,3 +248,61 @@ def test_mmd_is_the_u_statistic_and_unbiased_under_the_null(gen):
                              torch.randn(20, 2, generator=gen, dtype=F64),
                              bandwidths=(1.0,)).mmd2 for _ in range(1000)])
     assert abs(draws.mean().item()) < 3 * draws.std().item() / 1000**0.5
+
+
+@pytest.mark.parametrize("kernel", ["imq", "rbf"])
+def test_mmd_and_its_stderr_equal_a_double_loop_on_three_and_four_points(gen, kernel):
+    """N = 3, M = 4 by plain loops in float64: the U-statistic (diagonals left out, / N(N-1))
+    and the documented variance 4 Var(f_x)/N + 4 Var(f_y)/M + 2 <kc_xx^2>_{i!=i'}/N^2
+    + 2 <kc_yy^2>_{j!=j'}/M^2 + 4 <kc_xy^2>/(NM), Var unbiased (/ (N - 1)), <.>_{i!=i'} the
+    mean over the N(N - 1) off-diagonal pairs, kc the doubly centred kernel matrix."""
+    x = torch.randn(3, 2, generator=gen, dtype=F64)
+    y = torch.randn(4, 2, generator=gen, dtype=F64) + 0.7
+    hs = (0.6, 1.5)
+    if kernel == "rbf":
+        def k(a, b):
+            r2 = sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True))
+            return sum(math.exp(-r2 / (2 * h * h)) for h in hs)
+    else:
+        def k(a, b):
+            r2 = sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True))
+            return sum(h / math.sqrt(h * h + r2) for h in hs)
+    xs, ys = x.tolist(), y.tolist()
+    n, m = len(xs), len(ys)
+
+    def gram(a, b):
+        return [[k(p, q) for q in b] for p in a]
+
+    def centred(g):
+        rows, cols = len(g), len(g[0])
+        r = [sum(g[i][j] for j in range(cols)) / cols for i in range(rows)]
+        c = [sum(g[i][j] for i in range(rows)) / rows for j in range(cols)]
+        a = sum(map(sum, g)) / (rows * cols)
+        return [[g[i][j] - r[i] - c[j] + a for j in range(cols)] for i in range(rows)]
+
+    def offdiag_mean(g):
+        s = len(g)
+        return sum(g[i][j] for i in range(s) for j in range(s) if i != j) / (s * (s - 1))
+
+    def squared(g):
+        return [[e * e for e in row] for row in g]
+
+    def var(v):
+        mean = sum(v) / len(v)
+        return sum((e - mean) ** 2 for e in v) / (len(v) - 1)
+
+    kxx, kyy, kxy = gram(xs, xs), gram(ys, ys), gram(xs, ys)
+    mmd2 = offdiag_mean(kxx) + offdiag_mean(kyy) - 2 * sum(map(sum, kxy)) / (n * m)
+    fx = [sum(kxx[i][i2] for i2 in range(n) if i2 != i) / (n - 1) - sum(kxy[i]) / m
+          for i in range(n)]
+    fy = [sum(kyy[j][j2] for j2 in range(m) if j2 != j) / (m - 1)
+          - sum(kxy[i][j] for i in range(n)) / n for j in range(m)]
+    cxx2, cyy2 = offdiag_mean(squared(centred(kxx))), offdiag_mean(squared(centred(kyy)))
+    cxy2 = sum(map(sum, squared(centred(kxy)))) / (n * m)
+    variance = (4 * var(fx) / n + 4 * var(fy) / m + 2 * cxx2 / n**2 + 2 * cyy2 / m**2
+                + 4 * cxy2 / (n * m))
+    res = mmd(x, y, kernel=kernel, bandwidths=hs)
+    assert res.mmd2.item() == pytest.approx(mmd2, rel=1e-12, abs=1e-15)
+    assert res.stderr.item() == pytest.approx(math.sqrt(variance), rel=1e-12)
+    # every term is present: each alone moves the standard error by far more than 1e-12
+    assert min(var(fx), var(fy), cxx2, cyy2, cxy2) > 1e-6

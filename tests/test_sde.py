@@ -2,11 +2,10 @@
 
 import math
 
-import ot
 import pytest
 import torch
 import torchsde
-from _cases import three_gaussians
+from _cases import gen, noise, slope, three_gaussians, w2
 
 import flowsolve as fs
 from flowsolve.sde.solve import (
@@ -26,27 +25,6 @@ S = fs.analytic.marginal_score(DATA, PATH)
 # per drift evaluation, per step, for additive noise (read from torchsde's step functions)
 DRIFTS_PER_STEP = {"euler": 1, "euler_heun": 1, "milstein": 1, "heun": 2, "midpoint": 2,
                    "reversible_heun": 1, "srk": 3}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def w2(a: torch.Tensor, b: torch.Tensor) -> float:
-    wa = torch.full((len(a),), 1 / len(a), dtype=F64)
-    wb = torch.full((len(b),), 1 / len(b), dtype=F64)
-    return math.sqrt(ot.emd2(wa, wb, ot.dist(a, b)))
-
-
-def slope(hs, errs) -> float:
-    """Least-squares slope of log(err) against log(h): the empirical order."""
-    x, y = torch.tensor(hs, dtype=F64).log(), torch.tensor(errs, dtype=F64).abs().log()
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x * x).sum())
-
-
-def noise(n: int, g: torch.Generator) -> torch.Tensor:
-    return torch.randn(n, 2, generator=g, dtype=F64)
 
 
 # -- distribution: the exact score keeps the marginals for every g -------------------------
@@ -115,10 +93,41 @@ def test_euler_maruyama_strong_order_one_for_additive_noise():
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", sorted(SDE_SOLVERS))
 def test_strong_order_matches_declared(solver):
+    """Against noise built here from its definition, not by GridBrownian (whose law and
+    aggregation tests/test_brownian.py checks): 1024 fine cells of h, dW_k = sqrt(h) z,
+    U_k = h (dW_k / 2 + sqrt(h / 12) z'); the reference solves on the fine cells, a coarse
+    step over cells a..b-1 gets their exact aggregates W = sum_k dW_k and
+    U = int (W_s - W_ta) ds = sum_k [U_k + (t_b - t_{k+1}) dW_k]."""
     g = gen(15)
     x0 = noise(1000, g)
-    bm = GridBrownian(x0.shape, steps=1024, generator=g, dtype=F64, levy_area="space-time")
-    ref = sample_sde(U, x0, score=S, diffusion=1.0, steps=1024, bm=bm, solver=solver).x
+    fine = 1024
+    h = 1 / fine
+    z = torch.randn(2, fine, *x0.shape, generator=g, dtype=F64)
+    d_w = h**0.5 * z[0]
+    d_u = h * (d_w / 2 + (h / 12) ** 0.5 * z[1])
+
+    def cell(t) -> int:
+        k = round(float(t) * fine)
+        assert abs(float(t) * fine - k) < 1e-6, t  # queries on the fine grid only
+        return k
+
+    class FinePath(torchsde.BaseBrownian):
+        shape, dtype, device, levy_area_approximation = x0.shape, F64, x0.device, "space-time"
+
+        def __call__(self, ta, tb=None, return_U=False, return_A=False):
+            assert not return_A
+            a, b = (0, cell(ta)) if tb is None else (cell(ta), cell(tb))
+            w = d_w[a:b].sum(0)
+            if not return_U:
+                return w
+            lag = h * torch.arange(b - a - 1, -1, -1, dtype=F64)[:, None, None]  # t_b - t_{k+1}
+            return w, (d_u[a:b] + lag * d_w[a:b]).sum(0)
+
+        def __repr__(self):
+            return f"FinePath(cells={fine})"
+
+    bm = FinePath()
+    ref = sample_sde(U, x0, score=S, diffusion=1.0, steps=fine, bm=bm, solver=solver).x
     steps = [8, 16, 32, 64, 128]
     errs = [float((sample_sde(U, x0, score=S, diffusion=1.0, steps=n, bm=bm,
                               solver=solver).x - ref).norm(dim=1).mean()) for n in steps]
@@ -295,7 +304,9 @@ def test_non_finite_state_names_time_and_solver():
     def bad(x, t):
         return U(x, t) + torch.where(t > 0.5, math.nan, 0.0)
 
-    with pytest.raises(FloatingPointError, match=r"step 6 of 10.*t=0\.5 .*'heun'"):
+    # the ODE front door's error: NonFiniteStateError (a FloatingPointError), status named
+    with pytest.raises(fs.NonFiniteStateError,
+                       match=r"'heun' stopped at t=0\.5 \(non_finite\).*step 6 of 10"):
         sample_sde(bad, noise(4, gen(22)), score=S, steps=10, solver="heun", generator=gen(0))
 
 
@@ -409,3 +420,14 @@ def test_langevin_time_span_and_errors():
         langevin(S, x0, steps=20)
     with pytest.raises(ValueError, match="Langevin takes a number or a callable"):
         langevin(S, x0, dt=0.1, diffusion="forward")
+
+
+@pytest.mark.parametrize("g", [lambda t: torch.ones(3, dtype=t.dtype),
+                               lambda t: torch.ones(8, 2, dtype=t.dtype)], ids=["(3,)", "(B, D)"])
+def test_a_diffusion_coefficient_of_another_shape_is_refused(g):
+    """g_t of shape (3,) or (B, D) was broadcast into torchsde's noise (a raw expand error,
+    or a silently state-dependent noise)."""
+    x0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"must return a number or a tensor shaped like t .*"
+                                         r"returned shape \((3,|8, 2)\)"):
+        sample_sde(U, x0, score=S, diffusion=g, steps=4, t1=0.9)

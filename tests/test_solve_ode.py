@@ -4,67 +4,28 @@ tolerances, distributions, counted NFE, reversibility, probability flow, guidanc
 import inspect
 import math
 
-import ot
 import pytest
 import torch
+from _cases import gen, noise, slope, three_gaussians, w2
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 import flowsolve as fs
+from flowsolve._core.errors import IntegrationError, NonFiniteStateError
+from flowsolve._core.finite import FiniteRecord
 from flowsolve.ode.fixed_step import TABLEAUS, Tableau
 from flowsolve.ode.solve import ODE_SOLVERS, CapturedSampler, sample
-from flowsolve.ode.systems import (
-    FiniteRecord,
-    IntegrationError,
-    NonFiniteStateError,
-    probability_flow,
-)
-from flowsolve.paths.fields import guided
+from flowsolve.paths.fields import guided, probability_flow
 
 F64 = torch.float64
-DATA = fs.GaussianMixture(
-    torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
-    torch.tensor([[0.5, 0.3], [0.3, 0.8], [1.0, 0.2]]),
-    torch.tensor([0.5, 0.3, 0.2]),
-)
+DATA = three_gaussians()
 OTHER = fs.GaussianMixture.ring(4, radius=3.0, std=0.4)
 PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
 U = fs.analytic.marginal_velocity(DATA, PATH)
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def noise(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 2, generator=gen(seed), dtype=F64)
-
-
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm(dim=1).pow(2).mean().sqrt())
-
-
-def slope(hs, errs) -> float:
-    """Least-squares slope of log(err) against log(h): the empirical order."""
-    x, y = torch.tensor(hs, dtype=F64).log(), torch.tensor(errs, dtype=F64).log()
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x * x).sum())
-
-
-def w2(a: torch.Tensor, b: torch.Tensor) -> float:
-    wa = torch.full((len(a),), 1 / len(a), dtype=F64)
-    wb = torch.full((len(b),), 1 / len(b), dtype=F64)
-    return math.sqrt(ot.emd2(wa, wb, ot.dist(a, b)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These fields are tiny (B <= 1000, d = 2): intra-op threads only add overhead, and on a
-    loaded 2-core machine 2 threads made each evaluation ~25x slower (7.6 ms vs 0.3 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Counter:
@@ -580,3 +541,23 @@ def test_captured_sampler_equals_the_eager_loop_on_cuda():  # pragma: no cover -
     for _ in range(2):
         got = sampler(x)
         assert torch.equal(got.x, eager.x) and got.nfe == eager.nfe
+
+
+def test_a_torchdiffeq_style_field_is_told_the_argument_order():
+    """f(t, x) where (x, t) is expected: a 0-d output, or the model's own shape error on
+    its first call, now says how the field is called and how to wrap it."""
+    x0 = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"returned \(\) .*field\(x, t\).*lambda x, t: f\(t, x\)"):
+        sample(lambda t, x: -x, x0, "rk4", steps=4)
+    net = fs.MLP(2, hidden=8, depth=1, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.raises(ValueError, match=r"x must be shaped \(B, 2\)") as info:
+        sample(lambda t, x: net(x, t), x0, "euler", steps=2)
+    assert any("lambda x, t: f(t, x)" in note for note in info.value.__notes__)
+    calls = []
+
+    def counted(x, t):  # a field that works is called without any extra wrapping cost
+        calls.append(t)
+        return -x
+
+    assert torch.equal(sample(counted, x0, "euler", steps=2).x, x0 * 0.25)
+    assert len(calls) == 2

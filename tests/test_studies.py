@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _cases import noise as _x0
 
 import flowsolve as fs
 from flowsolve.ode.solve import ODE_SOLVERS, sample
@@ -17,10 +18,6 @@ PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
 RING = fs.GaussianMixture.ring(4, radius=2.0)
 U_RING = fs.analytic.marginal_velocity(RING, PATH)
 FIXED, ADAPTIVE = ("euler", "midpoint", "rk4"), ("dopri5", "bosh3")
-
-
-def _x0(n: int, seed: int = 0, dtype=F64) -> torch.Tensor:
-    return torch.randn(n, 2, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _rows(study: Study, solver: str) -> list[dict]:

@@ -11,16 +11,6 @@ from flowsolve.training.unet import UNet
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks: one intra-op thread is as fast, and far faster when other processes
-    load the cores (OpenMP's spinning threads then slow tiny kernels by 10-100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(**kwargs) -> UNet:
     with torch.random.fork_rng():
         torch.manual_seed(0)

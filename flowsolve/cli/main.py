@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .._core.files import save_atomically, write_atomically
+from .._core.files import (
+    UnreadableFileError,
+    load_checked_file,
+    save_atomically,
+    save_checked,
+    write_atomically,
+)
 from ..likelihood.cnf import log_likelihood
 from ..metrics import wasserstein2
 from ..ode.solve import ODE_SOLVERS, sample
@@ -93,10 +99,10 @@ def _load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
     if not Path(path).is_file():
         raise CliError(f"--model {path}: no such file (make one with `flowsolve train`)")
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise CliError(f"--model {path}: not a flowsolve model file ({exc})") from None
-    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+        saved = load_checked_file(path, "flowsolve model file", map_location=device)
+    except UnreadableFileError as exc:
+        raise CliError(f"--model {exc}") from None
+    if saved.get("format") != MODEL_FORMAT:
         raise CliError(f"--model {path}: not a {MODEL_FORMAT} file written by `flowsolve train`")
     model = MLP(**saved["arch"]).to(device)
     model.load_state_dict(saved["state_dict"])
@@ -130,11 +136,11 @@ def _train(args: argparse.Namespace) -> int:
     run = train(model, args.data, cfg, source=source, path=path, coupling=coupling,
                 generator=_generator(args.seed))
     net = run.ema_model if run.ema_model is not None else run.model
-    save_atomically({"format": MODEL_FORMAT, "arch": arch, "state_dict": net.state_dict(),
-                     "trained": {"data": args.data, "source": args.source or "normal",
-                                 "method": args.method, "sigma": args.sigma,
-                                 "steps": args.steps, "seed": args.seed}}, out,
-                    overwrite=args.force)
+    save_checked({"format": MODEL_FORMAT, "arch": arch, "state_dict": net.state_dict(),
+                  "trained": {"data": args.data, "source": args.source or "normal",
+                              "method": args.method, "sigma": args.sigma,
+                              "steps": args.steps, "seed": args.seed}}, out,
+                 overwrite=args.force)
     print(f"trained {args.method} on {args.data}: loss {run.losses[0]:.4f} -> "
           f"{run.losses[-1]:.4f} in {run.wall_time:.1f}s; wrote {out}")
     return 0
@@ -278,10 +284,7 @@ def _common(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
         p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowsolve", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, likelihood, solver study, transfer on built-in data")
     p.add_argument("--out", default="flowsolve-demo",
                    help="report folder (a numbered sibling if it exists, unless --force)")
@@ -295,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_demo)
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="solver comparison study on a trained model")
     p.add_argument("--model", required=True)
     p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "dopri5"])
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into --out even if it exists")
     p.set_defaults(run=_compare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a 2-D velocity model (CFM / I-CFM / OT-CFM / SB-CFM)")
     p.add_argument("--data", default="8gaussians", choices=list(DATASETS))
     p.add_argument("--source", default=None, choices=list(DATASETS),
@@ -329,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(run=_train)
 
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a trained model with any ODE solver")
     p.add_argument("--model", required=True)
     p.add_argument("--n", type=int, default=1000)
@@ -336,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "file for the samples (torch.save)")
     p.set_defaults(run=_sample)
 
+
+def _add_likelihood(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("likelihood", help="exact or Hutchinson CNF log-likelihood")
     p.add_argument("--model", required=True)
     p.add_argument("--data", default=None, choices=list(DATASETS),
@@ -347,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "CSV file of per-point log-likelihoods")
     p.set_defaults(run=_likelihood)
 
+
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="sample a CondOT-trained model under other schedulers")
     p.add_argument("--model", required=True)
     p.add_argument("--target", nargs="+", default=["cosine", "linear_vp"],
@@ -356,12 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4)
     _common(p)
     p.set_defaults(run=_transfer)
+
+
+# the subcommands in the order ``flowsolve --help`` lists them
+_SUBCOMMANDS = (_add_demo, _add_compare, _add_train, _add_sample, _add_likelihood, _add_transfer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowsolve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts >= 1 and tolerances > 0, refused through ``parser.error`` before any work."""
     for name in ("n", "steps", "batch_size", "probes", "hidden", "depth", "threads",
                  "repeats"):
         value = getattr(args, name, None)
@@ -371,6 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--budget-steps must all be >= 1; got {args.budget_steps}")
     if any(not v > 0 for v in getattr(args, "tolerances", None) or ()):
         parser.error(f"--tolerances must all be > 0; got {args.tolerances}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_counts(parser, args)
     threads = torch.get_num_threads()
     try:
         if getattr(args, "device", None) is not None:

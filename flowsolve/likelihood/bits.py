@@ -8,7 +8,7 @@ Jensen's inequality gives the bound used by every published CNF figure,
 
 and ``K`` draws give the tighter importance-weighted bound (in expectation over the draws)
 
-    log P(k) >= E[log (1/K) sum_k p_z(k + u_k)].
+    log P(k) >= E[log (1/K) sum_{j=1}^K p_z(k + u_j)],   u_1, ..., u_K ~ U[0, 1)^D iid.
 
 Bits per dimension: ``bpd = -log P / (D ln 2)``. For 8-bit data in ``[-1, 1]`` this is
 ``-log p_y(y) / (D ln 2) + 7``. Published CIFAR-10 numbers mix the two estimators
@@ -66,18 +66,18 @@ class BitsPerDim:
         return self.bpd.std(unbiased=True) / math.sqrt(n)
 
 
-def _estimator_label(draws: int, importance_weighted: bool) -> str:
+def estimator_label(draws: int, importance_weighted: bool) -> str:
     if importance_weighted:
         return f"uniform dequantisation, importance-weighted K={draws}"
     return f"uniform dequantisation, mean of K=1 (over {draws} draws)"
 
 
-def _check_draws(draws: int) -> None:
+def check_draws(draws: int) -> None:
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
 
 
-def _check_range(n_bins: int, low: float, high: float) -> None:
+def check_range(n_bins: int, low: float, high: float) -> None:
     if not (isinstance(n_bins, int) and n_bins >= 2):
         raise ValueError(f"n_bins must be an int >= 2; got {n_bins!r}")
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
@@ -100,7 +100,7 @@ def dequantize(
     ``k`` holds integers in ``[0, n_bins)`` (any integer or float dtype); anything else
     raises ValueError (checked on CPU tensors).
     """
-    _check_range(n_bins, low, high)
+    check_range(n_bins, low, high)
     if k.device.type == "cpu" and k.numel():
         kd = k.double()  # in k's own dtype n_bins may wrap (uint8: 256 -> 0)
         bad = (kd < 0) | (kd >= n_bins) | (kd != torch.floor(kd))
@@ -118,7 +118,7 @@ def bits_per_dim(
 ) -> Tensor:
     """``-(log p_y(y) + D log((high - low) / n_bins)) / (D ln 2)`` for a density ``log p_y``
     of dequantised data of ``D = dim`` entries in ``[low, high)``."""
-    _check_range(n_bins, low, high)
+    check_range(n_bins, low, high)
     log_pz = log_prob + dim * math.log((high - low) / n_bins)
     return -log_pz / (dim * math.log(2.0))
 
@@ -143,7 +143,7 @@ def discrete_bits_per_dim(
     bound (the Flow Matching convention). The draws come from ``generator`` as in
     :func:`dequantize` (None: a fresh unseeded generator; torch's global RNG is never used).
     """
-    _check_draws(draws)
+    check_draws(draws)
     dim = k[0].numel()
 
     def log_prob(y: Tensor) -> Tensor:
@@ -165,4 +165,4 @@ def discrete_bits_per_dim(
     else:
         bound = log_pz.mean(0)
     return BitsPerDim(bpd=-bound / (dim * math.log(2.0)), nll_nats=-bound,
-                      estimator=_estimator_label(draws, importance_weighted), draws=draws)
+                      estimator=estimator_label(draws, importance_weighted), draws=draws)

@@ -34,10 +34,10 @@ from ..paths.affine import AffineGaussianPath
 from ..paths.fields import probability_flow
 from .bits import (
     BitsPerDim,
-    _check_draws,
-    _check_range,
-    _estimator_label,
+    check_draws,
+    check_range,
     discrete_bits_per_dim,
+    estimator_label,
 )
 from .dataset import evaluate_dataset
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
@@ -173,15 +173,50 @@ def log_likelihood(
     Returns:
         :class:`LikelihoodResult`.
     """
+    _check_points(x)
+    t_lo, t_hi = _check_interval(t_interval)
+    probes, method, label = _divergence_setup(x, divergence, n_probes, probe, generator)
+    _check_gradient_options(field, solver, create_graph, adjoint)
+    k = n_probes if probes is not None else 1
+    system = _Augmented(field, x.shape, method, probes, create_graph, chunk_size)
+    z1 = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], k)], dim=1)
+    context = torch.enable_grad() if create_graph else torch.no_grad()
+    with context:
+        sol = sample(system, z1, solver=solver, steps=steps, t0=t_hi, t1=t_lo, rtol=rtol,
+                     atol=atol, adjoint=adjoint, **solver_options)
+    z0 = sol.x
+    x0 = z0[:, : system.d].reshape(x.shape)
+    channels = z0[:, system.d:]  # l_0 = -int div, one column per probe
+    prior_lp = _prior_log_prob(prior, x0)
+    per_channel = prior_lp[:, None] + channels
+    stderr = _probe_stderr(per_channel, prior_lp, probes is not None)
+    return LikelihoodResult(
+        log_prob=per_channel.mean(1), stderr=stderr, x0=x0, prior_log_prob=prior_lp,
+        delta_log_prob=channels.mean(1), nfe=sol.nfe, divergence=label, solver=solver,
+    )
+
+
+def _check_points(x: Tensor) -> None:
     if not (torch.is_tensor(x) and x.dim() >= 2 and x.is_floating_point()):
         raise ValueError(
             "x must be a floating tensor shaped (B, *event_shape) with at least one event "
             f"dim; got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
         )
+
+
+def _check_interval(t_interval: tuple[float, float]) -> tuple[float, float]:
+    """``(t_lo, t_hi)`` as floats with ``0 <= t_lo < t_hi <= 1``."""
     t_lo, t_hi = (float(v) for v in t_interval)
     if not (0.0 <= t_lo < t_hi <= 1.0):
         raise ValueError(f"t_interval must satisfy 0 <= t_lo < t_hi <= 1; got {t_interval!r}")
-    probes, method = None, divergence
+    return t_lo, t_hi
+
+
+def _divergence_setup(x: Tensor, divergence: str, n_probes: int, probe: str,
+                      generator: torch.Generator | None) -> tuple[Tensor | None, str, str]:
+    """``(probes, method, label)``: Hutchinson's probes drawn once from ``generator`` (None
+    for an exact divergence), the method :func:`value_and_divergence` takes, and the
+    :attr:`LikelihoodResult.divergence` label."""
     if divergence == "hutchinson":
         if not (isinstance(n_probes, int) and n_probes >= 1):
             raise ValueError(f"n_probes must be an int >= 1; got {n_probes!r}")
@@ -189,13 +224,18 @@ def log_likelihood(
             raise ValueError(f"probe={probe!r}; accepted: {', '.join(PROBE_KINDS)}")
         probes = make_probes(x.shape, n_probes, kind=probe, generator=generator,
                              dtype=x.dtype, device=x.device)
-        label = f"hutchinson ({probe}, k={n_probes})"
-    elif divergence == "exact" or divergence in EXACT_METHODS:
+        return probes, divergence, f"hutchinson ({probe}, k={n_probes})"
+    if divergence == "exact" or divergence in EXACT_METHODS:
         method = "auto" if divergence == "exact" else divergence
-        label = f"exact ({method})"
-    else:
-        raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
-                         f"{', '.join(EXACT_METHODS)}")
+        return None, method, f"exact ({method})"
+    raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
+                     f"{', '.join(EXACT_METHODS)}")
+
+
+def _check_gradient_options(field: Field, solver: str, create_graph: bool,
+                            adjoint: bool) -> None:
+    """``create_graph`` needs a differentiable solver; ``adjoint`` needs ``create_graph`` and
+    a module field."""
     if create_graph and ODE_SOLVERS[solver].library == "scipy":
         raise ValueError(
             f"create_graph=True needs a differentiable solver; {solver!r} is scipy's (its result "
@@ -207,32 +247,30 @@ def log_likelihood(
     if adjoint and not isinstance(field, nn.Module):
         raise ValueError("adjoint=True needs field to be the nn.Module holding the parameters; "
                          f"got {type(field).__name__}")
-    k = n_probes if probes is not None else 1
-    system = _Augmented(field, x.shape, method, probes, create_graph, chunk_size)
-    z1 = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], k)], dim=1)
-    context = torch.enable_grad() if create_graph else torch.no_grad()
-    with context:
-        sol = sample(system, z1, solver=solver, steps=steps, t0=t_hi, t1=t_lo, rtol=rtol,
-                     atol=atol, adjoint=adjoint, **solver_options)
-    z0 = sol.x
-    x0 = z0[:, : system.d].reshape(x.shape)
-    channels = z0[:, system.d:]  # l_0 = -int div, one column per probe
+
+
+def _prior_log_prob(prior: Prior | Any | None, x0: Tensor) -> Tensor:
+    """``log p_0(x0)``, ``(B,)``; any other shape raises."""
     prior_lp = _prior_fn(prior)(x0)
-    if not (torch.is_tensor(prior_lp) and prior_lp.shape == x.shape[:1]):
+    if not (torch.is_tensor(prior_lp) and prior_lp.shape == x0.shape[:1]):
         got = tuple(prior_lp.shape) if torch.is_tensor(prior_lp) else type(prior_lp).__name__
         raise ValueError(
-            f"prior log_prob must return ({x.shape[0]},), one log-density per sample summed over "
+            f"prior log_prob must return ({x0.shape[0]},), one log-density per sample summed over "
             f"the event dims; got {got}. Accepted: None, flowsolve.StandardNormal(d, std), "
             "torch.distributions.Independent(Normal(...), n_event_dims) or a callable x -> (B,)")
-    per_channel = prior_lp[:, None] + channels
-    stderr = None
-    if probes is not None:
-        stderr = (per_channel.std(1, unbiased=True) / math.sqrt(k) if k > 1
-                  else torch.full_like(prior_lp, float("nan")))
-    return LikelihoodResult(
-        log_prob=per_channel.mean(1), stderr=stderr, x0=x0, prior_log_prob=prior_lp,
-        delta_log_prob=channels.mean(1), nfe=sol.nfe, divergence=label, solver=solver,
-    )
+    return prior_lp
+
+
+def _probe_stderr(per_channel: Tensor, prior_lp: Tensor, hutchinson: bool) -> Tensor | None:
+    """Standard error of the mean over Hutchinson's ``k`` probe channels (the columns of
+    ``per_channel``), ``(B,)``: NaN (like ``prior_lp``) for ``k = 1``; None for the exact
+    divergence."""
+    if not hutchinson:
+        return None
+    k = per_channel.shape[1]
+    if k > 1:
+        return per_channel.std(1, unbiased=True) / math.sqrt(k)
+    return torch.full_like(prior_lp, float("nan"))
 
 
 def score_log_likelihood(
@@ -342,8 +380,8 @@ def dataset_bits_per_dim(
         raise TypeError("dataset_bits_per_dim takes seed=, not generator=: the dequantisation "
                         "noise and probes of the batch starting at sample i come from a "
                         "generator seeded with seed + i (the same draws after resuming)")
-    _check_draws(draws)
-    _check_range(n_bins, low, high)
+    check_draws(draws)
+    check_range(n_bins, low, high)
     dtype = kwargs.pop("dtype", torch.float64)
 
     def one_batch(batch: Tensor, offset: int) -> dict[str, Tensor]:
@@ -361,4 +399,4 @@ def dataset_bits_per_dim(
                            progress=progress, label="bits/dim")
     empty = torch.empty(0, dtype=dtype)
     return BitsPerDim(bpd=out.get("bpd", empty), nll_nats=out.get("nll_nats", empty),
-                      estimator=_estimator_label(draws, importance_weighted), draws=draws)
+                      estimator=estimator_label(draws, importance_weighted), draws=draws)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._core.files import save_atomically
+from .._core.files import load_checked_file, save_checked
 
 __all__ = ["evaluate_dataset", "shard_bounds"]
 
@@ -104,46 +104,17 @@ def evaluate_dataset(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n = len(data)
     start, end = shard_bounds(n, rank, world)
-    ckpt = None
-    if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        if distributed:
-            ckpt = ckpt.with_name(f"{ckpt.name}.rank{rank}")
+    ckpt = _rank_checkpoint(checkpoint, distributed, rank)
     state = {"next": start, "results": {}, "n": n, "batch_size": batch_size,
              "start": start, "end": end, "world_size": world}
     if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved["n"] != n or saved["batch_size"] != batch_size:
-            raise ValueError(
-                f"checkpoint {ckpt} was written for {saved['n']} samples in batches of "
-                f"{saved['batch_size']}; this call has {n} and {batch_size}. Remove it or "
-                "pass the same data and batch_size to resume"
-            )
-        mine = (start, end, world)
-        theirs = tuple(saved.get(k) for k in ("start", "end", "world_size"))
-        legacy = theirs == (None, None, None) and world == 1  # older file: one slice, [0, n)
-        if theirs != mine and not legacy:
-            raise ValueError(
-                f"checkpoint {ckpt} holds rank {rank}'s slice [{theirs[0]}, {theirs[1]}) of "
-                f"{theirs[2]} ranks (None: not recorded); this call's slice is [{start}, "
-                f"{end}) of {world} ranks, and resuming would duplicate or drop samples. "
-                "Resume with the same number of ranks, or remove the rank checkpoints"
-            )
-        state = saved
+        state = _resume(ckpt, state, rank)
     bar = _Progress(end - start, progress and rank == 0, label)
     while state["next"] < end:
-        lo = state["next"]
-        hi = min(lo + batch_size, end)
-        out = fn(_batch(data, lo, hi), lo)
-        for key, value in out.items():
-            if value.shape[:1] != (hi - lo,):
-                raise ValueError(f"fn returned {key!r} of shape {tuple(value.shape)}; "
-                                 f"expected ({hi - lo},) for a batch of {hi - lo}")
-            state["results"].setdefault(key, []).append(value.detach().cpu())
-        state["next"] = hi
+        _run_batch(fn, data, state, batch_size, end)
         if ckpt is not None:
-            save_atomically(state, ckpt)
-        bar.update(hi - start)
+            save_checked(state, ckpt)
+        bar.update(state["next"] - start)
     local = {k: torch.cat(v) for k, v in state["results"].items()}
     if distributed:
         gathered: list[dict[str, Tensor] | None] = [None] * world
@@ -152,3 +123,55 @@ def evaluate_dataset(
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return local
+
+
+def _rank_checkpoint(checkpoint: str | os.PathLike | None, distributed: bool,
+                     rank: int) -> Path | None:
+    """This rank's checkpoint file: ``checkpoint``, suffixed ``.rankR`` when distributed."""
+    if checkpoint is None:
+        return None
+    ckpt = Path(checkpoint)
+    return ckpt.with_name(f"{ckpt.name}.rank{rank}") if distributed else ckpt
+
+
+def _resume(ckpt: Path, fresh: dict, rank: int) -> dict:
+    """The state saved in ``ckpt``, once it is known to continue the run that ``fresh`` (this
+    call's starting state) begins: the same data size and batch size (older files without
+    the slice hold one slice, ``[0, n)``) and, for a rank, the same slice of as many ranks."""
+    saved = load_checked_file(ckpt, "flowsolve data-set evaluation checkpoint")
+    n, batch_size = fresh["n"], fresh["batch_size"]
+    if saved["n"] != n or saved["batch_size"] != batch_size:
+        raise ValueError(
+            f"checkpoint {ckpt} was written for {saved['n']} samples in batches of "
+            f"{saved['batch_size']}; this call has {n} and {batch_size}. Remove it or "
+            "pass the same data and batch_size to resume"
+        )
+    slice_keys = ("start", "end", "world_size")
+    mine = tuple(fresh[k] for k in slice_keys)
+    theirs = tuple(saved.get(k) for k in slice_keys)
+    start, end, world = mine
+    legacy = theirs == (None, None, None) and world == 1  # older file: one slice, [0, n)
+    if theirs != mine and not legacy:
+        raise ValueError(
+            f"checkpoint {ckpt} holds rank {rank}'s slice [{theirs[0]}, {theirs[1]}) of "
+            f"{theirs[2]} ranks (None: not recorded); this call's slice is [{start}, "
+            f"{end}) of {world} ranks, and resuming would duplicate or drop samples. "
+            "Resume with the same number of ranks, or remove the rank checkpoints"
+        )
+    return saved
+
+
+def _run_batch(fn: BatchFn, data: Tensor | Sequence, state: dict, batch_size: int,
+               end: int) -> None:
+    """Evaluate the batch starting at ``state["next"]`` (at most ``batch_size`` samples, none
+    past ``end``), append its per-sample outputs to ``state["results"]`` on the CPU and
+    advance ``state["next"]``."""
+    lo = state["next"]
+    hi = min(lo + batch_size, end)
+    out = fn(_batch(data, lo, hi), lo)
+    for key, value in out.items():
+        if value.shape[:1] != (hi - lo,):
+            raise ValueError(f"fn returned {key!r} of shape {tuple(value.shape)}; "
+                             f"expected ({hi - lo},) for a batch of {hi - lo}")
+        state["results"].setdefault(key, []).append(value.detach().cpu())
+    state["next"] = hi

@@ -1,5 +1,14 @@
 """Argument checks and time grids of the ODE front door (:mod:`flowsolve.ode.solve`).
 
+* the state, the interval and the output times: :func:`check_state`, :func:`check_span`,
+  :func:`check_times`;
+* the solver's arguments (fixed-step: ``steps``; adaptive: ``rtol``, ``atol``,
+  ``max_steps``; ``cuda_graph`` and ``adjoint``): :func:`check_solver_arguments`, which
+  returns them normalised as the :class:`SolverArguments` every back end of
+  :data:`flowsolve.ode.backends.BACKENDS` receives;
+* the fixed-step grid ``linspace(t0, t1, steps + 1)`` and the output times on it:
+  :func:`uniform_grid`, :func:`grid_indices`, :func:`times_tensor`.
+
 Value checks read CPU tensors only (``x0`` on an accelerator is not inspected), so no check
 synchronises a GPU.
 """
@@ -8,9 +17,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .._core.registry import SolverInfo
+
+DEFAULT_RTOL = DEFAULT_ATOL = 1e-5
+DEFAULT_MAX_STEPS = 10_000
 
 
 def check_state(x0) -> None:
@@ -124,3 +140,83 @@ def grid_indices(out_times: list[float], grid: list[float]) -> list[int]:
 def times_tensor(out_times: list[float], x0: Tensor) -> Tensor | None:
     """``out_times`` as a tensor in ``x0``'s dtype and device (None when empty)."""
     return torch.tensor(out_times, dtype=x0.dtype, device=x0.device) if out_times else None
+
+
+@dataclass(frozen=True)
+class SolverArguments:
+    """The checked arguments of one solve, as every back end receives them.
+
+    Attributes:
+        t0, t1: the interval (floats, distinct, in [0, 1]).
+        steps: grid cells of a fixed-step solver; None for an adaptive one.
+        rtol, atol, max_steps: an adaptive solver's tolerances and step budget (defaults
+            filled in); fixed-step: None, except the tolerances of a torchdiffeq solver that
+            takes them (implicit Adams), passed on as given.
+        out_times: the checked output times (:func:`check_times`; empty: none requested).
+        options, check_finite, cuda_graph, adjoint: as given to the front door.
+    """
+
+    t0: float
+    t1: float
+    steps: int | None
+    rtol: float | None
+    atol: float | None
+    max_steps: int | None
+    out_times: list[float]
+    options: dict | None
+    check_finite: bool
+    cuda_graph: bool
+    adjoint: bool
+
+
+def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *,
+                           steps, rtol, atol, max_steps, times, options, check_finite: bool,
+                           cuda_graph: bool, adjoint: bool, takes_tolerances: bool,
+                           adaptive_solvers: Sequence[str]) -> SolverArguments:
+    """Check the solver-dependent arguments of :func:`flowsolve.ode.solve.sample`.
+
+    An adaptive solver refuses ``steps`` and fills in ``rtol``, ``atol`` (default 1e-5 each)
+    and ``max_steps`` (default 10 000); a fixed-step one requires ``steps`` and refuses
+    ``max_steps`` and, unless ``takes_tolerances`` (torchdiffeq's implicit Adams: its
+    corrector's tolerance), ``rtol``/``atol``. ``cuda_graph`` needs a ``fast_*`` solver and
+    ``x0`` on CUDA; ``adjoint`` a torchdiffeq solver (fixed-step: without ``times``).
+
+    Args:
+        info: the solver; ``x0``: the checked state; ``t0``, ``t1``: the checked interval
+            (:func:`check_span`).
+        takes_tolerances: whether a fixed-step solver accepts ``rtol``/``atol``.
+        adaptive_solvers: the adaptive solvers' names, for the message refusing a
+            fixed-step solve without ``steps``.
+
+    Returns:
+        :class:`SolverArguments`: the normalised values.
+    """
+    solver = info.name
+    if info.adaptive:
+        if steps is not None:
+            raise ValueError(f"steps={steps!r}: solver {solver!r} is adaptive; it takes rtol, "
+                             "atol and max_steps, not steps")
+        rtol = positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
+        atol = positive("atol", DEFAULT_ATOL if atol is None else atol)
+        max_steps = count("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
+    else:
+        if steps is None:
+            raise ValueError(f"solver {solver!r} is fixed-step: give steps=N (the grid "
+                             f"linspace(t0, t1, N + 1)); adaptive solvers: "
+                             f"{', '.join(adaptive_solvers)}")
+        steps = count("steps", steps)
+        if max_steps is not None:
+            raise ValueError(f"max_steps={max_steps!r} applies to adaptive solvers; {solver!r} "
+                             f"takes exactly steps={steps}")
+        if (rtol is not None or atol is not None) and not takes_tolerances:
+            raise ValueError(f"rtol/atol apply to adaptive solvers; {solver!r} is fixed-step "
+                             f"(got rtol={rtol!r}, atol={atol!r})")
+    if cuda_graph and (info.library != "flowsolve" or not x0.is_cuda):
+        raise ValueError(f"cuda_graph=True needs a fast_* solver and x0 on a CUDA device; got "
+                         f"solver={solver!r}, x0 on {x0.device}")
+    out_times = check_times(times, t0, t1)
+    if adjoint and (info.library != "torchdiffeq" or out_times and not info.adaptive):
+        raise ValueError(f"adjoint=True needs a torchdiffeq solver (and, fixed-step, no times); "
+                         f"got solver={solver!r}, times={times!r}")
+    return SolverArguments(t0, t1, steps, rtol, atol, max_steps, out_times, options,
+                           check_finite, cuda_graph, adjoint)

@@ -336,30 +336,11 @@ class _Context:
 
 def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
     """One record: time the solve, then measure its errors (outside the timed region)."""
-    if spec.kind == "adaptive":
-        kw = {"rtol": budget, "atol": budget}
-        if ctx.max_steps is not None:
-            kw["max_steps"] = ctx.max_steps
-    else:
-        kw = {"steps": budget}
-    if spec.kind == "sde":
-        ref = ctx.sde[1]
-
-        def run():
-            return sample_sde(ctx.field, ctx.x0, solver=spec.info.name, **kw, **ctx.sde[0])
-    else:
-        ref = ctx.x_ref
-
-        def run():
-            return sample(ctx.field, ctx.x0, spec.name, t0=ctx.t0, t1=ctx.t1, **kw)
+    kw = _budget_keywords(ctx, spec, budget)
+    run, ref = _runner(ctx, spec, kw)
     with torch.no_grad():
         sol, t_min, t_med = _timed(run, ctx.x0.device, ctx.repeats, ctx.warmup)
-    rec = dict.fromkeys(RECORD_FIELDS)
-    rec.update(solver=spec.name, kind=spec.kind, library=spec.info.library,
-               declared_order=spec.info.order, budget=budget, steps=sol.steps,
-               rejected=getattr(sol, "rejected", None), nfe=sol.nfe, time_min=t_min,
-               time_median=t_med,
-               h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget)
+    rec = _record(ctx, spec, budget, sol, t_min, t_med)
     if ref is not None:  # in the reference's dtype (float64 for an automatic one)
         x = sol.x.to(torch.promote_types(sol.x.dtype, ref.dtype))
         rec["error"] = _distance(x, ref, ctx.norm)
@@ -370,6 +351,44 @@ def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
         res = log_likelihood(ctx.field, ctx.ll[0], solver=spec.name,
                              t_interval=ctx.t_interval, **kw)
         rec["ll_error"], rec["ll_nfe"] = float((res.log_prob - ctx.ll[1]).abs().mean()), res.nfe
+    return rec
+
+
+def _budget_keywords(ctx: _Context, spec: _Spec, budget) -> dict:
+    """The solver keywords of one budget: ``rtol = atol`` (and the study's ``max_steps``) of
+    an adaptive solver, else ``steps``."""
+    if spec.kind != "adaptive":
+        return {"steps": budget}
+    kw = {"rtol": budget, "atol": budget}
+    if ctx.max_steps is not None:
+        kw["max_steps"] = ctx.max_steps
+    return kw
+
+
+def _runner(ctx: _Context, spec: _Spec, kw: dict) -> tuple[Callable, Tensor | None]:
+    """``(run, reference)``: the solve to time, from ``x0`` (an SDE solver's on the shared
+    Brownian path), and the ``x(t1)`` its error is measured against."""
+    if spec.kind == "sde":
+
+        def run_sde():
+            return sample_sde(ctx.field, ctx.x0, solver=spec.info.name, **kw, **ctx.sde[0])
+
+        return run_sde, ctx.sde[1]
+
+    def run_ode():
+        return sample(ctx.field, ctx.x0, spec.name, t0=ctx.t0, t1=ctx.t1, **kw)
+
+    return run_ode, ctx.x_ref
+
+
+def _record(ctx: _Context, spec: _Spec, budget, sol, t_min: float, t_med: float) -> dict:
+    """A record of :data:`RECORD_FIELDS` with the solve's work filled in, its errors None."""
+    rec = dict.fromkeys(RECORD_FIELDS)
+    rec.update(solver=spec.name, kind=spec.kind, library=spec.info.library,
+               declared_order=spec.info.order, budget=budget, steps=sol.steps,
+               rejected=getattr(sol, "rejected", None), nfe=sol.nfe, time_min=t_min,
+               time_median=t_med,
+               h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget)
     return rec
 
 
@@ -450,30 +469,15 @@ def compare_solvers(
         >>> [round(study.orders[s]["fitted"]) for s in ("euler", "rk4")]
         [1, 4]
     """
-    if not torch.is_tensor(x0) or x0.dim() < 2 or not x0.is_floating_point():
-        raise ValueError("x0 must be a floating tensor shaped (B, *event_shape); got "
-                         f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+    _check_x0(x0)
     specs = _parse_solvers(solvers, steps, tolerances, budgets)
     repeats, warmup = _count("repeats", repeats, 1), _count("warmup", warmup, 0)
     if norm not in _NORMS:
         raise ValueError(f"norm={norm!r}; accepted: {', '.join(_NORMS)}")
-    if data is not None:
-        if not torch.is_tensor(data) or data.dim() < 2 or data[0].numel() != x0[0].numel():
-            raise ValueError(f"data must be (M, *event_shape) with {x0[0].numel()} entries per "
-                             f"sample like x0; got {getattr(data, 'shape', type(data))}")
-        data = data.detach().to(dtype=x0.dtype, device=x0.device).reshape(-1, *x0.shape[1:])
-    ref_solver = reference_solver or ("DOP853" if x0.device.type == "cpu" else "dopri8")
-    if not ODE_SOLVERS[ref_solver].adaptive:
-        raise ValueError(f"reference_solver must be adaptive; {ref_solver!r} is fixed-step "
-                         f"(accepted: {', '.join(ODE_SOLVERS.names(adaptive=True))})")
-    auto = isinstance(reference, str) and reference == "auto"
-    ref_dtype = x0.dtype
-    if auto or likelihood is True:
-        ref_dtype = torch.float64 if _takes_float64(field, x0, t0) else x0.dtype
-    ref_tol = reference_tol if reference_tol is not None else (
-        _REFERENCE_TOL if ref_dtype == torch.float64 else _LOW_PRECISION_REFERENCE_TOL)
-    if auto or likelihood is True:
-        _check_reference_tol(specs, ref_tol, ref_dtype, x0.dtype)
+    data = _check_data(data, x0)
+    ref_solver = _reference_solver(reference_solver, x0)
+    ref_dtype, ref_tol = _reference_precision(field, x0, t0, specs, reference, likelihood,
+                                              reference_tol)
 
     x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1, ref_dtype)
     sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
@@ -486,23 +490,82 @@ def compare_solvers(
     ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
                    data, ll, t_interval)
     records = [_measure(ctx, spec, budget) for spec in specs for budget in spec.budgets]
+    orders = _fit_orders(specs, records, meta.get("order_floor", 0.0), sde_setup)
+    _complete_meta(meta, ctx, likelihood)
+    return Study(records, orders, meta)
 
-    sde_meta = sde_setup[2] if sde_setup else None
+
+def _check_x0(x0) -> None:
+    if not torch.is_tensor(x0) or x0.dim() < 2 or not x0.is_floating_point():
+        raise ValueError("x0 must be a floating tensor shaped (B, *event_shape); got "
+                         f"{type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+
+
+def _check_data(data, x0: Tensor) -> Tensor | None:
+    """``data`` checked and brought to ``x0``'s dtype, device and event shape (or None)."""
+    if data is None:
+        return None
+    if not torch.is_tensor(data) or data.dim() < 2 or data[0].numel() != x0[0].numel():
+        raise ValueError(f"data must be (M, *event_shape) with {x0[0].numel()} entries per "
+                         f"sample like x0; got {getattr(data, 'shape', type(data))}")
+    return data.detach().to(dtype=x0.dtype, device=x0.device).reshape(-1, *x0.shape[1:])
+
+
+def _reference_solver(reference_solver: str | None, x0: Tensor) -> str:
+    """The adaptive solver of the references: the one given, or DOP853 on the CPU and
+    dopri8 on an accelerator."""
+    ref_solver = reference_solver or ("DOP853" if x0.device.type == "cpu" else "dopri8")
+    if not ODE_SOLVERS[ref_solver].adaptive:
+        raise ValueError(f"reference_solver must be adaptive; {ref_solver!r} is fixed-step "
+                         f"(accepted: {', '.join(ODE_SOLVERS.names(adaptive=True))})")
+    return ref_solver
+
+
+def _reference_precision(field, x0: Tensor, t0: float, specs: list[_Spec], reference,
+                         likelihood, reference_tol: float | None) -> tuple[torch.dtype, float]:
+    """``(dtype, tolerance)`` of the reference solves: float64 at 1e-10 where the field takes
+    float64 (only probed when a reference is solved), else ``x0``'s dtype at 1e-6; a given
+    ``reference_tol`` wins. Adaptive budgets at or below it are refused."""
+    auto = isinstance(reference, str) and reference == "auto"
+    ref_dtype = x0.dtype
+    if auto or likelihood is True:
+        ref_dtype = torch.float64 if _takes_float64(field, x0, t0) else x0.dtype
+    ref_tol = reference_tol if reference_tol is not None else (
+        _REFERENCE_TOL if ref_dtype == torch.float64 else _LOW_PRECISION_REFERENCE_TOL)
+    if auto or likelihood is True:
+        _check_reference_tol(specs, ref_tol, ref_dtype, x0.dtype)
+    return ref_dtype, ref_tol
+
+
+def _fit_orders(specs: list[_Spec], records: list[dict], order_floor: float,
+                sde_setup: tuple | None) -> dict[str, dict]:
+    """The ``orders`` of the study, per solver (:func:`order_entry`); marks ``below_floor``
+    on each record with an error. ODE solvers use the study's floor, SDE solvers none but
+    only step counts up to a quarter of the fine solve's (points too close to it are
+    biased low)."""
     orders = {}
-    for spec in specs:  # SDE: points too close to the fine solve are biased low
-        floor = 0.0 if spec.kind == "sde" else meta.get("order_floor", 0.0)
+    for spec in specs:
+        floor = 0.0 if spec.kind == "sde" else order_floor
         for r in records:
             if r["solver"] == spec.name and r["error"] is not None:
                 r["below_floor"] = not r["error"] > floor
         orders[spec.name] = order_entry(
             records, spec.name, spec.kind, spec.info.order, floor=floor,
-            max_steps=sde_meta["reference_steps"] // 4 if spec.kind == "sde" else None)
-    if data is not None and x_ref is not None:
-        meta["w2_reference"] = float(wasserstein2(x_ref.to(x0.dtype), data))
+            max_steps=sde_setup[2]["reference_steps"] // 4 if spec.kind == "sde" else None)
+    return orders
+
+
+def _complete_meta(meta: dict, ctx: _Context, likelihood) -> None:
+    """Add to the references' ``meta`` the W2 of the ODE reference to the data and how the
+    study was run."""
+    x0, data = ctx.x0, ctx.data
+    if data is not None and ctx.x_ref is not None:
+        meta["w2_reference"] = float(wasserstein2(ctx.x_ref.to(x0.dtype), data))
     meta.update(dtype=str(x0.dtype).removeprefix("torch."), device=str(x0.device),
-                batch=x0.shape[0], t0=t0, t1=t1, repeats=repeats, warmup=warmup, norm=norm,
+                batch=x0.shape[0], t0=ctx.t0, t1=ctx.t1, repeats=ctx.repeats,
+                warmup=ctx.warmup, norm=ctx.norm,
                 data_samples=None if data is None else data.shape[0],
-                likelihood=None if ll is None else ("reference solve" if likelihood is True
-                                                    else "given"),
-                sde=sde_meta, threads=torch.get_num_threads(), torch=torch.__version__)
-    return Study(records, orders, meta)
+                likelihood=None if ctx.ll is None else ("reference solve" if likelihood is True
+                                                        else "given"),
+                sde=ctx.sde[2] if ctx.sde else None, threads=torch.get_num_threads(),
+                torch=torch.__version__)

@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._core.files import save_atomically
+from .._core.files import load_checked_file, save_checked
 from ..paths.affine import AffineGaussianPath, canonical_prediction
 from ..paths.bridges import GaussianBridge
 from ..paths.schedules import CondOTScheduler
@@ -234,9 +234,9 @@ class TrainResult:
 # -- checkpoints (format and resume checks: _checkpoint.py) -----------------------------------
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike, *, ema: bool = True) -> nn.Module:
     """Load the EMA (``ema=True``, when the run kept one) or raw weights of a training
-    checkpoint into ``model`` (``weights_only`` loading) and return it."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+    checkpoint into ``model`` (``weights_only`` loading, checksum verified) and return it."""
+    state = load_checked_file(checkpoint, "flowsolve training checkpoint")
+    if state.get("format") != _FORMAT:
         raise ValueError(f"{checkpoint} is not a flowsolve training checkpoint ({_FORMAT})")
     model.load_state_dict(state["ema"] if ema and state["ema"] is not None else state["model"])
     return model
@@ -285,16 +285,9 @@ class _Run:
         self.setup = setup_record(*producer_args[:2], path, producer_args[2])
         self.conditional = getattr(model, "num_classes", None) is not None
         state = self._resume_state(ckpt, cfg)
-        if state is not None:
-            self.seed = state["seed"]
+        if state is not None:  # the weights first: DDP broadcasts them and the EMA copies them
             model.load_state_dict(state["model"])
-        else:
-            g = generator if generator is not None else torch.Generator()
-            self.seed = int(torch.randint(0, 1 << 62, (), generator=g, device=g.device))
-            if self.distributed:  # one seed for all ranks: the epochs are shared
-                box = [self.seed]
-                dist.broadcast_object_list(box, src=0)
-                self.seed = box[0]
+        self.seed = state["seed"] if state is not None else self._fresh_seed(generator)
         self.net = model
         if self.distributed:  # broadcasts rank 0's parameters
             from torch.nn.parallel import DistributedDataParallel
@@ -308,20 +301,35 @@ class _Run:
         self.running = torch.zeros((), dtype=torch.float64, device=self.device)
         self.count, self.log_steps, self.losses, self.start = 0, [], [], 0
         if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
-            self.start, self.count = state["step"], state["count"]
-            if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict({"weights": state["ema"], "num_updates": self.start})
-            self.log_steps = list(state["history"]["step"])
-            self.losses = list(state["history"]["loss"])
-            running = state["running"]  # one sum per rank; one for all in older checkpoints
-            self.running.copy_(running[self.rank] if running.dim() else running)
+            self._resume(state)
         self.null_label = getattr(model, "null_label", None)
         if self.conditional and cfg.label_dropout > 0 and not isinstance(self.null_label, int):
             raise ValueError("label_dropout > 0 needs a model with an int attribute null_label")
         self.producer = BatchProducer(*producer_args, batch_size=cfg.batch_size, seed=self.seed,
                                       rank=self.rank, world_size=self.world, dtype=self.dtype)
         self.step_seed = mix_seed(self.seed, STEP_STREAM)
+
+    def _fresh_seed(self, generator: torch.Generator | None) -> int:
+        """A new run's seed: one draw from ``generator``; under DDP rank 0's, for all ranks."""
+        g = generator if generator is not None else torch.Generator()
+        seed = int(torch.randint(0, 1 << 62, (), generator=g, device=g.device))
+        if self.distributed:  # one seed for all ranks: the epochs are shared
+            box = [seed]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
+        return seed
+
+    def _resume(self, state: dict) -> None:
+        """Restore the optimizer, EMA, step, loss history and this rank's running loss sum
+        from a checkpoint's ``state`` (the model's weights are loaded before wrapping)."""
+        self.opt.load_state_dict(state["optimizer"])
+        self.start, self.count = state["step"], state["count"]
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict({"weights": state["ema"], "num_updates": self.start})
+        self.log_steps = list(state["history"]["step"])
+        self.losses = list(state["history"]["loss"])
+        running = state["running"]  # one sum per rank; one for all in older checkpoints
+        self.running.copy_(running[self.rank] if running.dim() else running)
 
     def _resume_state(self, ckpt: Path | None, cfg: TrainConfig) -> dict | None:
         """The checkpoint's state, or None to start afresh. Under DDP rank 0 decides and
@@ -418,7 +426,7 @@ class _Run:
             dist.all_reduce(running)
         if self.rank != 0:
             return
-        save_atomically({
+        save_checked({
             "format": _FORMAT, "step": step, "seed": self.seed, "world_size": self.world,
             "setup": self.setup, "setup_version": _SETUP_VERSION, "config": asdict(self.cfg),
             "model": self.model.state_dict(),

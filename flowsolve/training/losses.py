@@ -109,7 +109,8 @@ def sample_time(
     * ``"logit_normal"``: ``t = 1 / (1 + exp(-z))``, ``z ~ N(loc, scale^2)``, the density
       ``p(t) = N(logit t; loc, scale^2) / (t (1 - t))`` of Esser et al. (2024, SD3), which
       puts more weight on the middle of the path (``loc`` shifts it: ``loc > 0`` towards
-      the data, t = 1).
+      the data, t = 1). SD3 runs time the other way (t = 1 is noise there, its time is
+      ``1 - t``), so the location has the opposite sign: SD3's ``m`` is ``loc = -m`` here.
 
     A draw that rounds to exactly 0 (``U[0, 1)`` in float32: about once in 2^24) or to
     exactly 1 (``sigmoid`` in float32 at large ``loc + scale z``) is moved to ``eps / 2``,
@@ -425,7 +426,7 @@ def label_dropout(
 ) -> Tensor:
     r"""Replace each sample's label by ``null_label`` independently with probability ``p``.
 
-    The conditioning dropout of classifier-free guidance training (Ho & Salimans 2021):
+    The conditioning dropout of classifier-free guidance training (Ho & Salimans 2022):
     one model learns ``u_t(x | y)`` and, on the null label, ``u_t(x)``. ``labels`` is
     ``(B, ...)``; one draw ``u_i ~ U[0, 1)`` per sample replaces the whole label
     ``labels[i]`` (every entry, as :class:`flowsolve.paths.fields.GuidedField`'s unconditional
