@@ -3,7 +3,7 @@ r"""Classifier-free guidance on scikit-learn's 8x8 digits with flowsolve's small
 A label-conditioned velocity ``u_theta(x, t, y)`` (:class:`flowsolve.UNet`, 10 classes plus
 the null label) is trained by conditional flow matching on the CondOT path
 ``x_t = t x1 + (1 - t) x0`` with flowsolve's training loop, the labels replaced by the null
-label with probability ``p`` (Ho & Salimans 2021), so that one network learns both
+label with probability ``p`` (Ho & Salimans 2022), so that one network learns both
 ``u_t(x | y)`` and ``u_t(x)``. Samples for each guidance weight ``w`` integrate the guided
 field
 

@@ -308,3 +308,9 @@ def test_a_cache_filled_under_inference_mode_still_serves_autograd():
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(u(xg, 0.5).sum(), xg)  # saves the cached eigenvectors
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_ring_refuses_a_count_that_is_not_a_positive_int(n):
+    with pytest.raises(ValueError, match="n_components must be an int >= 1"):
+        fs.GaussianMixture.ring(n_components=n)

@@ -526,3 +526,35 @@ def test_bad_arguments_raise_naming_what_is_accepted(mlp, gen):
         make_probes(3, 2)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         make_probes((3, 6), 2, generator=1234)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("kind", list(PROBE_KINDS))
+def test_hutchinson_stderr_is_the_sample_std_of_the_exact_per_probe_traces(kind, create_graph,
+                                                                           gen):
+    """For f(x) = A x the per-probe estimate e^T J e = e^T A e is exact, so the reported
+    estimates, mean and standard error must equal those of the hand-computed values:
+    stderr = sqrt(sum_j (e_j^T A e_j - mean)^2 / (k - 1)) / sqrt(k) (unbiased sample std).
+    With k = 2 that is |e_1^T A e_1 - e_2^T A e_2| / 2 (the biased std gives / (2 sqrt 2))."""
+    d = 6
+    a = torch.randn(d, d, generator=gen, dtype=F64)  # not symmetric, off-diagonal mass
+    x = torch.randn(5, d, generator=gen, dtype=F64)
+    for k in (2, 8):
+        p = make_probes(x.shape, k, kind, generator=gen, dtype=F64)
+        res = value_and_divergence(lambda x, t: x @ a.T, x, 0.4, method="hutchinson", probes=p,
+                                   create_graph=create_graph)
+        e, m = p.tolist(), a.tolist()  # e_j^T A e_j, (k, B), by hand in Python floats
+        quad = torch.tensor([[sum(e[j][b][r] * m[r][c] * e[j][b][c]
+                                  for r in range(d) for c in range(d)) for b in range(5)]
+                             for j in range(k)], dtype=F64)
+        mean = quad.sum(0) / k
+        stderr = ((quad - mean).square().sum(0) / (k - 1)).sqrt() / math.sqrt(k)
+        torch.testing.assert_close(res.estimates, quad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.divergence, mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.stderr, stderr, rtol=1e-12, atol=0)
+        torch.testing.assert_close(res.stderr, quad.std(0, correction=1) / math.sqrt(k),
+                                   rtol=1e-12, atol=0)
+        if k == 2:
+            torch.testing.assert_close(res.stderr, (quad[0] - quad[1]).abs() / 2,
+                                       rtol=1e-12, atol=0)
+        assert (stderr > 0).all()  # the comparison has something to compare

@@ -471,3 +471,17 @@ def test_get_scheduler_unknown_name_lists_accepted():
         get_scheduler("rectified")
     for name in SCHEDULERS:
         assert name in str(info.value)
+
+
+def test_ve_extreme_range_stays_finite_and_exact_at_the_ends():
+    """sigma_min / sigma_max underflows for (1e-300, 1e300): the schedule is computed from the
+    logs, so sigma_1 = sigma_min, the log-SNR is finite and linear, no math domain error."""
+    sched = VEScheduler(1e-300, 1e300)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    v = sched(t)
+    assert v.sigma_t[0].item() == pytest.approx(1e300, rel=1e-13)
+    assert v.sigma_t[1].item() == pytest.approx(1.0, rel=1e-13)
+    assert v.sigma_t[2].item() == pytest.approx(1e-300, rel=1e-12)
+    log_rate = math.log(1e-300) - math.log(1e300)
+    assert_close(v.d_sigma_t, log_rate * v.sigma_t, rtol=1e-13, atol=0.0)
+    assert_close(sched.log_snr(t), -(math.log(1e300) + log_rate * t), rtol=1e-13, atol=0.0)

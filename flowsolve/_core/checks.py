@@ -20,12 +20,23 @@ def generator_or_fresh(
     torch's global RNG is never read nor advanced (randomness comes in through arguments,
     never global state)."""
     if generator is not None:
-        return generator
+        return check_generator(generator)
     if device is None:  # torch.get_default_device() needs torch 2.3
         device = torch.empty(0).device
     gen = torch.Generator(device=torch.device(device))
     gen.seed()
     return gen
+
+
+def check_generator(generator, name: str = "generator"):
+    """``generator`` if it is a ``torch.Generator`` or None; TypeError naming what it was (an
+    int seed is the common slip: ``torch.Generator().manual_seed(seed)`` makes one)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    hint = (f"; for a seed use torch.Generator().manual_seed({generator!r})"
+            if isinstance(generator, int) and not isinstance(generator, bool) else "")
+    raise TypeError(f"{name} must be a torch.Generator or None; got "
+                    f"{type(generator).__name__}{hint}")
 
 
 def on_host(t: Tensor) -> bool:

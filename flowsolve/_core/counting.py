@@ -27,10 +27,20 @@ class CountingField:
 
     def __call__(self, x: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
         self.nfe += 1
-        u = self.field(x, t, *args, **kwargs)
-        if self.like_input and self.nfe == 1:
-            check_like(u, x)
+        if self.nfe > 1 or not self.like_input:
+            return self.field(x, t, *args, **kwargs)
+        try:  # the first call: a failure there is most often the argument order
+            u = self.field(x, t, *args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            err.add_note(ARGUMENT_ORDER)
+            raise
+        check_like(u, x)
         return u
+
+
+ARGUMENT_ORDER = ("flowsolve calls a field as field(x, t), x (B, *event_shape) first and t "
+                  "a 0-d tensor second; a torchdiffeq-style f(t, x) must be wrapped: "
+                  "lambda x, t: f(t, x)")
 
 
 def check_like(u, x: Tensor) -> None:
@@ -39,6 +49,7 @@ def check_like(u, x: Tensor) -> None:
         raise TypeError(f"the field must return a tensor shaped like x {tuple(x.shape)}; got "
                         f"{type(u).__name__}")
     if u.shape != x.shape or u.dtype != x.dtype:
+        hint = f" ({ARGUMENT_ORDER})" if u.shape != x.shape else ""
         raise ValueError(f"the field must return a tensor of x's shape and dtype: x is "
                          f"{tuple(x.shape)} {x.dtype}, the field returned {tuple(u.shape)} "
-                         f"{u.dtype}")
+                         f"{u.dtype}{hint}")

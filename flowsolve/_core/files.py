@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_atomically", "save_atomically"]
+__all__ = ["write_atomically", "save_atomically", "save_checked", "load_checked_file", "checksum",
+           "UnreadableFileError"]
 
 
 def _umask() -> int:
@@ -89,3 +90,90 @@ def save_atomically(obj: object, path: str | os.PathLike, *, overwrite: bool = T
     import torch
 
     return write_atomically(path, lambda file: torch.save(obj, file), overwrite=overwrite)
+
+
+# -- checked torch files: a checksum of the content, verified on load ----------------------
+CHECKSUM_KEY = "checksum"
+
+
+class UnreadableFileError(ValueError):
+    """A saved file that cannot be used: truncated, empty, not a torch file, or changed since
+    it was written (its checksum differs). The message names the file and what to do."""
+
+
+def checksum(obj: object) -> str:
+    """SHA-256 over a nested structure of dicts, lists, tuples, tensors and plain values, in
+    a fixed order: each tensor's dtype, shape and bytes, each other value's ``repr``. One
+    flipped bit anywhere in a tensor changes it."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                walk(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                walk(item)
+            digest.update(b"]")
+        elif torch.is_tensor(value):
+            t = value.detach().to("cpu").contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
+def save_checked(obj: dict, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """:func:`save_atomically` of the dict ``obj`` with its :func:`checksum` stored under
+    ``"checksum"``, for :func:`load_checked_file` to verify."""
+    if not isinstance(obj, dict) or CHECKSUM_KEY in obj:
+        raise TypeError(f"save_checked takes a dict without a {CHECKSUM_KEY!r} key")
+    return save_atomically({**obj, CHECKSUM_KEY: checksum(obj)}, path, overwrite=overwrite)
+
+
+def load_checked_file(path: str | os.PathLike, what: str, *,
+                      map_location: object = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` of a file written by :func:`save_checked`,
+    its checksum verified (files written before checksums existed load unverified).
+
+    A missing file raises FileNotFoundError; a truncated, empty or garbled one, or one whose
+    checksum differs, :class:`UnreadableFileError` naming the file, never torch's raw
+    error (whose advice to load with ``weights_only=False`` would run arbitrary code)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    advice = "delete it or give another path to start afresh, or restore it from a copy"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, OSError, RuntimeError, UnicodeDecodeError, ValueError, KeyError,
+            IndexError, pickle.UnpicklingError) as err:
+        size = path.stat().st_size
+        kind = "is empty (0 bytes)" if size == 0 else \
+            f"is truncated or garbled ({size} bytes; torch.load: {type(err).__name__})"
+        raise UnreadableFileError(f"{path} {kind}, not a {what} that can be loaded; "
+                                  f"{advice}") from None
+    if not isinstance(state, dict):
+        raise UnreadableFileError(f"{path} holds a {type(state).__name__}, not a {what}; "
+                                  f"{advice}")
+    if CHECKSUM_KEY in state:
+        stored = state.pop(CHECKSUM_KEY)
+        if stored != checksum(state):
+            raise UnreadableFileError(f"{path} was changed or damaged after it was written "
+                                      f"(its checksum differs): not a {what} to trust; "
+                                      f"{advice}")
+    return state

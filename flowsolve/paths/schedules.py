@@ -311,14 +311,20 @@ class VEScheduler(Scheduler):
         self.source_std = self.sigma_max
 
     def _values(self, t):
-        rate = math.log(self.sigma_min / self.sigma_max)
-        sigma = self.sigma_max * torch.exp(rate * t)
+        # logs apart: sigma_min / sigma_max underflows for extreme ranges (1e-300, 1e300),
+        # where exp(rate t) does too; sigma_max * exp(rate t) keeps sigma_0 = sigma_max exact
+        rate = math.log(self.sigma_min) - math.log(self.sigma_max)
+        if rate > -700.0:
+            sigma = self.sigma_max * torch.exp(rate * t)
+        else:
+            sigma = torch.exp(math.log(self.sigma_max) + rate * t)
         return torch.ones_like(t), sigma, torch.zeros_like(t), rate * sigma
 
     def log_snr(self, t):
         t = _as_float_tensor(t)
         check_unit_interval(t)
-        return -(math.log(self.sigma_max) + math.log(self.sigma_min / self.sigma_max) * t)
+        log_max = math.log(self.sigma_max)
+        return -(log_max + (math.log(self.sigma_min) - log_max) * t)
 
     def snr_inverse(self, snr):
         snr = _as_float_tensor(snr)

@@ -9,7 +9,9 @@ by ``s_r = sigma_bar_r / sigma_{t_r} = alpha_bar_r / alpha_{t_r}``:
     u_bar_r(x) = (s'_r / s_r) x + s_r t'_r u_{t_r}(x / s_r)
 
 (Lipman et al. 2024, "Flow Matching Guide and Code", on scheduler change; the
-SNR as the invariant clock is Kingma et al. 2021, "Variational Diffusion Models").
+SNR as the invariant clock is Kingma et al. 2021, "Variational Diffusion Models"). The SNR
+here is ``alpha / sigma``, as in the Guide; Kingma et al. define it as ``alpha^2 / sigma^2``,
+its square (a monotone function of it, so both pair up the same times).
 
 flowsolve evaluates it as ``u_bar_r(x) = A_r x + B_r u_{t_r}(x / s_r)`` with coefficients
 that need neither ``s'`` nor ``t'``. Decoding the source velocity into the posterior means

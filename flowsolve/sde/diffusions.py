@@ -26,7 +26,13 @@ class DiffusionSchedule:
         self._g, self.name, self.path = g, name, path
 
     def __call__(self, t: Tensor) -> Tensor:
-        return torch.as_tensor(self._g(t), dtype=t.dtype, device=t.device)
+        g = torch.as_tensor(self._g(t), dtype=t.dtype, device=t.device)
+        if g.shape != t.shape and g.dim() != 0:  # metadata only: no device synchronisation
+            raise ValueError(
+                f"the diffusion coefficient {self.name} must return a number or a tensor shaped "
+                f"like t (g_t depends on time only: the noise is additive); at t of shape "
+                f"{tuple(t.shape)} it returned shape {tuple(g.shape)}")
+        return g
 
     def half_g2_over_sigma(self, t: Tensor) -> Tensor:
         g2 = self(t) ** 2  # g = 0 (probability flow) is 0 here even where sigma_t = 0

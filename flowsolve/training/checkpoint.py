@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
+from .._core.files import load_checked_file
 
 FORMAT = "flowsolve.training.loop/1"
 
@@ -70,8 +70,8 @@ def load_checked(path: Path, config: dict, world: int, setup: dict, conditional:
     """Load a training checkpoint and refuse it where it was written with settings
     (``config``: the call's ``asdict(TrainConfig)``) or a setup that would change the
     trajectory; the ValueError names every difference."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    state = load_checked_file(path, "flowsolve training checkpoint")
+    if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowsolve training checkpoint ({FORMAT})")
     written = {**_LEGACY_DEFAULTS, **state.get("config", {}), "world_size": state["world_size"]}
     now = {**config, "world_size": world}

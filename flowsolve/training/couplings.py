@@ -31,7 +31,7 @@ import ot
 import torch
 from torch import Tensor
 
-from .._core.checks import generator_or_fresh
+from .._core.checks import check_generator, generator_or_fresh
 
 __all__ = ["COSTS", "COUPLINGS", "ClassConditionalOT", "Coupling", "CouplingError",
            "CouplingResult", "CouplingWarning", "IndependentCoupling", "OTCoupling",
@@ -103,7 +103,8 @@ class CouplingResult:
         return t if self.kept == "x1" else t[self.i1.to(t.device)]
 
 
-def _batches(x0: Tensor, x1: Tensor, extras: tuple) -> tuple[Tensor, Tensor]:
+def _batches(x0: Tensor, x1: Tensor, extras: tuple, generator=None) -> tuple[Tensor, Tensor]:
+    check_generator(generator)
     for name, x in (("x0", x0), ("x1", x1)):
         if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
             raise TypeError(f"{name} must be a tensor shaped (B, *event_shape) with B >= 1 "
@@ -147,7 +148,7 @@ class IndependentCoupling(Coupling):
     order carries information. Needs ``N >= M``; the first M (shuffled) x0 are used."""
 
     def plan(self, x0, x1, *extras, generator=None):
-        _batches(x0, x1, extras)
+        _batches(x0, x1, extras, generator)
         n, m = x0.shape[0], x1.shape[0]
         if n < m:
             raise ValueError(f"IndependentCoupling needs at least as many x0 as x1; got "
@@ -161,7 +162,7 @@ class PairedCoupling(Coupling):
     """The pairs as given, ``(x0[k], x1[k])`` (e.g. a degraded image and its original)."""
 
     def plan(self, x0, x1, *extras, generator=None):
-        _batches(x0, x1, extras)
+        _batches(x0, x1, extras, generator)
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"PairedCoupling needs x0 and x1 of one batch size; got "
                              f"{x0.shape[0]} and {x1.shape[0]}")
@@ -258,7 +259,7 @@ class OTCoupling(Coupling):
         self._warned: set[str] = set()
 
     def plan(self, x0, x1, *extras, generator=None):
-        x0f, x1f = _batches(x0, x1, extras)
+        x0f, x1f = _batches(x0, x1, extras, generator)
         return self._couple(x0f, x1f, generator)
 
     # -- one block ------------------------------------------------------------------------
@@ -491,7 +492,7 @@ class ClassConditionalOT(OTCoupling):
     def plan(self, x0, x1, y1=None, *extras, y0=None, generator=None):
         if y1 is None:
             raise TypeError("ClassConditionalOT needs the labels of x1: coupling(x0, x1, y1)")
-        x0f, x1f = _batches(x0, x1, (y1, *extras))
+        x0f, x1f = _batches(x0, x1, (y1, *extras), generator)
         n, m = x0f.shape[0], x1f.shape[0]
         if y1.dim() != 1:
             raise ValueError(f"y1 must be shaped (M,) = ({m},); got {tuple(y1.shape)}")

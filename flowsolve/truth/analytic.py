@@ -152,6 +152,9 @@ class GaussianMixture:
     ) -> GaussianMixture:
         """``n_components`` isotropic 2-D Gaussians of standard deviation ``std`` evenly
         spaced on a circle of ``radius`` (the "8 Gaussians" data set), equal weights."""
+        if isinstance(n_components, bool) or not isinstance(n_components, int) \
+                or n_components < 1:
+            raise ValueError(f"n_components must be an int >= 1; got {n_components!r}")
         angle = torch.arange(n_components, dtype=torch.float64) * (2 * math.pi / n_components)
         means = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
         return cls(means, torch.full((n_components, 2), std**2, dtype=torch.float64))
