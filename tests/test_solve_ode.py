@@ -561,3 +561,22 @@ def test_a_torchdiffeq_style_field_is_told_the_argument_order():
 
     assert torch.equal(sample(counted, x0, "euler", steps=2).x, x0 * 0.25)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_tolerances_the_dtype_cannot_resolve_are_refused_up_front(dtype):
+    """rtol = atol = 1e-300 used to end in "t must lie in [0,1]; got nan" or a step
+    underflow; now the call names both tolerances, the dtype and what is accepted."""
+    u = fs.analytic.marginal_velocity(DATA, fs.AffineGaussianPath(fs.CondOTScheduler()))
+    x0 = noise(8, 3).to(dtype)
+    eps = torch.finfo(dtype).eps
+    for solver in ("dopri5", "RK45"):
+        with pytest.raises(ValueError, match=rf"rtol=1e-300 and atol=1e-300 are below what "
+                                             rf"{dtype} can resolve"):
+            sample(u, x0, solver, rtol=1e-300, atol=1e-300)
+        with pytest.raises(ValueError, match="below what"):
+            sample(u, x0, solver, rtol=eps / 2, atol=eps / 2)
+    # either tolerance at the dtype's resolution is accepted
+    scale = max(1.0, float(x0.abs().max()))
+    assert sample(u, x0, "dopri5", rtol=1e-300, atol=2 * eps * scale, max_steps=100_000).nfe > 0
+    assert sample(u, x0, "dopri5", rtol=eps, atol=1e-300, max_steps=100_000).nfe > 0

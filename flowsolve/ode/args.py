@@ -169,6 +169,24 @@ class SolverArguments:
     adjoint: bool
 
 
+def check_resolvable(rtol: float, atol: float, x0: Tensor) -> None:
+    """Refuse tolerances the state's dtype cannot resolve: an adaptive step is accepted when
+    its error estimate is below ``atol + rtol |x|``, and rounding alone leaves an error of
+    about ``eps |x|`` (``eps``: the dtype's machine epsilon). With ``rtol < eps`` and ``atol <
+    eps * max(1, max |x0|)`` no step can pass: the step size shrinks until it underflows or
+    time becomes NaN. ``max |x0|`` is read on the CPU only (1 elsewhere: no synchronisation)."""
+    eps = torch.finfo(x0.dtype).eps
+    scale = 1.0
+    if x0.device.type == "cpu":
+        scale = max(1.0, float(x0.detach().abs().max()))
+    if rtol < eps and atol < eps * scale:
+        raise ValueError(
+            f"rtol={rtol!r} and atol={atol!r} are below what {x0.dtype} can resolve (machine "
+            f"epsilon {eps:.3g}; the state's scale {scale:.3g}): no step can meet them. Use "
+            f"rtol >= {eps:.3g} or atol >= {eps * scale:.3g}; for a reference solution, a "
+            "float64 state with rtol and atol near 1e-10")
+
+
 def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *,
                            steps, rtol, atol, max_steps, times, options, check_finite: bool,
                            cuda_graph: bool, adjoint: bool, takes_tolerances: bool,
@@ -198,6 +216,7 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
                              "atol and max_steps, not steps")
         rtol = positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
         atol = positive("atol", DEFAULT_ATOL if atol is None else atol)
+        check_resolvable(rtol, atol, x0)
         max_steps = count("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
     else:
         if steps is None:

@@ -1,0 +1,49 @@
+"""``threads=`` on long work: torch's intra-op thread count is set for the call only and
+restored afterwards (also after an error), and recorded with the timings."""
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve._core.threads import intra_op_threads
+
+
+@pytest.fixture
+def two_threads():
+    """The thread count a user left: 2 (restored to the suite's 1 afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+def test_the_block_runs_with_the_count_and_restores_it(two_threads):
+    with intra_op_threads(1) as n:
+        assert n == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(KeyError), intra_op_threads(1):
+        raise KeyError("an error inside")
+    assert torch.get_num_threads() == 2
+    with intra_op_threads(None) as n:
+        assert n == 2
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="threads must be None"), intra_op_threads(bad):
+            pass
+
+
+def test_a_study_times_with_its_threads_and_restores_the_users(two_threads):
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4), path)
+    seen = []
+
+    def field(x, t):
+        seen.append(torch.get_num_threads())
+        return u(x, t)
+
+    x0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    study = fs.compare_solvers(field, x0, solvers=["euler"], steps=[2, 4], repeats=1, warmup=0,
+                               threads=1)
+    assert set(seen) == {1} and study.meta["threads"] == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="threads must be None"):
+        fs.compare_solvers(field, x0, solvers=["euler"], steps=[2, 4], threads=0)
