@@ -6,7 +6,8 @@
   ``max_steps``; ``cuda_graph`` and ``adjoint``): :func:`check_solver_arguments`, which
   returns them normalised as the :class:`SolverArguments` every back end of
   :data:`flowsolve.ode.backends.BACKENDS` receives;
-* the fixed-step grid ``linspace(t0, t1, steps + 1)`` and the output times on it:
+* the fixed-step grid (``linspace(t0, t1, steps + 1)`` or the one ``grid=`` names, built by
+  :func:`flowsolve.ode.grids.time_grid`) and the output times on it: :func:`fixed_grid`,
   :func:`uniform_grid`, :func:`grid_indices`, :func:`times_tensor`.
 
 Value checks read CPU tensors only (``x0`` on an accelerator is not inspected), so no check
@@ -15,6 +16,7 @@ synchronises a GPU.
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._core.registry import SolverInfo
+from .grids import UniformGrid, as_grid, linspace, time_grid
 
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_STEPS = 10_000
@@ -114,27 +117,53 @@ def check_times(times, t0: float, t1: float) -> list[float]:
 
 
 def uniform_grid(t0: float, t1: float, steps: int) -> list[float]:
-    """The explicit fixed-step grid ``linspace(t0, t1, steps + 1)`` (float64 values)."""
-    return torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+    """The explicit fixed-step grid ``linspace(t0, t1, steps + 1)`` (float64 values; any
+    interval, as the SDE solves and Langevin dynamics use it)."""
+    return linspace(t0, t1, steps)
+
+
+def _describe(grid: list[float]) -> str:
+    n = len(grid) - 1
+    if grid == uniform_grid(grid[0], grid[-1], n):
+        return f"linspace({grid[0]!r}, {grid[-1]!r}, {n + 1})"
+    shown = grid if n <= 8 else [*grid[:4], "...", *grid[-4:]]
+    return f"[{', '.join(str(t) for t in shown)}] ({n + 1} times)"
 
 
 def grid_indices(out_times: list[float], grid: list[float]) -> list[int]:
-    """Indices of ``out_times`` in ``grid``; each must be a grid point (to 1e-3 cell), and
-    no two times may name the same point."""
-    n, span = len(grid) - 1, grid[-1] - grid[0]
+    """Indices of ``out_times`` in ``grid`` (uniform or not, either direction); each must be
+    a grid point, to 1e-3 of the smaller cell beside it, and no two times may name the same
+    point."""
+    n, sign = len(grid) - 1, 1.0 if grid[-1] > grid[0] else -1.0
+    keys = [sign * g for g in grid]  # increasing
     idx: list[int] = []
     for t in out_times:
-        k = round((t - grid[0]) / span * n)
+        j = min(max(bisect.bisect_left(keys, sign * t), 0), n)
+        k = min((i for i in (j - 1, j) if 0 <= i <= n), key=lambda i: abs(grid[i] - t))
+        cells = [abs(grid[i + 1] - grid[i]) for i in (k - 1, k) if 0 <= i < n]
         # within 1e-3 of a cell: times given in float32 (1e-7 off) still name their point
-        if not 0 <= k <= n or abs(grid[k] - t) > 1e-3 * abs(span) / n:
-            raise ValueError(f"times must be points of the grid linspace({grid[0]!r}, "
-                             f"{grid[-1]!r}, {n + 1}) of a fixed-step solve; got {t!r}")
+        if abs(grid[k] - t) > 1e-3 * min(cells):
+            raise ValueError(f"times must be points of the grid {_describe(grid)} of a "
+                             f"fixed-step solve; got {t!r}")
         if idx and idx[-1] == k:
             raise ValueError(f"times {out_times[len(idx) - 1]!r} and {t!r} both name the grid "
-                             f"point {grid[k]!r} (index {k}) of linspace({grid[0]!r}, "
-                             f"{grid[-1]!r}, {n + 1}); give each grid point once")
+                             f"point {grid[k]!r} (index {k}) of {_describe(grid)}; give each "
+                             f"grid point once")
         idx.append(k)
     return idx
+
+
+def fixed_grid(grid, steps: int | None, t0: float, t1: float, path, solver: str) -> list[float]:
+    """The grid of a fixed-step solve: ``grid=`` (:func:`flowsolve.ode.grids.as_grid`) built
+    by :func:`~flowsolve.ode.grids.time_grid` from ``steps`` (given times fix it) on the
+    checked interval ``[t0, t1]``."""
+    spec = as_grid(grid)
+    if steps is None and spec.steps is None:
+        raise ValueError(f"solver {solver!r} is fixed-step: give steps=N (the grid "
+                         f"linspace(t0, t1, N + 1), or N cells of grid={grid!r})")
+    if steps is not None:
+        steps = count("steps", steps)
+    return time_grid(spec, steps, t0=t0, t1=t1, path=path)
 
 
 def times_tensor(out_times: list[float], x0: Tensor) -> Tensor | None:
@@ -149,6 +178,8 @@ class SolverArguments:
     Attributes:
         t0, t1: the interval (floats, distinct, in [0, 1]).
         steps: grid cells of a fixed-step solver; None for an adaptive one.
+        grid: a fixed-step solver's ``steps + 1`` times (float64 Python floats, ``t0``
+            first and ``t1`` last; :func:`fixed_grid`); None for an adaptive one.
         rtol, atol, max_steps: an adaptive solver's tolerances and step budget (defaults
             filled in); fixed-step: None, except the tolerances of a torchdiffeq solver that
             takes them (implicit Adams), passed on as given.
@@ -167,36 +198,44 @@ class SolverArguments:
     check_finite: bool
     cuda_graph: bool
     adjoint: bool
+    grid: list[float] | None = None
 
 
-def check_resolvable(rtol: float, atol: float, x0: Tensor) -> None:
+def check_resolvable(rtol: float, atol: float, x0: Tensor, dtype: torch.dtype) -> None:
     """Refuse tolerances the state's dtype cannot resolve: an adaptive step is accepted when
     its error estimate is below ``atol + rtol |x|``, and rounding alone leaves an error of
-    about ``eps |x|`` (``eps``: the dtype's machine epsilon). With ``rtol < eps`` and ``atol <
-    eps * max(1, max |x0|)`` no step can pass: the step size shrinks until it underflows or
-    time becomes NaN. ``max |x0|`` is read on the CPU only (1 elsewhere: no synchronisation)."""
-    eps = torch.finfo(x0.dtype).eps
+    about ``eps |x|`` (``eps``: the dtype's machine epsilon). With ``rtol < eps / 10`` and
+    ``atol < eps * max(1, max |x0|) / 10`` no step can pass: the step size shrinks until it
+    underflows or time becomes NaN (tolerances near ``eps`` itself still work, slowly: the
+    float32 study's 1e-7). ``dtype`` is the solver's state: ``x0``'s for torchdiffeq, float64
+    for scipy (which integrates a float64 copy). ``max |x0|`` is read on the CPU only (1
+    elsewhere: no synchronisation)."""
+    eps = torch.finfo(dtype).eps
     scale = 1.0
     if x0.device.type == "cpu":
         scale = max(1.0, float(x0.detach().abs().max()))
-    if rtol < eps and atol < eps * scale:
+    if rtol < eps / 10 and atol < eps * scale / 10:
         raise ValueError(
-            f"rtol={rtol!r} and atol={atol!r} are below what {x0.dtype} can resolve (machine "
+            f"rtol={rtol!r} and atol={atol!r} are below what {dtype} can resolve (machine "
             f"epsilon {eps:.3g}; the state's scale {scale:.3g}): no step can meet them. Use "
-            f"rtol >= {eps:.3g} or atol >= {eps * scale:.3g}; for a reference solution, a "
-            "float64 state with rtol and atol near 1e-10")
+            f"rtol >= {eps / 10:.3g} or atol >= {eps * scale / 10:.3g}; for a reference "
+            "solution, a float64 state with rtol and atol near 1e-10")
 
 
 def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *,
                            steps, rtol, atol, max_steps, times, options, check_finite: bool,
                            cuda_graph: bool, adjoint: bool, takes_tolerances: bool,
-                           adaptive_solvers: Sequence[str]) -> SolverArguments:
+                           adaptive_solvers: Sequence[str], grid="uniform",
+                           path=None) -> SolverArguments:
     """Check the solver-dependent arguments of :func:`flowsolve.ode.solve.sample`.
 
-    An adaptive solver refuses ``steps`` and fills in ``rtol``, ``atol`` (default 1e-5 each)
-    and ``max_steps`` (default 10 000); a fixed-step one requires ``steps`` and refuses
-    ``max_steps`` and, unless ``takes_tolerances`` (torchdiffeq's implicit Adams: its
-    corrector's tolerance), ``rtol``/``atol``. ``cuda_graph`` needs a ``fast_*`` solver and
+    An adaptive solver refuses ``steps``, a ``grid`` other than ``"uniform"`` and ``path``
+    (it chooses its own steps), and fills in ``rtol``, ``atol`` (default 1e-5 each) and
+    ``max_steps`` (default 10 000); a fixed-step one requires ``steps`` (unless ``grid`` is
+    the times themselves), builds its grid (:func:`fixed_grid`; ``path`` for the log-SNR
+    and EDM grids), and refuses ``max_steps`` and, unless ``takes_tolerances``
+    (torchdiffeq's implicit Adams: its corrector's tolerance), ``rtol``/``atol``; its
+    ``times`` must be points of its grid. ``cuda_graph`` needs a ``fast_*`` solver and
     ``x0`` on CUDA; ``adjoint`` a torchdiffeq solver (fixed-step: without ``times``).
 
     Args:
@@ -210,32 +249,47 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
         :class:`SolverArguments`: the normalised values.
     """
     solver = info.name
+    fixed = None
     if info.adaptive:
         if steps is not None:
             raise ValueError(f"steps={steps!r}: solver {solver!r} is adaptive; it takes rtol, "
                              "atol and max_steps, not steps")
+        if not (isinstance(grid, UniformGrid) or isinstance(grid, str) and grid == "uniform"):
+            raise ValueError(f"grid={grid!r}: solver {solver!r} is adaptive and chooses its own "
+                             f"steps; grid= applies to the fixed-step solvers "
+                             f"(rk4, heun2, fast_*, ...)")
+        if path is not None:
+            raise ValueError(f"path= shapes the grid of a fixed-step solver; solver {solver!r} "
+                             f"is adaptive (leave path out)")
         rtol = positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
         atol = positive("atol", DEFAULT_ATOL if atol is None else atol)
-        check_resolvable(rtol, atol, x0)
+        check_resolvable(rtol, atol, x0,
+                         torch.float64 if info.library == "scipy" else x0.dtype)
         max_steps = count("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
     else:
-        if steps is None:
+        spec = as_grid(grid)
+        if steps is None and spec.steps is None:
             raise ValueError(f"solver {solver!r} is fixed-step: give steps=N (the grid "
                              f"linspace(t0, t1, N + 1)); adaptive solvers: "
                              f"{', '.join(adaptive_solvers)}")
-        steps = count("steps", steps)
+        if steps is not None:
+            steps = count("steps", steps)
         if max_steps is not None:
             raise ValueError(f"max_steps={max_steps!r} applies to adaptive solvers; {solver!r} "
                              f"takes exactly steps={steps}")
         if (rtol is not None or atol is not None) and not takes_tolerances:
             raise ValueError(f"rtol/atol apply to adaptive solvers; {solver!r} is fixed-step "
                              f"(got rtol={rtol!r}, atol={atol!r})")
+        fixed = fixed_grid(spec, steps, t0, t1, path, solver)
+        steps = len(fixed) - 1
     if cuda_graph and (info.library != "flowsolve" or not x0.is_cuda):
         raise ValueError(f"cuda_graph=True needs a fast_* solver and x0 on a CUDA device; got "
                          f"solver={solver!r}, x0 on {x0.device}")
     out_times = check_times(times, t0, t1)
+    if fixed is not None:
+        grid_indices(out_times, fixed)
     if adjoint and (info.library != "torchdiffeq" or out_times and not info.adaptive):
         raise ValueError(f"adjoint=True needs a torchdiffeq solver (and, fixed-step, no times); "
                          f"got solver={solver!r}, times={times!r}")
     return SolverArguments(t0, t1, steps, rtol, atol, max_steps, out_times, options,
-                           check_finite, cuda_graph, adjoint)
+                           check_finite, cuda_graph, adjoint, fixed)

@@ -59,7 +59,7 @@ from .args import (
     SolverArguments,
     check_span,
     check_times,
-    count,
+    fixed_grid,
     grid_indices,
     times_tensor,
     uniform_grid,
@@ -133,9 +133,14 @@ class Solution:
         steps: accepted steps (fixed-step: grid cells; scipy: steps taken).
         rejected: rejected steps where the library reports them (torchdiffeq's adaptive
             Runge-Kutta methods; 0 for fixed-step), else None.
-        solver, t0, t1: what was solved.
-        times, trajectory: the requested times ``(T,)`` and the states there
-            ``(T, B, *event_shape)``; None unless ``times`` was given.
+        solver: the solver's name.
+        t0: the start of the interval.
+        t1: its end.
+        times: the requested times ``(T,)``; None unless ``times`` was given.
+        trajectory: the states at ``times``, ``(T, B, *event_shape)``; None unless ``times``
+            was given.
+        grid: a fixed-step solve's time grid ``t_0 .. t_N`` (float64, on the CPU; see
+            ``grid=`` of :func:`~flowsolve.ode.solve.sample`); None for an adaptive one.
     """
 
     x: Tensor
@@ -147,6 +152,7 @@ class Solution:
     t1: float
     times: Tensor | None = None
     trajectory: Tensor | None = None
+    grid: Tensor | None = None
 
 
 Backend = Callable[[Field, Tensor, SolverInfo, SolverArguments], Solution]
@@ -158,7 +164,8 @@ interval, ``x0`` and ``args`` checked (:func:`~flowsolve.ode.args.check_solver_a
 def solve_torchdiffeq(field: Field, x0: Tensor, info: SolverInfo,
                       args: SolverArguments) -> Solution:
     """torchdiffeq's ``odeint`` (``odeint_adjoint`` with ``args.adjoint``) on an
-    :class:`~flowsolve.ode.systems.ODESystem`; fixed-step on the explicit grid."""
+    :class:`~flowsolve.ode.systems.ODESystem`; fixed-step on the explicit grid ``args.grid``
+    (its ``grid_constructor``; the adjoint's backward pass on the same grid reversed)."""
     t0, t1, steps, out_times = args.t0, args.t1, args.steps, args.out_times
     cls = _TORCHDIFFEQ_SOLVERS[info.method]
     span = (min(t0, t1), max(t0, t1)) if info.adaptive else None
@@ -177,8 +184,9 @@ def solve_torchdiffeq(field: Field, x0: Tensor, info: SolverInfo,
         for key in ("grid_constructor", "step_size"):
             if key in opts:
                 raise ValueError(f"options[{key!r}] is not accepted: the grid is "
-                                 f"linspace(t0, t1, steps + 1); pass steps=N")
-        grid = uniform_grid(t0, t1, steps)
+                                 f"linspace(t0, t1, steps + 1) or the one of grid=; pass "
+                                 f"steps=N and grid=")
+        grid = args.grid
         t_out = [grid[k] for k in sorted({0, steps, *grid_indices(out_times, grid)})]
         grid_dev = torch.tensor(grid, dtype=torch.float64, device=x0.device)
         opts["grid_constructor"] = lambda func, y0, t: grid_dev
@@ -190,11 +198,22 @@ def solve_torchdiffeq(field: Field, x0: Tensor, info: SolverInfo,
             raise ValueError("adjoint=True needs a field that is an nn.Module holding the "
                              "parameters to differentiate (a lambda hides them)")
         adjoint_opts = {"norm": "seminorm"}
-        if not info.adaptive:  # the backward pass: the same number of equal steps, t1 to t0
+        if not info.adaptive and grid == uniform_grid(t0, t1, steps):
+            # the backward pass: the same number of equal steps, t1 to t0
             def equal_steps(func, y0, tt):  # tt in torchdiffeq's own (maybe negated) time
                 return torch.linspace(tt[0], tt[-1], steps + 1, dtype=tt.dtype, device=tt.device)
 
             adjoint_opts["grid_constructor"] = equal_steps
+        elif not info.adaptive:  # the backward pass on the forward grid, t1 to t0
+            backward = grid[::-1]
+
+            def reversed_grid(func, y0, tt):
+                # tt is [t1, t0] (t0 < t1), or [-t1, -t0] for a backward solve: torchdiffeq's
+                # adjoint then runs in negated time; tt[0] > 0 exactly in the first case
+                sign = 1.0 if float(tt[0]) > 0 else -1.0
+                return sign * torch.tensor(backward, dtype=tt.dtype, device=tt.device)
+
+            adjoint_opts["grid_constructor"] = reversed_grid
         run = functools.partial(odeint_adjoint, adjoint_params=params,
                                 adjoint_options=adjoint_opts)
     else:
@@ -214,7 +233,7 @@ def solve_torchdiffeq(field: Field, x0: Tensor, info: SolverInfo,
     rejected = system.rejected if "callback_reject_step" in cls.valid_callbacks() else (
         None if info.adaptive else 0)
     return Solution(ys[-1], system.nfe, accepted, rejected, info.name, t0, t1,
-                    times_tensor(out_times, x0), traj)
+                    times_tensor(out_times, x0), traj, _grid_tensor(args.grid))
 
 
 # -- scipy -------------------------------------------------------------------------------------
@@ -230,10 +249,13 @@ def solve_scipy(field: Field, x0: Tensor, info: SolverInfo, args: SolverArgument
                     times_tensor(args.out_times, x0), traj)
 
 
+def _grid_tensor(grid: list[float] | None) -> Tensor | None:
+    return None if grid is None else torch.tensor(grid, dtype=torch.float64)
+
+
 # -- flowsolve's own fixed-step loop -----------------------------------------------------------
-def _fast_loop(info: SolverInfo, x0: Tensor, t0: float, t1: float, steps: int,
+def _fast_loop(info: SolverInfo, x0: Tensor, grid: list[float],
                out_times: list[float]) -> FixedStepLoop:
-    grid = uniform_grid(t0, t1, steps)
     return FixedStepLoop(TABLEAUS[info.method], grid, x0, grid_indices(out_times, grid))
 
 
@@ -242,17 +264,18 @@ def _fast_solution(loop: FixedStepLoop, info: SolverInfo, out, nfe: int) -> Solu
     loop.check(finite, info.name)
     times = [loop.grid[k] for k in loop.record]
     return Solution(x, nfe, len(loop.h), 0, info.name, loop.grid[0], loop.grid[-1],
-                    times_tensor(times, x), torch.stack(saved) if saved else None)
+                    times_tensor(times, x), torch.stack(saved) if saved else None,
+                    _grid_tensor(loop.grid))
 
 
 def solve_fast(field: Field, x0: Tensor, info: SolverInfo, args: SolverArguments) -> Solution:
     """flowsolve's :class:`~flowsolve.ode.fixed_step.FixedStepLoop`, run eagerly, or with
     ``args.cuda_graph`` captured once in a CUDA graph and replayed (:class:`CapturedSampler`)."""
     if args.cuda_graph:
-        return CapturedSampler(field, x0, info.name, steps=args.steps, t0=args.t0, t1=args.t1,
+        return CapturedSampler(field, x0, info.name, grid=args.grid, t0=args.t0, t1=args.t1,
                                times=args.out_times or None,
                                check_finite=args.check_finite)(x0)
-    loop = _fast_loop(info, x0, args.t0, args.t1, args.steps, args.out_times)
+    loop = _fast_loop(info, x0, args.grid, args.out_times)
     counter = CountingField(field, like_input=True)
     return _fast_solution(loop, info, loop(counter, x0, args.check_finite), counter.nfe)
 
@@ -266,6 +289,8 @@ class CapturedSampler:
     replays, clones the outputs and reads the finiteness record (one synchronisation). The
     replayed kernels are the eager loop's, so the numbers are the eager loop's. ``nfe`` is
     the count of the captured run (a replay does not enter Python). Under ``torch.no_grad``.
+    ``steps``, ``t0``, ``t1``, ``grid``, ``path`` and ``times`` are those of
+    :func:`~flowsolve.ode.solve.sample`.
 
     **Untested on a GPU**: this code was written and tested where no GPU exists; only its
     CPU refusal is tested. The field must be capturable (no host reads, no CPU tensors
@@ -279,9 +304,9 @@ class CapturedSampler:
     """
 
     def __init__(self, field: Field, x_like: Tensor, solver: str = "fast_euler", *,
-                 steps: int, t0: float = 0.0, t1: float = 1.0,
+                 steps: int | None = None, t0: float = 0.0, t1: float = 1.0,
                  times: Sequence[float] | Tensor | None = None, check_finite: bool = True,
-                 warmup: int = 3):
+                 warmup: int = 3, grid="uniform", path=None):
         info = ODE_SOLVERS[solver]
         if info.library != "flowsolve":
             raise ValueError(f"only fast_* solvers can be captured; got solver={solver!r} "
@@ -291,7 +316,7 @@ class CapturedSampler:
                              f"{getattr(x_like, 'device', type(x_like).__name__)}")
         t0, t1 = check_span(t0, t1)
         self.info = info
-        self.loop = _fast_loop(info, x_like, t0, t1, count("steps", steps),
+        self.loop = _fast_loop(info, x_like, fixed_grid(grid, steps, t0, t1, path, solver),
                                check_times(times, t0, t1))
         self._x = x_like.detach().clone()
         counter = CountingField(field, like_input=True)

@@ -2,9 +2,10 @@ r"""The ODE front door: ``sample(field, x0, solver=...)`` integrates ``dx/dt = u
 from ``t0`` to ``t1`` with any solver in :data:`ODE_SOLVERS` and returns a
 :class:`Solution` with counted evaluations.
 
-* **Fixed-step** solvers take ``steps`` and integrate on the explicit grid
+* **Fixed-step** solvers take ``steps`` and integrate on an explicit grid: by default
   ``linspace(t0, t1, steps + 1)`` (torchdiffeq's ``step_size`` grid can end in a spurious
-  tiny step). ``times`` must be points of that grid.
+  tiny step), or the one ``grid=`` names (uniform in log-SNR, EDM's, a shift, or given
+  times: :mod:`flowsolve.ode.grids`). ``times`` must be points of that grid.
 * **Adaptive** solvers take ``rtol``/``atol`` and a budget of ``max_steps`` attempted steps
   (accepted + rejected; scipy: steps taken). Exceeding it raises
   :class:`~flowsolve.ode.systems.IntegrationError` (status ``"max_steps"``); a solve never
@@ -31,8 +32,11 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._core.types import Field
+from ..paths.affine import AffineGaussianPath
+from ..paths.schedules import Scheduler
 from .args import check_solver_arguments, check_span, check_state
 from .backends import BACKENDS, ODE_SOLVERS, CapturedSampler, Solution, takes_tolerances
+from .grids import TimeGrid
 
 __all__ = ["ODE_SOLVERS", "Solution", "sample", "CapturedSampler"]
 
@@ -42,7 +46,9 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
            atol: float | None = None, max_steps: int | None = None,
            times: Sequence[float] | Tensor | None = None, options: dict | None = None,
            check_finite: bool = True, cuda_graph: bool = False,
-           adjoint: bool = False) -> Solution:
+           adjoint: bool = False,
+           grid: str | float | TimeGrid | Sequence[float] | Tensor = "uniform",
+           path: AffineGaussianPath | Scheduler | None = None) -> Solution:
     r"""Integrate ``dx/dt = u_t(x)`` from ``x(t0) = x0`` to ``t1``.
 
     Args:
@@ -75,6 +81,22 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
             number of steps, gradients to the parameters of ``field``, which must then be an
             ``nn.Module`` holding them. ``nfe`` counts the forward solve only: the backward
             solve runs later (in ``.backward()``) and its evaluations are not counted.
+        grid: where the ``steps + 1`` times of a fixed-step solver lie
+            (:func:`flowsolve.ode.grids.time_grid` builds them; adaptive solvers refuse any
+            but ``"uniform"``). ``"uniform"`` (default): ``t_i = t0 + (i / N)(t1 - t0)``.
+            ``"logsnr"``: uniform in ``lambda_t = log(alpha_t / sigma_t)``. ``"edm"``:
+            ``(sigma_t / alpha_t)^(1/rho)`` uniform, rho = 7 (Karras et al. 2022). Where
+            ``alpha_t = 0`` or ``sigma_t = 0`` at an end (lambda infinite) that end stays a
+            grid point and the spacing runs from ``sigma/alpha = 80`` / down to ``0.002``
+            instead (EDM's ``sigma_max``, ``sigma_min``). A number ``s > 0`` (or
+            ``ShiftGrid(s)``): the rectified-flow shift ``t_i = u_i / (1 + (s - 1)(1 -
+            u_i))`` of a uniform ``u_i`` (``sigma' = s sigma / (1 + (s - 1) sigma)`` in
+            ``sigma = 1 - t``). Other options: ``LogSNRGrid(sigma_min=, sigma_max=)``,
+            ``EDMGrid(rho=, sigma_min=, sigma_max=)``. A 1-d tensor or sequence: those
+            times exactly (finite, strictly monotone from ``t0`` to ``t1``; ``steps`` may
+            be left out). :attr:`Solution.grid` records the grid used.
+        path: the :class:`~flowsolve.paths.affine.AffineGaussianPath` (or its scheduler)
+            whose ``alpha_t``, ``sigma_t`` the ``"logsnr"`` and ``"edm"`` grids read.
 
     Returns:
         :class:`Solution`: ``x`` at ``t1``, counted ``nfe``, accepted (and rejected) steps,
@@ -91,6 +113,9 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         >>> res = sample(u, x0, "rk4", steps=10)
         >>> res.nfe, res.steps, sample(u, x0, "fast_rk4", steps=10).x.allclose(res.x)
         (40, 10, True)
+        >>> res = sample(u, x0, "heun2", steps=4, path=path, grid="edm")
+        >>> [round(t, 4) for t in res.grid.tolist()]
+        [0.0, 0.0123, 0.2845, 0.998, 1.0]
     """
     info = ODE_SOLVERS[solver]
     if not callable(field):
@@ -103,5 +128,5 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         info, x0, t0, t1, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, times=times,
         options=options, check_finite=check_finite, cuda_graph=cuda_graph, adjoint=adjoint,
         takes_tolerances=takes_tolerances(info),
-        adaptive_solvers=ODE_SOLVERS.names(adaptive=True))
+        adaptive_solvers=ODE_SOLVERS.names(adaptive=True), grid=grid, path=path)
     return BACKENDS[info.library](field, x0, info, args)
