@@ -8,82 +8,104 @@ The documented module names ``flowsolve.analytic``, ``.couplings``, ``.data``,
 ``.divergence`` and ``.metrics`` stay importable as before.
 """
 
+import importlib as _importlib
 import sys as _sys
-
-from . import metrics
-from ._core.errors import IntegrationError, NonFiniteStateError
-from ._core.registry import SolverInfo, SolverRegistry
-from .likelihood import divergence
-from .likelihood.bits import BitsPerDim, bits_per_dim, dequantize
-from .likelihood.cnf import (
-    LikelihoodResult,
-    dataset_bits_per_dim,
-    dataset_log_likelihood,
-    log_likelihood,
-    score_log_likelihood,
-)
-from .likelihood.divergence import value_and_divergence
-from .metrics import mmd, normalized_path_energy, path_energy, straightness, wasserstein2
-from .ode.solve import ODE_SOLVERS, Solution, sample
-from .paths.affine import PREDICTIONS, AffineGaussianPath, PathSample
-from .paths.bridges import GaussianBridge
-from .paths.fields import (
-    GuidedField,
-    as_score,
-    as_velocity,
-    convert_field,
-    guided,
-    probability_flow,
-)
-from .paths.schedules import (
-    SCHEDULERS,
-    CondOTScheduler,
-    CosineScheduler,
-    LinearVPScheduler,
-    PolynomialScheduler,
-    Scheduler,
-    ScheduleValues,
-    VEScheduler,
-    get_scheduler,
-)
-from .paths.transfer import TransferredField, transfer
-from .sde.brownian import GridBrownian
-from .sde.diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
-from .sde.solve import SDE_SOLVERS, SDESolution, langevin, sample_sde
-from .studies.compare import Study, compare_solvers
-from .training import couplings, data
-from .training.couplings import (
-    ClassConditionalOT,
-    CouplingResult,
-    IndependentCoupling,
-    OTCoupling,
-    PairedCoupling,
-    get_coupling,
-)
-from .training.ema import EMA
-from .training.loop import TrainConfig, TrainResult, load_weights, train
-from .training.losses import (
-    bridge_matching_loss,
-    denoising_score_matching_loss,
-    epsilon_loss,
-    flow_matching_loss,
-    label_dropout,
-    regression_loss,
-    sample_time,
-)
-from .training.nets import MLP, SinusoidalTimeEmbedding, initial_weights_from
-from .training.unet import UNet
-from .truth import analytic
-from .truth.analytic import Gaussian, GaussianMixture, StandardNormal
-
-# The module paths documented before the regrouping (``import flowsolve.analytic``) name
-# the modules that now live in subpackages; importing flowsolve registers them.
-for _name, _module in {"analytic": analytic, "couplings": couplings, "data": data,
-                       "divergence": divergence}.items():
-    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
-del _name, _module
+from importlib.machinery import ModuleSpec as _ModuleSpec
 
 __version__ = "0.1.0"
+
+# Every flat name and the module that holds it. Nothing is imported until a name is first
+# used (PEP 562 module __getattr__ below): `import flowsolve` and the `flowsolve` command's
+# --help / --version start without torch. A new flat name goes here and in __all__.
+_HOMES: dict[str, str] = {name: home for home, names in {
+    "._core.errors": ("IntegrationError", "NonFiniteStateError"),
+    "._core.registry": ("SolverInfo", "SolverRegistry"),
+    ".likelihood.bits": ("BitsPerDim", "bits_per_dim", "continuous_bits_per_dim",
+                         "dequantize"),
+    ".likelihood.cnf": ("LikelihoodResult", "DatasetLikelihood", "dataset_bits_per_dim",
+                        "dataset_log_likelihood", "log_likelihood", "score_log_likelihood"),
+    ".likelihood.divergence": ("value_and_divergence",),
+    ".metrics": ("mmd", "normalized_path_energy", "path_energy", "straightness",
+                 "wasserstein2"),
+    ".ode.solve": ("ODE_SOLVERS", "Solution", "sample"),
+    ".paths.affine": ("PREDICTIONS", "AffineGaussianPath", "PathSample"),
+    ".paths.bridges": ("GaussianBridge",),
+    ".paths.fields": ("GuidedField", "as_score", "as_velocity", "convert_field", "guided",
+                      "probability_flow"),
+    ".paths.schedules": ("SCHEDULERS", "CondOTScheduler", "CosineScheduler",
+                         "LinearVPScheduler", "PolynomialScheduler", "Scheduler",
+                         "ScheduleValues", "VEScheduler", "get_scheduler"),
+    ".paths.transfer": ("TransferredField", "transfer"),
+    ".sde.brownian": ("GridBrownian",),
+    ".sde.diffusions": ("DIFFUSIONS", "DiffusionSchedule", "diffusion_schedule"),
+    ".sde.solve": ("SDE_SOLVERS", "SDESolution", "langevin", "sample_sde"),
+    ".studies.compare": ("Study", "compare_solvers"),
+    ".training.couplings": ("ClassConditionalOT", "CouplingResult", "IndependentCoupling",
+                            "OTCoupling", "PairedCoupling", "get_coupling"),
+    ".training.ema": ("EMA",),
+    ".training.loop": ("TrainConfig", "TrainResult", "load_weights", "train"),
+    ".training.losses": ("bridge_matching_loss", "denoising_score_matching_loss",
+                         "epsilon_loss", "flow_matching_loss", "label_dropout",
+                         "regression_loss", "sample_time"),
+    ".training.nets": ("MLP", "SinusoidalTimeEmbedding", "initial_weights_from"),
+    ".training.unet": ("UNet",),
+    ".truth.analytic": ("Gaussian", "GaussianMixture", "StandardNormal"),
+}.items() for name in names}
+
+# The module names documented before the regrouping and the modules that hold them now:
+# attributes (fs.analytic) and imports (import flowsolve.analytic) give the same module.
+_MODULES = {"analytic": ".truth.analytic", "couplings": ".training.couplings",
+            "data": ".training.data", "divergence": ".likelihood.divergence",
+            "metrics": ".metrics"}
+_SUBPACKAGES = ("_core", "paths", "truth", "ode", "sde", "likelihood", "training", "studies",
+                "cli")
+
+
+def __getattr__(name: str):
+    """A flat name, documented module or subpackage, imported on first use and kept."""
+    if name in _HOMES:
+        value = getattr(_importlib.import_module(_HOMES[name], __name__), name)
+    elif name in _MODULES:
+        value = _importlib.import_module(_MODULES[name], __name__)
+        _sys.modules.setdefault(f"{__name__}.{name}", value)
+    elif name in _SUBPACKAGES:
+        value = _importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBPACKAGES})
+
+
+class _DocumentedModules:
+    """The import finder of ``import flowsolve.analytic`` (and ``.couplings``, ``.data``,
+    ``.divergence``): the module that now holds those names, registered under the old name
+    too. It keeps its own ``__spec__`` (which the import system sets to the alias's)."""
+
+    @staticmethod
+    def find_spec(fullname: str, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in _MODULES or name == "metrics":
+            return None  # flowsolve/metrics.py is found as a file
+        return _ModuleSpec(fullname, _DocumentedModules, loader_state=_MODULES[name])
+
+    @staticmethod
+    def create_module(spec: _ModuleSpec):
+        module = _importlib.import_module(spec.loader_state, __name__)
+        spec.loader_state = module.__spec__
+        return module
+
+    @staticmethod
+    def exec_module(module) -> None:
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(getattr(f, "__qualname__", None) == "_DocumentedModules"
+           and getattr(f, "__module__", None) == __name__ for f in _sys.meta_path):
+    _sys.meta_path.append(_DocumentedModules)
 
 __all__ = [
     # modules
@@ -113,6 +135,6 @@ __all__ = [
     "compare_solvers", "Study",
     # likelihood
     "log_likelihood", "score_log_likelihood", "dataset_log_likelihood",
-    "dataset_bits_per_dim", "LikelihoodResult", "value_and_divergence", "dequantize",
-    "bits_per_dim", "BitsPerDim",
+    "dataset_bits_per_dim", "LikelihoodResult", "DatasetLikelihood", "value_and_divergence",
+    "dequantize", "bits_per_dim", "continuous_bits_per_dim", "BitsPerDim",
 ]

@@ -314,3 +314,11 @@ def test_a_cache_filled_under_inference_mode_still_serves_autograd():
 def test_ring_refuses_a_count_that_is_not_a_positive_int(n):
     with pytest.raises(ValueError, match="n_components must be an int >= 1"):
         fs.GaussianMixture.ring(n_components=n)
+
+
+def test_standard_normal_keeps_its_std_in_float64():
+    """Its variances were built in float32: std = 0.7 was off by ~1e-7 nats in float64."""
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = torch.distributions.Normal(0.0, torch.tensor(0.7, dtype=torch.float64))
+    got = fs.StandardNormal(3, 0.7).log_prob(x)
+    torch.testing.assert_close(got, exact.log_prob(x).sum(-1), rtol=0, atol=1e-13)

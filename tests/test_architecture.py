@@ -13,17 +13,18 @@ PACKAGE = ROOT / "flowsolve"
 # Bottom to top: (subpackage or top-level module, tiers of its modules). A module may import
 # any module of a lower entry and, inside its own subpackage, modules of lower tiers only.
 LAYERS: list[tuple[str, list[set[str]]]] = [
-    ("_core", [{"types", "errors"}, {"finite", "checks", "counting", "files", "registry"}]),
+    ("_core", [{"types", "errors"}, {"finite", "checks", "counting", "files", "registry",
+                                     "threads", "progress", "distributed"}]),
     ("paths", [{"schedules"}, {"affine"}, {"fields", "transfer", "bridges"}]),
     ("truth", [{"analytic"}]),
-    ("ode", [{"args", "systems", "fixed_step"}, {"backends"}, {"solve"}]),
+    ("ode", [{"grids", "systems", "fixed_step"}, {"args"}, {"backends"}, {"solve"}]),
     ("sde", [{"brownian", "diffusions"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset"}, {"cnf"}]),
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
                   {"pipeline"}, {"loop"}]),
     ("metrics", []),
     ("studies", [{"results"}, {"compare"}]),
-    ("cli", [{"demo"}, {"main"}]),
+    ("cli", [{"demo", "plots"}, {"main"}]),
 ]
 THIRD_PARTY_OWNERS = {
     "ot": {"training.couplings", "metrics"},

@@ -101,3 +101,26 @@ def test_a_flipped_bit_in_a_dataset_evaluation_checkpoint_is_refused(tmp_path):
     with pytest.raises(UnreadableFileError, match="changed or damaged"):
         fs.dataset_log_likelihood(u, x, batch_size=4, checkpoint=ckpt, solver="rk4", steps=4,
                                   progress=False)
+
+
+def test_files_in_the_formats_of_earlier_releases_still_load(tmp_path):
+    """The regrouping into subpackages must not change the format names written into files:
+    a training checkpoint ("flowsolve.train/1") and a CLI model file ("flowsolve.cli-model/1")
+    as earlier releases wrote them (no checksum) load."""
+    from flowsolve.cli.main import _import_the_library, _load_model
+
+    _import_the_library()
+    net = fs.MLP(2, hidden=8, depth=1, generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "old.pt"
+    torch.save({"format": "flowsolve.train/1", "model": net.state_dict(), "ema": None}, ckpt)
+    loaded = fs.load_weights(fs.MLP(2, hidden=8, depth=1), ckpt)
+    pairs = zip(loaded.state_dict().values(), net.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    model_file = tmp_path / "model.pt"
+    arch = {"dim": 2, "hidden": 8, "depth": 1}
+    torch.save({"format": "flowsolve.cli-model/1", "arch": arch, "state_dict": net.state_dict(),
+                "trained": {"data": "moons", "source": "normal", "method": "cfm", "sigma": 0.0,
+                            "steps": 1, "seed": 0}}, model_file)
+    model, saved = _load_model(str(model_file), "cpu")
+    assert saved["arch"] == arch and torch.equal(model.state_dict()["net.0.weight"],
+                                                 net.state_dict()["net.0.weight"])

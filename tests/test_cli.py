@@ -1,12 +1,19 @@
 """The flowsolve command: a tiny train -> sample -> likelihood -> transfer round, and errors."""
 
+import argparse
 import math
 import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from flowsolve.cli.main import main
+import flowsolve
+from flowsolve._core.files import load_checked_file, save_checked
+from flowsolve.cli.main import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,11 @@ def test_errors_never_overwrite_and_name_the_problem(model_file, tmp_path, capsy
     assert "not a flowsolve model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(model_file), "--solver", "rk5"])
-    assert main(["sample", "--model", str(model_file), "--solver", "dopri5", "--rtol", "-1"]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--model", str(model_file), "--solver", "dopri5", "--rtol", "-1"])
+    assert exc.value.code == 2 and "--rtol must be a number in (0, 1); got -1" in \
+        capsys.readouterr().err
 
 
 def test_bad_devices_and_outputs_are_refused_before_any_work(model_file, tmp_path, capsys):
@@ -89,7 +100,7 @@ def test_outputs_use_a_private_temporary_file(model_file, tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert theirs.read_text() == "precious"
     assert torch.load(out, weights_only=True)["x"].shape == (5, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt", "s.pt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.png", "s.pt", "s.pt.tmp"]
 
 
 def test_a_result_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
@@ -149,10 +160,20 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
         "c.pt", "existing.csv", "new.csv", "other.csv", "plain", "study.json"]
 
 
-def test_a_failed_study_leaves_no_empty_report_folder(model_file, tmp_path, capsys):
+def test_a_failed_study_leaves_no_empty_report_folder(model_file, tmp_path, capsys,
+                                                       monkeypatch):
+    import flowsolve.studies.compare
+
+    def fail(*args, **kwargs):
+        raise ValueError("the study failed")
+
     out = tmp_path / "study"
-    assert main(["compare", "--model", str(model_file), "--solvers", "rk5",
-                 "--out", str(out)]) == 2
+    with monkeypatch.context() as m:
+        m.setattr(flowsolve.studies.compare, "compare_solvers", fail)
+        assert main(["compare", "--model", str(model_file), "--out", str(out)]) == 2
+    assert "the study failed" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # an unknown solver: refused before the folder is made
+        main(["compare", "--model", str(model_file), "--solvers", "rk5", "--out", str(out)])
     assert "rk5" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):
         main(["compare", "--model", str(model_file), "--budget-steps", "0", "--out", str(out)])
@@ -227,3 +248,266 @@ def test_compare_pins_intra_op_threads_records_them_and_restores_them(model_file
     with pytest.raises(SystemExit):
         main(["compare", "--model", str(model_file), "--threads", "0"])
     assert "--threads must be >= 1; got 0" in capsys.readouterr().err
+
+
+# -- help, version, start-up -------------------------------------------------------------------
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def _shown(default) -> str:
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+def test_every_option_has_help_that_shows_its_default():
+    commands = _commands()
+    assert sorted(commands) == ["compare", "demo", "likelihood", "sample", "train", "transfer"]
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            formatter = parser.formatter_class(prog=f"flowsolve {name}")
+            formatter.add_argument(action)
+            text = " ".join(formatter.format_help().split())  # as --help prints it, unwrapped
+            flag = action.option_strings[-1]
+            assert action.help and action.help.strip(), f"{name} {flag}: no help"
+            if action.required or isinstance(action.default, bool):
+                continue
+            if action.default is None:  # no value: the text says what happens without one
+                assert "(default: " in text, f"{name} {flag}: {text}"
+            else:
+                assert f"(default: {_shown(action.default)})" in text, f"{name} {flag}: {text}"
+    sample = " ".join(commands["sample"].format_help().split())
+    assert "--steps STEPS steps of a fixed-step solver" in sample and "(default: 20)" in sample
+    compare = " ".join(commands["compare"].format_help().split())
+    assert "(default: euler midpoint rk4 dopri5)" in compare
+    for flag in ("--lr", "--sigma", "--n"):
+        assert flag in " ".join(commands["train" if flag != "--n" else "sample"].format_help()
+                                .split())
+
+
+def test_help_is_plain_text_and_version_prints_the_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"flowsolve {flowsolve.__version__}\n"
+    texts = [build_parser().format_help(), *(p.format_help() for p in _commands().values())]
+    for text in texts:
+        assert "`" not in text and not re.search(r":(func|class|mod|meth|data|attr):", text)
+    top = texts[0]
+    assert top.split("\n")[2].startswith("flowsolve: the dynamics of flow-matching")
+    assert "NAME-2, NAME-3" in top and "--version" in top
+
+
+def test_help_and_version_start_without_torch():
+    """`flowsolve --help` / `--version` took about 5 s (torch, POT, scikit-learn imported by
+    the package's front door); they now import no torch, and the flat names load on use."""
+    code = textwrap.dedent("""
+        import sys
+        import flowsolve
+        assert "torch" not in sys.modules, "import flowsolve imported torch"
+        from flowsolve.cli.main import main
+        for argv in (["--help"], ["--version"]):
+            try:
+                main(argv)
+            except SystemExit as exc:
+                assert exc.code == 0
+        assert "torch" not in sys.modules, "flowsolve --help imported torch"
+        assert set(flowsolve.__all__) <= set(dir(flowsolve))
+        from flowsolve import *  # every name of __all__
+        assert sample is flowsolve.ode.solve.sample and flowsolve.ode.solve.ODE_SOLVERS
+        import flowsolve.analytic as a
+        assert a is flowsolve.truth.analytic and a.__spec__.name == "flowsolve.truth.analytic"
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: flowsolve" in done.stdout and flowsolve.__version__ in done.stdout
+
+
+# -- options that would be ignored, messages in the words of the command line ------------------
+@pytest.mark.parametrize("argv, says", [
+    (["sample", "--solver", "dopri5", "--steps", "5"], "--steps sets the steps of a fixed-step"),
+    (["sample", "--solver", "rk4", "--atol", "1e-3"], "--atol is a tolerance of an adaptive"),
+    (["sample", "--force"], "no --out is given"),
+    (["sample", "--solver", "dopri5", "--rtol", "2"], "--rtol must be a number in (0, 1)"),
+    (["likelihood", "--probes", "4"], "--probes sets the number of Hutchinson probes"),
+    (["likelihood", "--divergence", "hutchinson", "--probes", "1"], "needs two probes"),
+    (["transfer", "--target", "ve"], "starts from N(0, 50^2 I)"),
+    (["transfer", "--out", "figure.jpg"], "written as .png, .pdf, .svg"),
+    (["compare", "--solvers", "dopri5", "--budget-steps", "4"], "--solvers dopri5 has none"),
+    (["compare", "--solvers", "euler", "--tolerances", "1e-3"], "--solvers euler has none"),
+    (["compare", "--solvers", "rk4", "rk4"], "--solvers names rk4 more than once"),
+    (["compare", "--tolerances", "1e-11"], "--tolerances must lie in (1e-10, 1)"),
+])
+def test_options_that_would_be_ignored_are_refused(model_file, tmp_path, monkeypatch, capsys,
+                                                   argv, says):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([argv[0], "--model", str(model_file), *argv[1:]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--method", "cfm", "--sigma", "0.2"], "--method cfm has none"),
+    (["train", "--method", "sbcfm", "--sigma", "0"], "--method sbcfm needs --sigma > 0"),
+    (["train", "--sigma", "-1"], "--sigma must be a number >= 0"),
+    (["train", "--lr", "0"], "--lr must be a number > 0"),
+    (["demo", "--closed-form", "--steps", "5"], "--steps would be ignored"),
+    (["demo", "--scheduler", "cosine"], "--scheduler chooses the path of --closed-form"),
+])
+def test_training_and_demo_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv,
+                                                                     says):
+    out = ["--out", str(tmp_path / "m.pt")] if argv[0] == "train" else []
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *out])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_defaults_of_refusable_options_are_not_refused(model_file, capsys):
+    """Only options given are refused: an adaptive solver with the default --steps, and the
+    default --sigma of `train --method cfm` (the model file records sigma 0: no noise)."""
+    assert main(["sample", "--model", str(model_file), "--n", "5", "--solver", "dopri5",
+                 "--rtol", "1e-4"]) == 0
+    assert main(["likelihood", "--model", str(model_file), "--n", "2", "--solver", "rk4",
+                 "--steps", "2", "--divergence", "hutchinson"]) == 0
+    assert load_checked_file(model_file, "model")["trained"]["sigma"] == 0.0
+
+
+def test_library_messages_name_the_options_of_the_command_line(model_file, tmp_path, capsys):
+    # float32 samples cannot resolve rtol = atol = 1e-8: the library names rtol= / atol=
+    assert main(["sample", "--model", str(model_file), "--n", "5", "--solver", "dopri5",
+                 "--rtol", "1e-8", "--atol", "1e-8"]) == 2
+    err = capsys.readouterr().err
+    assert "--rtol 1e-08 and --atol 1e-08 are below what torch.float32" in err, err
+    assert "rtol=" not in err and "atol=" not in err and "----" not in err
+    # a solve that cannot finish: what to change here, not a traceback naming max_steps=
+    saved = load_checked_file(model_file, "model")
+    saved["state_dict"] = {k: torch.full_like(v, math.nan)
+                           for k, v in saved["state_dict"].items()}
+    save_checked(saved, tmp_path / "nan.pt")
+    assert main(["sample", "--model", str(tmp_path / "nan.pt"), "--n", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "solver rk4 stopped at t=0 (non_finite)" in err and "more --steps" in err, err
+
+
+# -- transfer: every CondOT-path model, a figure -------------------------------------------------
+def _retrained(model_file, tmp_path, **trained):
+    """``model_file``'s weights recorded as trained otherwise (the check reads the record)."""
+    saved = load_checked_file(model_file, "model")
+    saved["trained"].update(trained)
+    path = tmp_path / f"{trained['method']}-{trained['sigma']}.pt"
+    save_checked(saved, path)
+    return path
+
+
+def test_transfer_takes_ot_coupled_models_without_bridge_noise(tmp_path, capsys):
+    """Transfer is exact for a velocity of the CondOT path under any coupling of the endpoints:
+    an OT-CFM model trained with --sigma 0 is accepted, and --out draws the figure."""
+    model = tmp_path / "ot.pt"
+    assert main(["train", "--data", "moons", "--method", "otcfm", "--sigma", "0", "--steps",
+                 "5", "--batch-size", "32", "--hidden", "16", "--depth", "1",
+                 "--out", str(model)]) == 0
+    figure = tmp_path / "transfer.png"
+    assert main(["transfer", "--model", str(model), "--n", "64", "--steps", "2",
+                 "--target", "cosine", "condot", "cosine", "--out", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("condot ") == 1 and out.count("cosine ") == 1  # each scheduler once
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {figure}" in out
+    with pytest.raises(SystemExit):  # a figure is never overwritten without --force
+        main(["transfer", "--model", str(model), "--n", "8", "--out", str(figure)])
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, sigma, says", [
+    ("otcfm", 0.1, "a bridge with Gaussian noise of std 0.1"),
+    ("icfm", 0.5, "a bridge with Gaussian noise of std 0.5"),
+    ("sbcfm", 1.0, "a Brownian bridge"),
+])
+def test_transfer_refuses_models_trained_with_bridge_noise(model_file, tmp_path, capsys,
+                                                           method, sigma, says):
+    path = _retrained(model_file, tmp_path, method=method, sigma=sigma)
+    with pytest.raises(SystemExit) as exc:
+        main(["transfer", "--model", str(path), "--n", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err and "--sigma 0" in err, err
+    # the same weights recorded as sigma = 0 (I-CFM / OT-CFM on the CondOT path): accepted
+    if method != "sbcfm":
+        ok = _retrained(model_file, tmp_path, method=method, sigma=0.0)
+        assert main(["transfer", "--model", str(ok), "--n", "8", "--steps", "1"]) == 0
+
+
+def test_transfer_out_without_matplotlib_is_refused_before_any_work(model_file, tmp_path,
+                                                                     capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit):
+        main(["transfer", "--model", str(model_file), "--out", str(tmp_path / "t.png")])
+    assert "needs matplotlib" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+# -- sample --out: the .pt, a CSV and a plot ------------------------------------------------------
+def test_sample_out_writes_a_csv_and_a_plot_beside_the_pt_file(model_file, tmp_path, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "s.pt"
+    assert main(["sample", "--model", str(model_file), "--n", "7", "--steps", "2",
+                 "--out", str(out)]) == 0
+    x = torch.load(out, weights_only=True)["x"]
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0] == "x,y" and len(rows) == 8
+    torch.testing.assert_close(torch.tensor([[float(v) for v in r.split(",")] for r in rows[1:]]),
+                               x, rtol=1e-7, atol=1e-7)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+    # the files beside it are checked like --out itself, before any work
+    (tmp_path / "t.png").write_text("mine")
+    for bad, says in [(tmp_path / "t.pt", "t.png exists"), (tmp_path / "u.csv", "the .pt file")]:
+        with pytest.raises(SystemExit):
+            main(["sample", "--model", str(model_file), "--out", str(bad)])
+        assert says in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.png", "s.pt", "t.png"]
+    # without matplotlib: no plot, and with --force the earlier run's plot is removed
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["sample", "--model", str(model_file), "--n", "3", "--steps", "2",
+                 "--out", str(out), "--force"]) == 0
+    said = capsys.readouterr().out
+    assert "matplotlib not installed: no plot; removed the earlier run's" in said
+    assert not (tmp_path / "s.png").exists() and len((tmp_path / "s.csv").read_text().split()) == 4
+
+
+def test_compare_writes_into_a_fresh_numbered_folder_when_out_exists(model_file, tmp_path,
+                                                                      capsys):
+    """As the README says: an existing --out is never written into without --force."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["compare", "--model", str(model_file), *_COMPARE, "--out", str(out)]) == 0
+    assert f"wrote {tmp_path / 'study-2'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "study-2" / "study.json").is_file()
+
+
+def test_the_readme_command_lines_parse():
+    """Every `flowsolve ...` line of the README's command-line block is accepted as written
+    (parsed only: the options and their values exist)."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [part.strip() for line in block.splitlines()
+             for part in line.split("#", 1)[0].split(";") if part.strip()]
+    assert len(lines) >= 7 and any("transfer" in line and "--out" in line for line in lines)
+    parser = build_parser()
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0].startswith("--") or argv[-1] == "--help":
+            continue  # --version, COMMAND --help: they print and exit
+        args = parser.parse_args(argv)
+        assert args.command == argv[0]

@@ -611,3 +611,54 @@ def test_a_generator_that_is_not_a_torch_generator_is_refused(coupling, generato
     extras = (torch.arange(6) % 2,) if isinstance(coupling, ClassConditionalOT) else ()
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got"):
         coupling(x0, x1, *extras, generator=generator)
+
+
+_OVERFLOWING = [OTCoupling("exact"), OTCoupling("sinkhorn", reg=0.1),
+                OTCoupling("sinkhorn", fallback=None), OTCoupling("sinkhorn", normalize=None),
+                OTCoupling("exact", cost="euclidean"), ClassConditionalOT("exact")]
+
+
+@pytest.mark.parametrize("coupling", _OVERFLOWING,
+                         ids=["exact", "sinkhorn", "no-fallback", "unnormalised", "euclidean",
+                              "class"])
+def test_a_cost_that_overflows_is_named_an_overflow_not_non_finite_data(coupling, gen):
+    """Finite points near 1e200 have squared distances beyond float64's range: the cost
+    matrix overflows. That was reported as "x0 and x1 must be finite" (exact, and Sinkhorn
+    through its exact fallback) or as a Sinkhorn that "did not converge" after 2000
+    iterations (fallback=None)."""
+    x0, x1 = _batches(gen, 10)
+    extras = (torch.arange(10) % 2,) if isinstance(coupling, ClassConditionalOT) else ()
+    for a, b, k in ((1e200 * x0, 1e200 * x1, 100), (x0, torch.cat([x1[:9], 1e200 * x1[9:]]), 10)):
+        with pytest.raises(ValueError) as info:
+            coupling.plan(a, b, *extras)
+        says = str(info.value)
+        assert "cost matrix overflowed" in says and "Rescale the data" in says, says
+        assert "x0 and x1 are finite" in says and "float64" in says, says
+        if not extras:
+            assert f"{k} of the 10x10" in says, says
+    # non-finite points are named as such, per side, with their count
+    bad = x1.clone()
+    bad[2, 1], bad[5, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"x0 and x1 must be finite; got 2 non-finite "
+                                         r"entries in x1 \(none in x0\)"):
+        coupling.plan(x0, bad, *extras)
+
+
+def test_a_callable_cost_that_returns_non_finite_values_is_named(gen):
+    x0, x1 = _batches(gen, 8)
+    cost = lambda a, b: torch.cdist(a, b).square() * torch.inf  # noqa: E731
+    with pytest.raises(ValueError, match=r"cost returned 64 non-finite entries \(of 8x8\) on "
+                                         r"finite x0 and x1"):
+        OTCoupling("exact", cost=cost).plan(x0, x1)
+
+
+def test_settings_are_those_that_decide_the_pairs():
+    """What a training checkpoint records of a coupling: Sinkhorn's settings only where
+    Sinkhorn runs."""
+    full = {"method": "sinkhorn", "cost": "euclidean", "reg": 0.1, "normalize": "mean",
+            "max_iter": None, "tol": 1e-4, "keep": "x1", "fallback": "exact", "domain": "auto"}
+    for cls in (OTCoupling, ClassConditionalOT):
+        assert cls("sinkhorn", cost="euclidean", reg=0.1).settings() == full
+        assert cls("exact", reg=0.1, max_iter=7).settings() == {
+            "method": "exact", "cost": "sqeuclidean", "max_iter": 7, "keep": "x1"}
+    assert IndependentCoupling().settings() == PairedCoupling().settings() == {}

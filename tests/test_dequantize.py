@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from flowsolve.likelihood.bits import bits_per_dim, dequantize, discrete_bits_per_dim
+import flowsolve as fs
+from flowsolve.likelihood.bits import (
+    bits_per_dim,
+    continuous_bits_per_dim,
+    dequantize,
+    discrete_bits_per_dim,
+)
 
 F64 = torch.float64
 
@@ -77,3 +83,31 @@ def test_log_prob_fn_must_return_one_value_per_sample(bad):
     k = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"must return \(3,\) log-densities.*got \(3, (4|1)\)"):
         discrete_bits_per_dim(bad, k, dtype=F64)
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.0, True, None], ids=repr)
+def test_a_dimension_that_is_not_a_positive_int_is_refused(dim):
+    """bits/dim of D = 0 entries was NaN (0 / 0) or inf; a float or bool D is no count."""
+    lp = torch.tensor([-3.0, 1.0], dtype=F64)
+    for fn in (bits_per_dim, continuous_bits_per_dim):
+        with pytest.raises(ValueError, match=rf"dim must be a positive int.*got {dim!r}"):
+            fn(lp, dim)
+    with pytest.raises(ValueError, match=r"at least one sample of at least one entry; got "
+                       r"\(3, 0\)"):
+        discrete_bits_per_dim(lambda y: y.sum(1), torch.zeros(3, 0, dtype=torch.long))
+
+
+def test_continuous_bits_per_dim_is_the_density_in_bits():
+    """-log p(x) / (D ln 2): for N(0, I) in D dims at x = 0, log p = -(D/2) log(2 pi), so
+    bits/dim = log2(2 pi) / 2 whatever D; no cell volume is added, unlike the dequantised
+    bits/dim of the same log-density (+7 for 8-bit data in [-1, 1]); a float in, a float
+    out; the flat name fs.continuous_bits_per_dim is the same function."""
+    for d in (1, 2, 48):
+        lp = fs.StandardNormal(d).log_prob(torch.zeros(3, d, dtype=F64))
+        torch.testing.assert_close(continuous_bits_per_dim(lp, d),
+                                   torch.full((3,), 0.5 * math.log2(2 * math.pi), dtype=F64),
+                                   rtol=0, atol=1e-14)
+        torch.testing.assert_close(bits_per_dim(lp, d) - continuous_bits_per_dim(lp, d),
+                                   torch.full((3,), 7.0, dtype=F64), rtol=0, atol=1e-12)
+    assert continuous_bits_per_dim(-10 * math.log(2), 5) == 2.0
+    assert fs.continuous_bits_per_dim is continuous_bits_per_dim

@@ -1,12 +1,14 @@
 """Data-set evaluation: order, resumption, and sharding across two gloo ranks."""
 
 import os
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from flowsolve._core.files import save_checked
 from flowsolve.likelihood.dataset import evaluate_dataset, shard_bounds
 
 
@@ -128,3 +130,75 @@ def test_rank_checkpoint_from_another_world_size_is_refused(tmp_path, gen, monke
     _fake_rank(monkeypatch, 0, 3)
     with pytest.raises(ValueError, match=r"slice \[0, 4\) of 2 ranks.*\[0, 3\) of 3 ranks"):
         evaluate_dataset(squared_norm, data, batch_size=2, checkpoint=ckpt, progress=False)
+
+
+def test_an_empty_data_set_is_refused():
+    """It returned {} (every key missing) rather than say there was nothing to evaluate."""
+    with pytest.raises(ValueError, match=r"data is empty \(len 0\).*at least one sample"):
+        evaluate_dataset(squared_norm, torch.empty(0, 2), progress=False)
+    with pytest.raises(ValueError, match="data is empty"):
+        evaluate_dataset(squared_norm, [], progress=False)
+
+
+def _stop_after_first(batch, offset):
+    if offset > 0:
+        raise RuntimeError("stop")
+    return squared_norm(batch, offset)
+
+
+def test_resume_compares_the_fingerprint_and_the_data_evaluated(tmp_path, gen):
+    """The checkpoint records the caller's fingerprint and a hash of the samples already
+    evaluated ([0, 4) here): another fingerprint, or other values among those samples, are
+    refused, each named; other values only among the samples not yet evaluated are not a
+    difference (they are evaluated now)."""
+    data = torch.randn(8, 2, generator=gen)
+    ckpt = tmp_path / "ll.pt"
+    fp = {"solver": "rk4", "t_interval": (0.0, 1.0), "weights": "sha256:ab"}
+    with pytest.raises(RuntimeError):
+        evaluate_dataset(_stop_after_first, data, batch_size=4, checkpoint=ckpt, progress=False,
+                         fingerprint=fp)
+    where = re.escape(str(ckpt))
+    with pytest.raises(ValueError, match=rf"checkpoint {where} was written with solver='rk4' "
+                       r"\(this call: 'euler'\); with weights='sha256:ab' \(this call: "
+                       r"\(not recorded\)\)\. .*or remove"):
+        evaluate_dataset(squared_norm, data, batch_size=4, checkpoint=ckpt, progress=False,
+                         fingerprint={"solver": "euler", "t_interval": (0.0, 1.0)})
+    other = data.clone()
+    other[2, 1] += 1e-6
+    with pytest.raises(ValueError, match=r"for other data: the 4 samples already evaluated "
+                       r"\(\[0, 4\)\) differ"):
+        evaluate_dataset(squared_norm, other, batch_size=4, checkpoint=ckpt, progress=False,
+                         fingerprint=fp)
+    with pytest.raises(ValueError, match="for other data"):  # same values, another dtype
+        evaluate_dataset(squared_norm, data.double(), batch_size=4, checkpoint=ckpt,
+                         progress=False, fingerprint=fp)
+    later = data.clone()
+    later[6] = 0.0  # not yet evaluated: resumes, and the result is this call's data
+    out = evaluate_dataset(squared_norm, [(row, 0) for row in later], batch_size=4,
+                           checkpoint=ckpt, progress=False, fingerprint=dict(fp))
+    torch.testing.assert_close(out["sq"], (later**2).sum(1))
+
+
+def test_a_checkpoint_without_a_fingerprint_resumes_with_a_warning(tmp_path, gen):
+    """Files written before the fingerprint (n and batch_size; the oldest without the
+    slice) resume, saying what was not checked; the saved batch is used (marked -1)."""
+    data = torch.randn(8, 2, generator=gen)
+    ckpt = tmp_path / "ll.pt"
+    first = {"sq": [torch.full((4,), -1.0)], "index": [torch.arange(4)]}
+    for extra in ({"start": 0, "end": 8, "world_size": 1}, {}):
+        save_checked({"next": 4, "results": first, "n": 8, "batch_size": 4, **extra}, ckpt)
+        with pytest.warns(UserWarning, match=r"written before .* only the number of samples "
+                          r"and the batch size were checked.*4 samples already evaluated"):
+            out = evaluate_dataset(squared_norm, data, batch_size=4, checkpoint=ckpt,
+                                   progress=False, fingerprint={"solver": "rk4"})
+        torch.testing.assert_close(out["sq"], torch.cat([torch.full((4,), -1.0),
+                                                         (data[4:] ** 2).sum(1)]))
+        assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"a": 1}, torch.zeros(1), object()],
+                         ids=["list", "dict", "tensor", "object"])
+def test_fingerprint_values_must_be_plain(bad):
+    with pytest.raises(TypeError, match=r"fingerprint\['x'\] must be a str, int, float"):
+        evaluate_dataset(squared_norm, torch.zeros(2, 2), progress=False,
+                         fingerprint={"x": bad})

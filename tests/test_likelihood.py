@@ -1,6 +1,7 @@
 """Exact CNF log-likelihoods against closed forms (float64, tight tolerances)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,9 +9,12 @@ from _cases import random_mixture as mixture
 
 import flowsolve as fs
 from flowsolve import analytic
+from flowsolve._core.files import save_checked
 from flowsolve.likelihood.cnf import (
+    DatasetLikelihood,
     dataset_bits_per_dim,
     dataset_log_likelihood,
+    field_fingerprint,
     log_likelihood,
     score_log_likelihood,
 )
@@ -305,7 +309,9 @@ def _ll_worker(rank, world, init_file, x, out_dir):
     try:
         data = fs.Gaussian(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
         u = analytic.marginal_velocity(data, fs.AffineGaussianPath(fs.CondOTScheduler()))
-        out = dataset_log_likelihood(u, x, batch_size=3, progress=False, solver="rk4", steps=8)
+        # the result indexes like the dict of earlier versions, and dict() of it is one
+        out = dict(dataset_log_likelihood(u, x, batch_size=3, progress=False, solver="rk4",
+                                          steps=8))
         k = ((x.clamp(-0.999, 0.999) + 1) * 128).floor().long()
         bpd = dataset_bits_per_dim(u, k, draws=2, batch_size=3, seed=5, progress=False, **HUTCH)
         out.update(bpd=bpd.bpd, nll_nats=bpd.nll_nats)
@@ -379,3 +385,260 @@ def test_image_shaped_input_closed_form(divergence, gen):
     expected = analytic.StandardNormal(64).log_prob(math.exp(-a) * x.flatten(1)) - 64 * a
     torch.testing.assert_close(res.log_prob, expected, rtol=0, atol=1e-6)
     assert res.x0.shape == x.shape
+
+
+# -- the VE default prior ------------------------------------------------------------------
+def test_score_likelihood_on_a_ve_path_matches_the_mixture_density(gen):
+    """VE (sigma_max = 50): the default prior is N(0, 50^2 I) at t = 0, an approximation of
+    the exact p_0 = data * N(0, 50^2 I) that is good to a few hundredths of a nat here,
+    against log 50 = 3.9 nats per sample (2-D) for a prior that subtracts log(std) once
+    instead of d times. With the exact p_0 in its place the solve itself is exact (1e-4)."""
+    data = mixture(gen, 2)
+    path = fs.AffineGaussianPath(fs.VEScheduler())
+    score = analytic.marginal_score(data, path)
+    x = data.sample(3, generator=gen, dtype=F64)
+    res = score_log_likelihood(score, x, path, t_interval=(0.0, 1.0), solver="rk4", steps=64)
+    exact = analytic.marginal_log_prob(data, path)  # p_1 = data * N(0, sigma_min^2 I)
+    exact_p0 = exact(res.x0, 0.0)
+    torch.testing.assert_close(res.log_prob - res.prior_log_prob + exact_p0, exact(x, 1.0),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(res.log_prob, exact(x, 1.0), rtol=0, atol=0.05)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(50.0, dtype=F64))
+    torch.testing.assert_close(res.prior_log_prob, normal.log_prob(res.x0).sum(-1), rtol=0,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (3, 2, 3)], ids=["d=2", "d=6 image"])
+@pytest.mark.parametrize("sched", [fs.VEScheduler(), fs.VEScheduler(0.05, 7.0)], ids=repr)
+def test_default_score_prior_is_the_normal_of_the_source_std(sched, shape, gen):
+    """A zero score on VE is a zero velocity: x0 = x and log p = log N(x; 0, std^2 I), the
+    sum over all d entries of torch's Normal(0, std) log-density (std = sigma_max != 1)."""
+    path = fs.AffineGaussianPath(sched)
+    x = 30 * torch.randn(shape, generator=gen, dtype=F64)
+    res = score_log_likelihood(lambda z, t: torch.zeros_like(z), x, path, solver="euler",
+                               steps=1)
+    std = torch.tensor(sched.sigma_max, dtype=F64)
+    expected = torch.distributions.Normal(torch.zeros((), dtype=F64), std).log_prob(x)
+    torch.testing.assert_close(res.log_prob, expected.flatten(1).sum(-1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(fs.StandardNormal(math.prod(shape[1:]), std=sched.sigma_max)
+                               .log_prob(x.flatten(1)), res.log_prob, rtol=0, atol=1e-10)
+
+
+# -- the prior is checked like the field ---------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_prior_returning_non_finite_values_is_refused(bad):
+    x = torch.zeros(3, 2, dtype=F64)
+
+    def prior(z):  # finite for samples 0 and 2, `bad` for sample 1
+        out = fs.StandardNormal(2).log_prob(z)
+        out[1] = bad
+        return out
+
+    with pytest.raises(ValueError, match=rf"prior log_prob returned {bad!r} for sample 1 \(1 of "
+                       r"3 non-finite\) from prior=.*test_a_prior_returning_non_finite_values"
+                       r".*prior.*x0 = \[0.0, 0.0\]"):
+        log_likelihood(lambda z, t: 0 * z, x, prior=prior, solver="euler", steps=1)
+    nan_dist = torch.distributions.Independent(torch.distributions.Normal(
+        torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64)), 1)
+    nan_dist.base_dist.loc = torch.full((2,), float("nan"), dtype=F64)  # a broken prior object
+    with pytest.raises(ValueError, match=r"returned nan for sample 0.*prior=.*Independent"):
+        log_likelihood(lambda z, t: 0 * z, x, prior=nan_dist, solver="euler", steps=1)
+
+
+# -- the data set's result -----------------------------------------------------------------
+def test_dataset_log_likelihood_has_a_mean_with_its_standard_error():
+    """u = 0 and prior N(0, s^2 I): log p_1(x) = log N(x; 0, s^2 I) exactly. The result's
+    mean is the plain mean over the N samples and its standard error the sample standard
+    deviation (n - 1) over sqrt(N); the dict keys of earlier versions still index it."""
+    s, n = 0.75, 7  # s^2 exact in float32, the dtype StandardNormal builds its variances in
+    x = torch.linspace(-2, 2, 2 * n, dtype=F64).reshape(n, 2)
+    res = dataset_log_likelihood(lambda z, t: torch.zeros_like(z), x, batch_size=3,
+                                 prior=fs.StandardNormal(2, std=s), solver="euler", steps=1,
+                                 progress=False)
+    exact = -0.5 * (x / s).square().sum(1) - 2 * math.log(s) - math.log(2 * math.pi)
+    assert isinstance(res, DatasetLikelihood) and res.divergence == "exact (auto)"
+    torch.testing.assert_close(res.log_prob, exact, rtol=0, atol=1e-12)
+    mean = exact.sum() / n
+    stderr = ((exact - mean).square().sum() / (n - 1)).sqrt() / math.sqrt(n)
+    torch.testing.assert_close(res.mean_log_prob, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.mean_log_prob_stderr, stderr, rtol=0, atol=1e-12)
+    # the dict of earlier versions: res["log_prob"], keys(), dict(res), "stderr" in res
+    assert res["log_prob"] is res.log_prob and res["nfe"] is res.nfe
+    assert list(res.keys()) == ["log_prob", "nfe"] and set(dict(res)) == {"log_prob", "nfe"}
+    assert "stderr" not in res and res.stderr is None and res.get("stderr") is None
+    with pytest.raises(KeyError, match="stderr"):
+        res["stderr"]
+    hutch = dataset_log_likelihood(lambda z, t: torch.zeros_like(z), x[:1], batch_size=3,
+                                   divergence="hutchinson", n_probes=2, solver="euler",
+                                   steps=1, progress=False)
+    assert "stderr" in hutch and hutch["stderr"] is hutch.stderr and hutch.stderr.shape == (1,)
+    assert hutch.divergence == "hutchinson (rademacher, k=2)"
+    assert math.isnan(hutch.mean_log_prob_stderr.item())  # one sample: no spread
+
+
+def test_an_empty_data_set_is_refused():
+    zero = lambda z, t: torch.zeros_like(z)  # noqa: E731
+    with pytest.raises(ValueError, match=r"data is empty \(len 0\).*log-likelihood"):
+        dataset_log_likelihood(zero, torch.empty(0, 2, dtype=F64), solver="euler", steps=1,
+                               progress=False)
+    with pytest.raises(ValueError, match=r"data is empty \(len 0\).*bits/dim"):
+        dataset_bits_per_dim(zero, torch.empty(0, 2, dtype=torch.long), solver="euler",
+                             steps=1, progress=False)
+
+
+# -- resuming a data-set evaluation --------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class _StopsAt:
+    """``x`` as a data set of samples that stops (``_Stop``) at sample ``stop``: the
+    evaluation is interrupted there, leaving a checkpoint of the batches before it."""
+
+    def __init__(self, x, stop):
+        self.x, self.stop = x, stop
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i >= self.stop:
+            raise _Stop
+        return self.x[i]
+
+
+RESUME = dict(solver="rk4", steps=2, divergence="hutchinson", n_probes=2, probe="rademacher",
+              seed=5, batch_size=4, progress=False)
+
+
+def _other_weights():
+    field = _LinearField(3)
+    with torch.no_grad():
+        field.a[0, 0] += 1e-9
+    return field
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(solver="dopri5", steps=None), r"with solver='rk4' \(this call: 'dopri5'\)"),
+    (dict(steps=3), r"with steps=2 \(this call: 3\)"),
+    (dict(rtol=1e-7), r"with rtol=None \(this call: 1e-07\)"),
+    (dict(atol=1e-7), r"with atol=None \(this call: 1e-07\)"),
+    (dict(divergence="exact"), r"with divergence='hutchinson' \(this call: 'exact'\).*"
+                               r"with n_probes=2 \(this call: \(not recorded\)\)"),
+    (dict(n_probes=3), r"with n_probes=2 \(this call: 3\)"),
+    (dict(probe="gaussian"), r"with probe='rademacher' \(this call: 'gaussian'\)"),
+    (dict(seed=6), r"with seed=5 \(this call: 6\)"),
+    (dict(t_interval=(0.0, 0.5)), r"with t_interval=\(0.0, 1.0\) \(this call: \(0.0, 0.5\)\)"),
+    (dict(prior=fs.StandardNormal(3, std=2.0)),
+     r"with prior='N\(0, I\)' \(this call: 'StandardNormal\(K=1, d=3"),
+    (dict(field=_other_weights()), r"with field weights='sha256:\w+' \(this call: 'sha256:"),
+    (dict(field=lambda z, t: 0.3 * z), r"with field='test_likelihood._LinearField' \(this call: "
+                                        r"'.*<lambda>'\)"),
+    (dict(batch_size=5), r"for 10 samples in batches of 4 \(this call: 10 samples in batches "
+                         r"of 5\)"),
+    (dict(data="other"), r"for other data: the 4 samples already evaluated \(\[0, 4\)\)"),
+    (dict(data="float32"), r"for other data"),
+    (dict(solver="euler", seed=9), r"with seed=5 \(this call: 9\); with solver='rk4' "
+                                   r"\(this call: 'euler'\)"),
+], ids=["solver", "steps", "rtol", "atol", "divergence", "n_probes", "probe", "seed",
+        "t_interval", "prior", "weights", "plain callable", "batch_size", "data", "dtype",
+        "every difference"])
+def test_resuming_with_anything_that_changes_the_numbers_is_refused(tmp_path, change, message):
+    """Interrupted after its first batch (samples [0, 4)), the evaluation resumes only with
+    the same model, settings and data: each change is refused by name, with what to do."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ckpt = tmp_path / "ll.pt"
+    with pytest.raises(_Stop):
+        dataset_log_likelihood(_LinearField(3), _StopsAt(x, 4), checkpoint=ckpt, **RESUME)
+    kwargs = {**RESUME, **change}
+    field = kwargs.pop("field", _LinearField(3))
+    data = kwargs.pop("data", "same")
+    data = {"same": x, "other": torch.cat([x[:3], x[3:] + 1e-12]), "float32": x.float()}[data]
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(ckpt))} was written "
+                       rf"{message}.*resume with the same data and settings.*or remove .*ll.pt"):
+        dataset_log_likelihood(field, data, checkpoint=ckpt, **kwargs)
+    assert ckpt.exists()  # left for a resume with the right settings
+
+
+def test_resuming_with_the_same_settings_continues_bit_for_bit(tmp_path):
+    """The same model (another instance, equal weights), settings and data resume; what only
+    changes memory or gradients (chunk_size) may change; the result equals an uninterrupted
+    run bit for bit."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    whole = dataset_log_likelihood(_LinearField(3), x, **RESUME)
+    ckpt = tmp_path / "ll.pt"
+    with pytest.raises(_Stop):
+        dataset_log_likelihood(_LinearField(3), _StopsAt(x, 8), checkpoint=ckpt, **RESUME)
+    assert torch.load(ckpt, weights_only=True)["next"] == 8
+    resumed = dataset_log_likelihood(_LinearField(3), x.clone(), checkpoint=ckpt,
+                                     chunk_size=2, **RESUME)
+    assert torch.equal(resumed.log_prob, whole.log_prob)
+    assert torch.equal(resumed.stderr, whole.stderr) and not ckpt.exists()
+
+
+def test_a_checkpoint_from_before_the_fingerprint_still_resumes(tmp_path):
+    """A file written by the previous version (number of samples, batch size, the slice and
+    the results, checksummed) resumes with a warning, and its saved results are used: the
+    saved first batch is marked (+100) to show that it was not recomputed."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    whole = dataset_log_likelihood(_LinearField(3), x, **RESUME)
+    marked = whole.log_prob[:4] + 100
+    legacy = {"next": 4, "results": {"log_prob": [marked], "nfe": [whole.nfe[:4]],
+                                     "stderr": [whole.stderr[:4]]},
+              "n": 10, "batch_size": 4, "start": 0, "end": 10, "world_size": 1}
+    ckpt = tmp_path / "ll.pt"
+    save_checked(legacy, ckpt)
+    with pytest.warns(UserWarning, match=r"written before flowsolve recorded.*only the number "
+                      r"of samples and the batch size were checked"):
+        resumed = dataset_log_likelihood(_LinearField(3), x, checkpoint=ckpt, **RESUME)
+    torch.testing.assert_close(resumed.log_prob, torch.cat([marked, whole.log_prob[4:]]),
+                               rtol=0, atol=0)
+    assert not ckpt.exists()
+
+
+def test_bits_per_dim_checkpoint_records_the_dequantisation(tmp_path):
+    k = torch.randint(0, 256, (7, 3), generator=torch.Generator().manual_seed(4))
+    kw = dict(draws=2, batch_size=3, seed=3, progress=False, **HUTCH)
+    ckpt = tmp_path / "bpd.pt"
+    with pytest.raises(_Stop):
+        dataset_bits_per_dim(_wavy, _StopsAt(k, 3), checkpoint=ckpt, **kw)
+    for change, message in [(dict(draws=3), "with draws=2 \\(this call: 3\\)"),
+                            (dict(n_bins=128), "with n_bins=256 \\(this call: 128\\)"),
+                            (dict(importance_weighted=True), "with importance_weighted=False"),
+                            (dict(low=0.0), "with low=-1.0 \\(this call: 0.0\\)"),
+                            (dict(dtype=torch.float32), "with dtype='torch.float64'"),
+                            (dict(steps=5), "with steps=4 \\(this call: 5\\)")]:
+        with pytest.raises(ValueError, match=message):
+            dataset_bits_per_dim(_wavy, k, checkpoint=ckpt, **{**kw, **change})
+    whole = dataset_bits_per_dim(_wavy, k, **kw)
+    assert torch.equal(dataset_bits_per_dim(_wavy, k, checkpoint=ckpt, **kw).bpd, whole.bpd)
+
+
+def test_a_plain_callable_records_its_name_and_what_it_holds():
+    """What a checkpoint records of a field that is not an nn.Module: its qualified name,
+    the weights of a module it closes over, the tensors and numbers it holds; not the lists
+    it appends to (logs, counters)."""
+    net = _LinearField(3)
+    log = []
+
+    def closure(z, t):
+        log.append(t)
+        return net(z, t)
+
+    before = field_fingerprint(closure)
+    assert before["field"].endswith("test_a_plain_callable_records_its_name_and_what_it_holds"
+                                    ".<locals>.closure")
+    closure(torch.zeros(1, 3, dtype=F64), 0.5)  # the log grows: nothing recorded changes
+    assert field_fingerprint(closure) == before
+    with torch.no_grad():
+        net.b[0] += 1e-12
+    after = field_fingerprint(closure)
+    assert after["field weights"] != before["field weights"]
+    assert after["field settings"] == before["field settings"]
+    scale = 0.3
+    scaled = lambda z, t: scale * z  # noqa: E731
+    record = field_fingerprint(scaled)
+    assert record["field weights"] is None  # no tensor to hash: name and numbers only
+    scale = 0.4
+    assert field_fingerprint(scaled)["field settings"] != record["field settings"]
+    assert field_fingerprint(_wavy)["field"] == "test_likelihood._wavy"

@@ -33,3 +33,18 @@ def test_a_study_reports_its_runs(capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("compare: 100%")
     fs.compare_solvers(u, x0, solvers=["euler"], steps=[2, 4], repeats=1, warmup=0)
     assert capsys.readouterr().err == ""
+
+
+def test_training_and_dataset_likelihood_report_through_the_bar(capsys):
+    net = fs.MLP(2, hidden=8, depth=1, generator=torch.Generator().manual_seed(0))
+    cfg = fs.TrainConfig(steps=4, batch_size=8, log_every=2, ema_decay=None)
+    fs.train(net, "moons", cfg, generator=torch.Generator().manual_seed(0))
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("train: 100%") and "4/4" in last and "loss=" in last
+    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4),
+                                      fs.AffineGaussianPath(fs.CondOTScheduler()))
+    x = fs.GaussianMixture.ring(4).sample(6, generator=torch.Generator().manual_seed(0))
+    fs.dataset_log_likelihood(u, x, batch_size=3, solver="rk4", steps=2)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("log-likelihood: 100%")
+    assert "6/6" in err.splitlines()[-1]

@@ -340,7 +340,7 @@ def test_csv_and_json_round_trip(ode_study, tmp_path):
     ode_study.to_csv(csv_path)
     ode_study.to_json(json_path)
     ode_study.to_json(json_path)  # replacing an existing file
-    assert Study.read_csv(csv_path) == ode_study.records
+    assert Study.from_csv(csv_path).records == ode_study.records
     back = Study.from_json(json_path)
     assert (back.records, back.orders, back.meta) == (ode_study.records, ode_study.orders,
                                                       ode_study.meta)

@@ -47,3 +47,40 @@ def test_a_study_times_with_its_threads_and_restores_the_users(two_threads):
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="threads must be None"):
         fs.compare_solvers(field, x0, solvers=["euler"], steps=[2, 4], threads=0)
+
+
+def test_training_runs_with_its_threads_and_records_them(two_threads):
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, t):
+            seen.append(torch.get_num_threads())
+            return self.lin(torch.cat([x, t.expand(x.shape[0])[:, None]], 1))
+
+    cfg = fs.TrainConfig(steps=3, batch_size=8, log_every=1, ema_decay=None, progress=False)
+    res = fs.train(Net(), "moons", cfg, threads=1, generator=torch.Generator().manual_seed(0))
+    assert set(seen) == {1} and res.threads == 1
+    assert torch.get_num_threads() == 2
+    res = fs.train(Net(), "moons", cfg, generator=torch.Generator().manual_seed(0))
+    assert res.threads == 2  # torch's own setting, recorded
+    with pytest.raises(ValueError, match="threads must be None"):
+        fs.train(Net(), "moons", cfg, threads=0)
+
+
+def test_a_dataset_likelihood_runs_with_its_threads(two_threads):
+    path = fs.AffineGaussianPath(fs.CondOTScheduler())
+    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4), path)
+    seen = []
+
+    def field(x, t):
+        seen.append(torch.get_num_threads())
+        return u(x, t)
+
+    x = fs.GaussianMixture.ring(4).sample(6, generator=torch.Generator().manual_seed(0))
+    fs.dataset_log_likelihood(field, x, batch_size=3, solver="rk4", steps=2, progress=False,
+                              threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == 2

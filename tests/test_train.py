@@ -19,6 +19,7 @@ from torch import nn
 import flowsolve as fs
 from flowsolve import analytic
 from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.training import pipeline
 from flowsolve.training.data import LabeledSamples, sample_labeled
 from flowsolve.training.ema import EMA
 from flowsolve.training.loop import BatchProducer, TrainConfig, load_weights, train
@@ -499,8 +500,94 @@ def test_a_diverging_loss_stops_the_run():
         def forward(self, x, t):
             return self.w * x
 
-    with pytest.raises(FloatingPointError, match="at step 2: lower config.lr"):
+    with pytest.raises(FloatingPointError, match="at step 2: lower config.lr or set "
+                       r"config.grad_clip \(the training data of steps 1 to 2 is finite\)"):
         train(Exploding(), "moons", quiet(steps=5, log_every=2, ema_decay=None))
+
+
+def test_a_model_without_trainable_parameters_is_refused_up_front():
+    """A parameterless model crashed with a bare StopIteration; a frozen one deep in
+    backward()."""
+    with pytest.raises(ValueError, match="model must have parameters to train; got a "
+                                         r"Sequential with none \(model.parameters\(\) is empty"):
+        train(nn.Sequential(), "moons", quiet(steps=1))
+    with pytest.raises(ValueError, match="got a MLP whose 4 parameters all have "
+                                         "requires_grad=False"):
+        train(small().requires_grad_(False), "moons", quiet(steps=1))
+
+
+def _first_batch_holding(row, x, seed, side="x1"):
+    """The first batch of a run of seed ``seed`` on data (side x1) or source (x0) ``x``
+    that holds x[row]."""
+    producer = BatchProducer(x, source=x, batch_size=16, seed=seed)
+    return next(k for k in range(100)
+                if (getattr(producer.draw(k), side) == x[row]).all(1).any())
+
+
+@pytest.mark.parametrize("coupling, workers", [(None, 0), ("ot", 0), ("ot", 1)],
+                         ids=["no-coupling", "ot", "ot-in-a-worker"])
+def test_non_finite_training_data_is_named_with_its_batch(coupling, workers):
+    """A NaN in the data was reported as a diverging run ("lower config.lr"), or by the
+    OT coupling as "x0 and x1 must be finite" without saying which batch. The batch is
+    checked as drawn: the error names the batch, the step, the side and the count."""
+    coupling = fs.OTCoupling("exact") if coupling else None
+    cfg = quiet(steps=12, batch_size=16, log_every=6, num_workers=workers)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    seed = train(small(), x, quiet(steps=1, batch_size=16), generator=g()).seed
+    bad = x.clone()
+    bad[37] = torch.tensor([float("nan"), float("inf")])
+    k = _first_batch_holding(37, x, seed)
+    with pytest.raises(ValueError, match=re.escape(
+            f"non-finite training data in batch {k} (training step {k + 1}): x1 (the data) "
+            "has 2 non-finite entries. Training needs finite data: clean or filter")):
+        train(small(), bad, cfg, coupling=coupling, generator=g())
+    # the source side
+    k = _first_batch_holding(37, x, seed, "x0")
+    with pytest.raises(ValueError, match=re.escape(
+            f"batch {k} (training step {k + 1}): x0 (the source) has 2 non-finite entries")):
+        train(small(), x, cfg, source=bad, coupling=coupling, generator=g())
+
+
+def test_data_that_overflows_the_models_dtype_is_named(tmp_path):
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with pytest.raises(ValueError, match=r"batch 0 \(training step 1\): x1 \(the data\) has 32 "
+                                         r"non-finite entries, finite as drawn in float64 "
+                                         r"\(largest magnitude .*e\+300\) but beyond the range "
+                                         r"of float32, the batches' dtype \(the model's in "
+                                         r"training\)\. .*rescale the data"):
+        train(small(), 1e300 * x, quiet(steps=2, batch_size=16))
+
+
+def test_non_finite_data_off_the_cpu_is_named_once_the_loss_is_not_finite(monkeypatch):
+    """Batches on a GPU are not checked as drawn (a sync per step): when the logged loss is
+    non-finite, the loop draws the interval's batches again and names the first bad one;
+    an OT coupling that refuses one names it too. Simulated on the CPU by turning the
+    check at draw time off."""
+    monkeypatch.setattr(pipeline, "_CHECKED_AT_DRAW", ())
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    seed = train(small(), x, quiet(steps=1, batch_size=16), generator=g()).seed
+    bad = x.clone()
+    bad[37, 1] = float("nan")
+    k = _first_batch_holding(37, x, seed)
+    says = f"non-finite training data in batch {k} (training step {k + 1}): x1 (the data) has 1"
+    with pytest.raises(ValueError, match=re.escape(f"at step 4: {says}")):
+        train(small(), bad, quiet(steps=8, batch_size=16, log_every=4), generator=g())
+    with pytest.raises(ValueError, match=re.escape(says)):
+        train(small(), bad, quiet(steps=8, batch_size=16, log_every=4), generator=g(),
+              coupling=fs.OTCoupling("exact"))
+
+
+def test_a_coupling_that_returns_non_finite_pairs_is_named():
+    def poisoned(x0, x1, *extras):
+        return x0 * float("nan"), x1, *extras
+
+    with pytest.raises(ValueError, match=re.escape(
+            "the training loss is nan at step 2: the coupling <function") + ".*" + re.escape(
+            "returned non-finite pairs for batch 0 (training step 1) from finite inputs: x0 "
+            "(the source) has 32 non-finite entries")):
+        train(small(), "moons", quiet(steps=4, batch_size=16, log_every=2), coupling=poisoned)
 
 
 def test_ot_coupling_plugs_in():
@@ -661,6 +748,148 @@ def test_paths_that_differ_beyond_six_digits_are_refused(tmp_path):
     assert resumed.start_step == 2 and resumed.losses == whole.losses
 
 
+def sinkhorn(**kwargs):
+    return fs.OTCoupling("sinkhorn", **{"reg": 0.5, **kwargs})
+
+
+class RepeatedPairing(RandomPairing):
+    """A coupling of one's own with a plain setting: the permutation is applied ``rounds``
+    times."""
+
+    def __init__(self, rounds):
+        self.rounds = rounds
+
+    def __call__(self, x0, x1, *extras, generator=None):
+        for _ in range(self.rounds):
+            x0 = x0[torch.randperm(x0.shape[0], generator=generator, device=x0.device)]
+        return x0, x1, *extras
+
+
+def test_a_resume_refuses_a_coupling_with_other_settings(tmp_path):
+    """Only the coupling's kind was recorded: another reg, cost, tolerance... resumed
+    silently on another trajectory. Every setting is recorded and compared now, and each
+    difference is named."""
+    cfg = lambda steps: quiet(steps=steps, batch_size=16)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ckpt = tmp_path / "run.pt"
+    train(small(), "moons", cfg(2), coupling=sinkhorn(), checkpoint=ckpt, generator=g())
+    whole = train(small(), "moons", cfg(4), coupling=sinkhorn(), generator=g())
+    # another reg is another trajectory
+    assert train(small(), "moons", cfg(4), coupling=sinkhorn(reg=0.05),
+                 generator=g()).losses != whole.losses
+    changes = [(dict(reg=0.05), "coupling.reg=0.5 (this call: 0.05)"),
+               (dict(cost="euclidean"), "coupling.cost='sqeuclidean' (this call: 'euclidean')"),
+               (dict(normalize=None), "coupling.normalize='mean' (this call: None)"),
+               (dict(max_iter=50), "coupling.max_iter=None (this call: 50)"),
+               (dict(tol=1e-3), "coupling.tol=0.0001 (this call: 0.001)"),
+               (dict(keep="x0"), "coupling.keep='x1' (this call: 'x0')"),
+               (dict(fallback=None), "coupling.fallback='exact' (this call: None)"),
+               (dict(domain="log"), "coupling.domain='auto' (this call: 'log')")]
+    for change, says in changes:
+        with refusal(says):
+            train(small(), "moons", cfg(4), coupling=sinkhorn(**change), checkpoint=ckpt)
+    with refusal("coupling.reg=0.5 (this call: 0.05), coupling.tol=0.0001 (this call: 0.001)"):
+        train(small(), "moons", cfg(4), coupling=sinkhorn(reg=0.05, tol=1e-3), checkpoint=ckpt)
+    # another kind is named as the kind, not setting by setting
+    with refusal("coupling=OTCoupling('sinkhorn') (this call: OTCoupling('exact')). A"):
+        train(small(), "moons", cfg(4), coupling=fs.OTCoupling("exact"), checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["setup"]["coupling_settings"] == {
+        "method": "sinkhorn", "cost": "sqeuclidean", "reg": 0.5, "normalize": "mean",
+        "max_iter": None, "tol": 1e-4, "keep": "x1", "fallback": "exact", "domain": "auto"}
+    # the same settings (reg given as a numpy number) resume bit for bit
+    resumed = train(small(), "moons", cfg(4), coupling=sinkhorn(reg=np.float64(0.5)),
+                    checkpoint=ckpt)
+    assert resumed.start_step == 2 and resumed.losses == whole.losses
+    # settings a coupling never reads may change, as in TrainConfig: Sinkhorn's for exact OT
+    ckpt = tmp_path / "exact.pt"
+    train(small(), "moons", cfg(2), coupling=fs.OTCoupling("exact"), checkpoint=ckpt,
+          generator=g())
+    assert torch.load(ckpt, weights_only=True)["setup"]["coupling_settings"] == {
+        "method": "exact", "cost": "sqeuclidean", "max_iter": None, "keep": "x1"}
+    resumed = train(small(), "moons", cfg(4), checkpoint=ckpt, coupling=fs.OTCoupling(
+        "exact", reg=0.1, normalize=None, tol=1e-2, fallback=None, domain="log"))
+    whole = train(small(), "moons", cfg(4), coupling=fs.OTCoupling("exact"), generator=g())
+    assert resumed.start_step == 2 and resumed.losses == whole.losses
+    with refusal("coupling.keep='x1' (this call: 'x0')"):
+        train(small(), "moons", cfg(4), coupling=fs.OTCoupling("exact", keep="x0"),
+              checkpoint=ckpt)
+    # a coupling of one's own: its public attributes, numpy numbers stored as Python ones
+    ckpt = tmp_path / "own.pt"
+    train(small(), "moons", cfg(2), coupling=RepeatedPairing(np.int64(2)), checkpoint=ckpt)
+    setup = torch.load(ckpt, weights_only=True)["setup"]
+    assert setup["coupling_settings"] == {"rounds": 2} and type(setup["coupling_settings"]
+                                                               ["rounds"]) is int
+    with refusal("coupling.rounds=2 (this call: 3)"):
+        train(small(), "moons", cfg(4), coupling=RepeatedPairing(3), checkpoint=ckpt)
+    assert train(small(), "moons", cfg(4), coupling=RepeatedPairing(2),
+                 checkpoint=ckpt).start_step == 2
+
+
+def l1_cost(a, b):
+    return torch.cdist(a, b, p=1)
+
+
+def test_a_callable_cost_resumes_only_when_stated_to_be_the_same(tmp_path):
+    """A callable cost cannot be compared across processes: a resume with one is refused
+    unless resume_same_cost=True says it is the same; a named cost against a callable one
+    is refused even then."""
+    cfg = lambda steps: quiet(steps=steps, batch_size=16)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    exact = lambda cost: fs.OTCoupling("exact", cost=cost)  # noqa: E731
+    ckpt = tmp_path / "run.pt"
+    train(small(), "moons", cfg(2), coupling=exact(l1_cost), checkpoint=ckpt, generator=g())
+    name = f"function {l1_cost.__module__}.l1_cost"
+    with refusal(f"coupling.cost={name} (this call: {name}; it cannot be compared with the "
+                 "checkpoint's: pass resume_same_cost=True to train() if it is the same)"):
+        train(small(), "moons", cfg(4), coupling=exact(l1_cost), checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["setup"]["coupling_settings"]["cost"] == {
+        "unrecorded": name}
+    with refusal(f"coupling.cost={name} (this call: 'sqeuclidean')"):
+        train(small(), "moons", cfg(4), coupling=exact("sqeuclidean"), checkpoint=ckpt,
+              resume_same_cost=True)
+    with refusal("coupling.max_iter=None (this call: 1000)"):  # plain settings: compared still
+        train(small(), "moons", cfg(4), coupling=fs.OTCoupling("exact", cost=l1_cost,
+                                                               max_iter=1000),
+              checkpoint=ckpt, resume_same_cost=True)
+    with pytest.raises(TypeError, match="resume_same_cost must be True or False; got 1"):
+        train(small(), "moons", cfg(4), coupling=exact(l1_cost), checkpoint=ckpt,
+              resume_same_cost=1)
+    resumed = train(small(), "moons", cfg(4), coupling=exact(l1_cost), checkpoint=ckpt,
+                    resume_same_cost=True)
+    whole = train(small(), "moons", cfg(4), coupling=exact(l1_cost), generator=g())
+    assert resumed.start_step == 2 and resumed.losses == whole.losses
+
+
+def test_a_checkpoint_that_recorded_only_the_coupling_kind_resumes_as_before(tmp_path):
+    """Setup records of version 2 hold the coupling's kind only: the kind is checked, the
+    settings (not recorded) are not, and a callable cost needs no flag; the checkpoint
+    written on resume records the settings."""
+    cfg = lambda steps: quiet(steps=steps, batch_size=16)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    old = tmp_path / "old.pt"
+    train(small(), "moons", cfg(2), coupling=sinkhorn(), checkpoint=old, generator=g())
+    state = torch.load(old, weights_only=True)
+    assert state["setup_version"] == 3
+    del state["checksum"]  # written before checksums: none to verify
+    del state["setup"]["coupling_settings"]
+    state["setup_version"] = 2
+    for name in ("a", "b", "c"):
+        torch.save(state, tmp_path / f"{name}.pt")
+    with refusal("coupling=OTCoupling('sinkhorn') (this call: OTCoupling('exact'))"):
+        train(small(), "moons", cfg(4), coupling=fs.OTCoupling("exact"),
+              checkpoint=tmp_path / "a.pt")
+    resumed = train(small(), "moons", cfg(4), coupling=sinkhorn(), checkpoint=tmp_path / "a.pt")
+    whole = train(small(), "moons", cfg(4), coupling=sinkhorn(), generator=g())
+    assert resumed.start_step == 2 and resumed.losses == whole.losses
+    for name, coupling in (("b", sinkhorn(reg=0.05)), ("c", sinkhorn(cost=l1_cost))):
+        res = train(small(), "moons", cfg(4), coupling=coupling, checkpoint=tmp_path / f"{name}.pt")
+        assert res.start_step == 2
+    written = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert written["setup_version"] == 3 and written["setup"]["coupling_settings"]["reg"] == 0.05
+    with refusal("coupling.reg=0.05 (this call: 0.5)"):
+        train(small(), "moons", cfg(6), coupling=sinkhorn(), checkpoint=tmp_path / "b.pt")
+
+
 def test_settings_the_run_never_reads_may_change_on_resume(tmp_path):
     """dsm_weighting only weighs the score loss, label_dropout only reaches a conditional
     model: elsewhere a change is accepted and the losses are those of the run that never
@@ -744,3 +973,45 @@ def test_two_gloo_ranks_resume_between_log_steps_bit_for_bit(tmp_path):
         assert o["resumed"] == o["whole"] == out[0]["whole"]
     running = torch.load(tmp_path / "running.pt", weights_only=True)  # at step 2
     assert running.shape == (2,) and running.min() > 0 and running[0] != running[1]
+
+
+class _NanOnRank:
+    """A sampler of N(0, I) pairs whose batches hold one NaN on rank ``bad``."""
+
+    def __init__(self, rank, bad):
+        self.poisoned = rank == bad
+
+    def __call__(self, n, generator):
+        x = torch.randn(n, 2, generator=generator)
+        if self.poisoned:
+            x[3, 0] = float("nan")
+        return x
+
+
+def _ddp_nan_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    pipeline._CHECKED_AT_DRAW = ()  # as for data on a GPU: checked once the loss is nan
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        try:
+            train(small(), _NanOnRank(rank, bad=1), quiet(steps=4, batch_size=16, log_every=2))
+            said = "no error"
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            said = f"{type(err).__name__}: {err}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(said)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_name_the_rank_whose_data_is_not_finite(tmp_path):
+    """The loss is averaged over ranks, so every rank sees it non-finite: the ranks share
+    what they found, and rank 0 points at rank 1 instead of suggesting a lower lr."""
+    mp.spawn(_ddp_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert said[0] == ("ValueError: the training loss is nan at step 2: rank(s) [1] found "
+                       "non-finite training data in steps 1 to 2 (their errors name it)")
+    assert said[1].startswith("ValueError: the training loss is nan at step 2: non-finite "
+                              "training data in batch 0 (training step 1, rank 1): x1 (the "
+                              "data) has 1 non-finite entry"), said[1]

@@ -12,14 +12,22 @@ reST constructs that Markdown would otherwise garble:
 * doctest blocks (``>>>`` lines and their output) become fenced ``python`` code blocks
   (Markdown would read ``>>>`` as nested block quotes);
 * reST simple tables (``====  ====`` borders) become Markdown pipe tables;
-* a paragraph ending in ``::`` (a reST literal block follows) ends in ``:``.
+* a paragraph ending in ``::`` (a reST literal block follows) ends in ``:``; the literal
+  block becomes a fenced ``python`` block (coloured) when it is Python (it parses), else it
+  stays an indented, plain one (most are formulas in plain text);
+* an ``Attributes:`` item naming several attributes (``times, trajectory: ...``), which the
+  Google parser reads as a name and a type (``times,`` of type ``trajectory``), becomes one
+  item per name with the same description (each then gets its own annotation). ``Args:``
+  items such as ``t0, t1: ...`` are read as one name and need no rewriting.
 
 The source files are not touched; the doctests still run from them.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+import textwrap
 
 import griffe
 
@@ -28,6 +36,8 @@ _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _BORDER = re.compile(r"^(?P<indent>\s*)=+(?:\s+=+)+\s*$")
 _DOCTEST = re.compile(r"^(?P<indent>\s*)>>>")
 _SECTION = re.compile(r"^\s*[A-Za-z][\w ]*:\s*$")  # "Example:": its body must follow at once
+_ATTRIBUTES = re.compile(r"^(?P<indent>\s*)Attributes:\s*$")
+_NAMES_ITEM = re.compile(r"^(?P<names>\w+(?:\s*,\s*\w+)+)\s*:(?P<rest>.*)$")
 
 
 def _lookup(scope: griffe.Object, dotted: str) -> str | None:
@@ -112,6 +122,73 @@ def _doctests(lines: list[str]) -> list[str]:
     return out
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _attribute_items(lines: list[str]) -> list[str]:
+    """Split ``a, b: text`` items of ``Attributes:`` sections into ``a: text`` and
+    ``b: text`` (continuation lines repeated with each)."""
+    out, i = [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        section = _ATTRIBUTES.match(lines[i])
+        i += 1
+        if not section:
+            continue
+        item_indent = None
+        while i < len(lines) and (not lines[i].strip()
+                                  or _indent(lines[i]) > len(section["indent"])):
+            line = lines[i]
+            if item_indent is None and line.strip():
+                item_indent = _indent(line)
+            match = _NAMES_ITEM.match(line.strip()) if _indent(line) == item_indent else None
+            if not match:
+                out.append(line)
+                i += 1
+                continue
+            body, i = [], i + 1
+            while i < len(lines) and lines[i].strip() and _indent(lines[i]) > item_indent:
+                body.append(lines[i])
+                i += 1
+            for name in re.split(r"\s*,\s*", match["names"]):
+                out += [f"{line[:item_indent]}{name}:{match['rest']}", *body]
+    return out
+
+
+def _literal_blocks(lines: list[str]) -> list[str]:
+    """A reST literal block (indented, after a line ending in ``::``) that parses as Python
+    becomes a fenced ``python`` block at the indentation of the line that announced it."""
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        if not line.rstrip().endswith("::") or line.lstrip().startswith(".. "):
+            continue  # not a literal block, or a directive's body (``.. math::``)
+        start = i
+        while start < len(lines) and not lines[start].strip():
+            start += 1
+        if start == i or start == len(lines) or _indent(lines[start]) <= _indent(line):
+            continue
+        end = start
+        while end < len(lines) and (not lines[end].strip()
+                                    or _indent(lines[end]) > _indent(line)):
+            end += 1
+        while not lines[end - 1].strip():
+            end -= 1
+        block = textwrap.dedent("\n".join(lines[start:end]))
+        try:
+            ast.parse(block)
+        except SyntaxError:
+            continue
+        indent = line[: _indent(line)]
+        out += ["", indent + "```python", *(indent + b if b else b for b in block.split("\n")),
+                indent + "```"]
+        i = end
+    return out
+
+
 def _cells(line: str, starts: list[int]) -> list[str]:
     """Split a table row into cells: runs of 2+ spaces separate cells; each piece goes to
     the column whose start is at or before it (text may overflow its column)."""
@@ -156,7 +233,7 @@ def _tables(lines: list[str]) -> list[str]:
 def rewrite(text: str, obj: griffe.Object) -> str:
     """The Markdown mkdocstrings renders for the docstring ``text`` of ``obj``."""
     lines = text.splitlines()
-    lines = _tables(_doctests(_math_blocks(lines)))
+    lines = _tables(_doctests(_math_blocks(_literal_blocks(_attribute_items(lines)))))
     text = "\n".join(lines)
     text = re.sub(r"(\S)::[ \t]*$", r"\1:", text, flags=re.M)
     return _roles(text, obj)

@@ -3,7 +3,7 @@
 
 Checks that need the value of a tensor (a range test) are done only where they cost no
 host synchronisation: on CPU tensors. On an accelerator they are skipped, so that a
-check never stalls a solver's step loop (STYLE.md, convention 12).
+check never stalls a solver's step loop.
 """
 
 from __future__ import annotations

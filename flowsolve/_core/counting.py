@@ -1,4 +1,5 @@
-"""Counting field evaluations by wrapping the function (STYLE.md convention 5)."""
+"""Counting field evaluations by wrapping the function: every solver's ``nfe`` is counted
+the same way, whatever its library reports."""
 
 from __future__ import annotations
 

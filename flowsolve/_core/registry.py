@@ -1,4 +1,4 @@
-"""Solver registry: names with their declared facts (STYLE.md conventions 1 and 2).
+"""Solver registry: names with their declared facts.
 
 The ODE and SDE front doors each build a :class:`SolverRegistry`; studies enumerate them.
 Unknown names (and non-names such as a list) raise a ValueError that lists the accepted

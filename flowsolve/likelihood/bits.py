@@ -11,7 +11,10 @@ and ``K`` draws give the tighter importance-weighted bound (in expectation over 
     log P(k) >= E[log (1/K) sum_{j=1}^K p_z(k + u_j)],   u_1, ..., u_K ~ U[0, 1)^D iid.
 
 Bits per dimension: ``bpd = -log P / (D ln 2)``. For 8-bit data in ``[-1, 1]`` this is
-``-log p_y(y) / (D ln 2) + 7``. Published CIFAR-10 numbers mix the two estimators
+``-log p_y(y) / (D ln 2) + 7``. Continuous data has no ``P``: its "bits/dim" is the density's
+``-log p(x) / (D ln 2)`` (:func:`continuous_bits_per_dim`, what ``flowsolve likelihood``
+prints), which depends on the units of ``x`` and is not comparable with the dequantised
+figure. Published CIFAR-10 numbers mix the two estimators
 (Score SDE: the mean of K = 1 draws; Flow Matching: the K = 50 bound), about 0.1 bit/dim
 apart: :class:`BitsPerDim` always says which one it holds.
 """
@@ -19,6 +22,7 @@ apart: :class:`BitsPerDim` always says which one it holds.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +31,8 @@ from torch import Tensor
 
 from .._core.checks import generator_or_fresh
 
-__all__ = ["BitsPerDim", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
+__all__ = ["BitsPerDim", "dequantize", "bits_per_dim", "continuous_bits_per_dim",
+           "discrete_bits_per_dim"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,15 @@ def check_range(n_bins: int, low: float, high: float) -> None:
         raise ValueError(f"need finite low < high; got low={low!r}, high={high!r}")
 
 
+def check_dim(dim: int) -> int:
+    """``dim`` as an int ``D >= 1``: the number of entries of one sample. 0 (which would give
+    NaN or inf bits/dim), negative or non-integer values raise ValueError naming it."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"dim must be a positive int, the number D of entries of one sample "
+                         f"(e.g. x[0].numel()); got {dim!r}")
+    return int(dim)
+
+
 def dequantize(
     k: Tensor,
     *,
@@ -117,10 +131,34 @@ def bits_per_dim(
     log_prob: Tensor, dim: int, *, n_bins: int = 256, low: float = -1.0, high: float = 1.0
 ) -> Tensor:
     """``-(log p_y(y) + D log((high - low) / n_bins)) / (D ln 2)`` for a density ``log p_y``
-    of dequantised data of ``D = dim`` entries in ``[low, high)``."""
+    of dequantised data of ``D = dim`` entries in ``[low, high)``: the bits/dim of the
+    discrete data the points ``y`` dequantise (see :func:`continuous_bits_per_dim` for a
+    continuous density). ``dim`` must be an int >= 1 (ValueError otherwise)."""
+    dim = check_dim(dim)
     check_range(n_bins, low, high)
     log_pz = log_prob + dim * math.log((high - low) / n_bins)
     return -log_pz / (dim * math.log(2.0))
+
+
+def continuous_bits_per_dim(log_prob: Tensor | float, dim: int) -> Tensor | float:
+    r"""Bits per dimension of a continuous density: ``-log p(x) / (D ln 2)`` with ``D = dim``
+    entries per sample (``log_prob`` in nats, any shape; a float gives a float). This is what
+    ``flowsolve likelihood`` prints beside the nats for continuous 2-D points.
+
+    It differs from the bits/dim of discrete data (:func:`bits_per_dim`,
+    :func:`discrete_bits_per_dim`): those bound ``-log2 P(k) / D`` of integer data through a
+    dequantised density and add the cell volume, ``-D log((high - low) / n_bins)`` nats (+7
+    bits/dim for 8-bit data in [-1, 1]); a density has no such term, so this figure depends
+    on the units of ``x`` (rescaling ``x`` by ``c`` shifts it by ``log2 c``) and may be
+    negative. Compare it only between models of the same continuous data.
+
+    >>> continuous_bits_per_dim(-2 * math.log(2.0), 2)
+    1.0
+
+    ``dim`` must be an int >= 1 (ValueError otherwise).
+    """
+    dim = check_dim(dim)
+    return -log_prob / (dim * math.log(2.0))
 
 
 def discrete_bits_per_dim(
@@ -144,6 +182,10 @@ def discrete_bits_per_dim(
     :func:`dequantize` (None: a fresh unseeded generator; torch's global RNG is never used).
     """
     check_draws(draws)
+    if not (torch.is_tensor(k) and k.dim() >= 1 and k.shape[0] >= 1 and k[0].numel() >= 1):
+        got = tuple(k.shape) if torch.is_tensor(k) else type(k).__name__
+        raise ValueError("k must be a tensor (B, *event_shape) of at least one sample of at "
+                         f"least one entry; got {got}")
     dim = k[0].numel()
 
     def log_prob(y: Tensor) -> Tensor:

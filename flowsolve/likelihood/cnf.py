@@ -16,18 +16,28 @@ log-density channels: the result is their mean, with the standard error across c
 
 A score model (diffusion) is evaluated through its probability-flow ODE: see
 :func:`score_log_likelihood`.
+
+Over a whole data set, :func:`dataset_log_likelihood` returns a :class:`DatasetLikelihood`
+(per-sample values, their mean and its standard error) and :func:`dataset_bits_per_dim` a
+:class:`~flowsolve.likelihood.bits.BitsPerDim`; both resume from a checkpoint that records
+everything their numbers depend on (:func:`field_fingerprint` and the settings).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._core.files import checksum
+from .._core.threads import intra_op_threads
 from .._core.types import Field
 from ..ode.solve import ODE_SOLVERS, sample
 from ..paths.affine import AffineGaussianPath
@@ -39,11 +49,13 @@ from .bits import (
     discrete_bits_per_dim,
     estimator_label,
 )
-from .dataset import evaluate_dataset
+from .dataset import MAY_CHANGE, evaluate_dataset
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 
 __all__ = [
     "LikelihoodResult",
+    "DatasetLikelihood",
+    "field_fingerprint",
     "log_likelihood",
     "score_log_likelihood",
     "dataset_log_likelihood",
@@ -78,6 +90,76 @@ class LikelihoodResult:
     nfe: int
     divergence: str
     solver: str
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetLikelihood:
+    """What :func:`dataset_log_likelihood` returns (``N`` samples, in data-set order, on the
+    CPU).
+
+    Attributes:
+        log_prob: ``log p_{t_hi}(x_n)`` in nats, ``(N,)``.
+        stderr: ``(N,)`` standard error of each sample's Hutchinson estimate across its
+            probe channels (NaN for ``n_probes=1``); ``None`` for the exact divergence.
+        nfe: ``(N,)``: the NFE of the solve of the batch holding each sample.
+        divergence: ``"exact (<method>)"`` or ``"hutchinson (<probe>, k=<k>)"``.
+
+    The aggregate over the data set is derived, never stored: :attr:`mean_log_prob` and its
+    standard error :attr:`mean_log_prob_stderr`.
+
+    For code written when the result was a dict, ``res["log_prob"]``, ``res["nfe"]``,
+    ``res["stderr"]`` (Hutchinson only, else KeyError), ``res.keys()``, ``"stderr" in res``
+    and ``dict(res)`` work as before.
+    """
+
+    log_prob: Tensor
+    stderr: Tensor | None
+    nfe: Tensor
+    divergence: str
+
+    @property
+    def mean_log_prob(self) -> Tensor:
+        """The data set's log-likelihood: the mean of :attr:`log_prob` over its ``N``
+        samples, in nats (0-d)."""
+        return self.log_prob.mean()
+
+    @property
+    def mean_log_prob_stderr(self) -> Tensor:
+        """Standard error of :attr:`mean_log_prob`, ``sqrt(sum_n (lp_n - mean)^2 / (N - 1)) /
+        sqrt(N)`` from all ``N`` per-sample values; NaN for ``N < 2`` (0-d).
+
+        It covers the spread of the data and, for Hutchinson, of the probes (each sample's
+        estimate has its own independent probes, so their variance is part of the spread
+        of the per-sample values): no separate Hutchinson term is to be added. It does not
+        cover the solver's discretisation error, a bias shared by all samples (tighten
+        ``rtol`` / ``atol`` or add ``steps`` to see it)."""
+        n = self.log_prob.numel()
+        if n < 2:
+            return torch.full((), float("nan"), dtype=self.log_prob.dtype,
+                              device=self.log_prob.device)
+        return self.log_prob.std(unbiased=True) / math.sqrt(n)
+
+    # -- the dict of earlier versions -----------------------------------------------------
+    def keys(self) -> tuple[str, ...]:
+        """``("log_prob", "nfe")``, and ``"stderr"`` for Hutchinson: the keys of the dict
+        this function returned before."""
+        return ("log_prob", "nfe") + (("stderr",) if self.stderr is not None else ())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.keys():
+            raise KeyError(f"{key!r}: a DatasetLikelihood has the keys {list(self.keys())} "
+                           "(stderr for Hutchinson only) and the attributes log_prob, stderr, "
+                           "nfe, divergence, mean_log_prob, mean_log_prob_stderr")
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.keys() else default
 
 
 def standard_normal_log_prob(x: Tensor, std: float = 1.0) -> Tensor:
@@ -149,7 +231,8 @@ def log_likelihood(
         prior: the source density at ``t_lo``: ``None`` for ``N(0, I)``, an object with
             ``log_prob`` (e.g. ``flowsolve.StandardNormal(d, std)`` or
             ``torch.distributions.Independent(Normal(...), n_event_dims)``) or a callable
-            -> (B,); any other output shape (a per-element ``Normal``, ``(B, 1)``) raises.
+            -> (B,); any other output shape (a per-element ``Normal``, ``(B, 1)``), and any
+            inf or NaN, raise ValueError naming the prior (and the first such sample).
         solver, steps, rtol, atol: any solver of :data:`flowsolve.ode.solve.ODE_SOLVERS`;
             fixed-step solvers need ``steps``, adaptive ones take ``rtol`` / ``atol``
             (default 1e-5). Extra keywords go to the front door.
@@ -224,12 +307,21 @@ def _divergence_setup(x: Tensor, divergence: str, n_probes: int, probe: str,
             raise ValueError(f"probe={probe!r}; accepted: {', '.join(PROBE_KINDS)}")
         probes = make_probes(x.shape, n_probes, kind=probe, generator=generator,
                              dtype=x.dtype, device=x.device)
-        return probes, divergence, f"hutchinson ({probe}, k={n_probes})"
+        return probes, divergence, _divergence_label(divergence, n_probes, probe)
     if divergence == "exact" or divergence in EXACT_METHODS:
         method = "auto" if divergence == "exact" else divergence
-        return None, method, f"exact ({method})"
+        return None, method, _divergence_label(divergence, n_probes, probe)
     raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
                      f"{', '.join(EXACT_METHODS)}")
+
+
+def _divergence_label(divergence: str = "exact", n_probes: int = 1,
+                      probe: str = "rademacher") -> str:
+    """The :attr:`LikelihoodResult.divergence` label: ``"exact (<method>)"`` or
+    ``"hutchinson (<probe>, k=<k>)"``."""
+    if divergence == "hutchinson":
+        return f"hutchinson ({probe}, k={n_probes})"
+    return f"exact ({'auto' if divergence == 'exact' else divergence})"
 
 
 def _check_gradient_options(field: Field, solver: str, create_graph: bool,
@@ -250,15 +342,37 @@ def _check_gradient_options(field: Field, solver: str, create_graph: bool,
 
 
 def _prior_log_prob(prior: Prior | Any | None, x0: Tensor) -> Tensor:
-    """``log p_0(x0)``, ``(B,)``; any other shape raises."""
+    """``log p_0(x0)``, ``(B,)``; any other shape, and any inf or NaN, raises ValueError
+    naming the prior."""
     prior_lp = _prior_fn(prior)(x0)
     if not (torch.is_tensor(prior_lp) and prior_lp.shape == x0.shape[:1]):
         got = tuple(prior_lp.shape) if torch.is_tensor(prior_lp) else type(prior_lp).__name__
         raise ValueError(
             f"prior log_prob must return ({x0.shape[0]},), one log-density per sample summed over "
-            f"the event dims; got {got}. Accepted: None, flowsolve.StandardNormal(d, std), "
+            f"the event dims; got {got} from prior={_shown_name(prior)}. Accepted: None, "
+            "flowsolve.StandardNormal(d, std), "
             "torch.distributions.Independent(Normal(...), n_event_dims) or a callable x -> (B,)")
+    bad = ~torch.isfinite(prior_lp.detach())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"prior log_prob returned {prior_lp[i].item()!r} for sample {i} "
+            f"({int(bad.sum())} of {bad.numel()} non-finite) from prior={_shown_name(prior)}, "
+            f"at the source point x0 = {x0[i].flatten()[:4].tolist()}"
+            f"{' ...' if x0[i].numel() > 4 else ''}: the prior must give a finite "
+            "log-density at every point the flow maps x to. Check the prior (its parameters, "
+            "its support, its dtype) or pass prior=None for N(0, I)")
     return prior_lp
+
+
+def _shown_name(obj: object) -> str:
+    """``obj``'s repr where its class defines one, else its qualified name (the repr of a
+    function or of a plain object holds its address, a module's spans lines)."""
+    if obj is None:
+        return "None"
+    if isinstance(obj, (nn.Module, *_FUNCTIONS)) or type(obj).__repr__ is object.__repr__:
+        return _qualname(obj)
+    return repr(obj)
 
 
 def _probe_stderr(per_channel: Tensor, prior_lp: Tensor, hutchinson: bool) -> Tensor | None:
@@ -278,7 +392,9 @@ def score_log_likelihood(
 ) -> LikelihoodResult:
     """Log-likelihood of a score model through its probability-flow ODE on ``path``
     (``u = (alpha'/alpha) x + (sigma^2 alpha'/alpha - sigma sigma') s``), with the prior
-    ``N(0, source_std^2 I)`` at ``t_lo``: the velocity is singular where alpha_t = 0, so
+    ``N(0, c^2 I)``, ``c = path.source_std`` (``sigma_max`` for VE), at ``t_lo``:
+    ``log p_0(z) = -|z|^2 / (2 c^2) - d log c - (d/2) log(2 pi)`` over the ``d`` entries of a
+    sample (pass ``prior=`` for another). The velocity is singular where alpha_t = 0, so
     ``t_lo`` defaults to 1e-5 at the noise end, where the prior is a close approximation
     of p_{t_lo}. (Song et al. 2021 also cut at 1e-5, but at the *data* end, tau = 1e-5 in
     their reversed time, our t_hi = 1 - 1e-5, where a score trained on sigma_t > 0 is
@@ -289,6 +405,154 @@ def score_log_likelihood(
     return log_likelihood(field, x, t_interval=t_interval, **kwargs)
 
 
+# -- what a data-set checkpoint records ------------------------------------------------
+_FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+              functools.partial)
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_DEPTH = 6  # how far the walk follows attributes, closures and referenced globals
+
+
+def _qualname(obj: object) -> str:
+    """``module.qualname`` of a function or method, else of ``obj``'s class."""
+    target = obj.func if isinstance(obj, functools.partial) else obj
+    target = getattr(target, "__func__", target)  # a bound method: its function
+    if not isinstance(target, (types.FunctionType, types.BuiltinFunctionType, type)):
+        target = type(target)
+    return f"{getattr(target, '__module__', None)}.{target.__qualname__}"
+
+
+def _walk(obj: object, where: str, tensors: dict, plain: dict, depth: int, seen: set) -> None:
+    """Collect the tensors and plain values reachable from ``obj`` (see
+    :func:`field_fingerprint`) into ``tensors`` / ``plain``, keyed by how they were
+    reached."""
+    if isinstance(obj, _SCALARS):
+        plain[where] = obj
+        return
+    if torch.is_tensor(obj):
+        tensors[where] = obj
+        return
+    if depth <= 0 or id(obj) in seen or isinstance(obj, (types.ModuleType, type)):
+        return
+    seen.add(id(obj))
+
+    def walk(value: object, key: str) -> None:
+        _walk(value, key, tensors, plain, depth - 1, seen)
+
+    if isinstance(obj, nn.Module):
+        for name, tensor in obj.state_dict().items():
+            tensors[f"{where}.{name}"] = tensor
+        for name, module in obj.named_modules():
+            at = f"{where}.{name}" if name else where
+            plain[f"{at}:class"] = _qualname(module)
+            for attr, value in sorted(vars(module).items()):
+                if not attr.startswith("_"):  # training, and settings such as in_features
+                    walk(value, f"{at}.{attr}")
+    elif isinstance(obj, functools.partial):
+        walk(obj.func, f"{where}.func")
+        walk(obj.args, f"{where}.args")
+        for name, value in sorted(obj.keywords.items()):
+            walk(value, f"{where}.{name}")
+    elif isinstance(obj, types.MethodType):
+        plain[f"{where}:function"] = _qualname(obj)
+        walk(obj.__self__, f"{where}.__self__")
+    elif isinstance(obj, types.FunctionType):
+        plain[f"{where}:function"] = _qualname(obj)
+        code = obj.__code__
+        for name, cell in zip(code.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                walk(cell.cell_contents, f"{where}.{name}")
+            except ValueError:  # a cell not yet filled
+                pass
+        for name in code.co_names:  # the module-level names it reads
+            if name in obj.__globals__:
+                walk(obj.__globals__[name], f"{where}.{name}")
+        walk(obj.__defaults__, f"{where}.__defaults__")
+        for name, value in sorted((obj.__kwdefaults__ or {}).items()):
+            walk(value, f"{where}.{name}")
+    elif isinstance(obj, tuple):
+        for k, value in enumerate(obj):
+            walk(value, f"{where}[{k}]")
+    elif isinstance(obj, (list, dict, set, frozenset, bytearray)):
+        return  # mutable containers hold state (caches, logs, counters), not settings
+    elif isinstance(getattr(obj, "__dict__", None), dict):
+        plain[f"{where}:class"] = _qualname(obj)
+        for attr, value in sorted(vars(obj).items()):
+            walk(value, f"{where}.{attr}")
+
+
+def field_fingerprint(field: object, name: str = "field") -> dict[str, str | None]:
+    """What a data-set checkpoint records of a field (or a prior) and compares on resume.
+
+    ``{name: the qualified name, name + " weights": hash of its tensors,
+    name + " settings": hash of its plain values}``, hashes ``"sha256:<16 hex>"`` over the
+    dtype, shape and bytes of each tensor (:func:`flowsolve._core.files.checksum`), or None
+    where there is none. The tensors and values are those reachable from ``field``:
+
+    - an ``nn.Module``: its ``state_dict`` (parameters and buffers), the class and the
+      public attributes (``training``, ``in_features``, ...) of every submodule;
+    - a function: what its closure holds, the module-level names it reads, its defaults
+      (``lambda x, t: net(x, t)`` records ``net``'s weights);
+    - a bound method: its object; a ``functools.partial``: its function and arguments;
+    - any other object (``fs.probability_flow(score, path)``, ``fs.analytic`` fields, a
+      ``torch.distributions`` prior): its attributes, recursively,
+
+    followed through tuples, to a depth of 6. Lists, dicts and sets are not followed: they
+    hold caches, logs and counters, which change between calls without changing the
+    numbers. A plain function that reaches its model by other means (an argument default
+    that is a list, a dict entry, a file it loads) records its qualified name only: a
+    resume with other weights behind the same name is then not detected; pass the
+    ``nn.Module`` itself, or a closure over it.
+    """
+    tensors: dict[str, Tensor] = {}
+    plain: dict[str, object] = {}
+    _walk(field, "", tensors, plain, _DEPTH, set())
+
+    def digest(values: dict) -> str | None:
+        return f"sha256:{checksum(values)[:16]}" if values else None
+
+    return {name: _shown_name(field) if field is not None else "None",
+            f"{name} weights": digest(tensors), f"{name} settings": digest(plain)}
+
+
+_NOT_SETTINGS = frozenset({"field", "x", "generator", "prior", "solver_options", *MAY_CHANGE})
+
+
+def _settings_fingerprint(evaluation: str, field: Field, seed: int,
+                          kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Everything :func:`log_likelihood` with ``kwargs`` (defaults filled in) computes from,
+    besides the data: the field, the prior, the solver and its options, the divergence
+    (the probes only for Hutchinson), the t interval and the seed."""
+    try:
+        bound = inspect.signature(log_likelihood).bind_partial(**kwargs)
+    except TypeError as err:
+        raise TypeError(f"{evaluation}: {err}") from None
+    bound.apply_defaults()
+    args = bound.arguments
+    record: dict[str, Any] = {"evaluation": evaluation, "seed": seed}
+    record.update(field_fingerprint(field, "field"))
+    record.update(field_fingerprint(args["prior"], "prior") if args["prior"] is not None
+                  else {"prior": "N(0, I)"})
+    hutchinson = args["divergence"] == "hutchinson"
+    for key, value in args.items():
+        if key not in _NOT_SETTINGS and (hutchinson or key not in ("n_probes", "probe")):
+            record[key] = _plain_value(value)
+    for key, value in sorted(args["solver_options"].items()):
+        record[f"solver option {key}"] = _plain_value(value)
+    return record
+
+
+def _plain_value(value: object) -> object:
+    """``value`` as the checkpoint stores it: plain values as they are, tuples and lists as
+    tuples, a dtype as its name, anything else as its name and hashes."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain_value(v) for v in value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return " ".join(str(v) for v in field_fingerprint(value, "value").values())
+
+
 def dataset_log_likelihood(
     field: Field,
     data: Tensor | Sequence,
@@ -297,18 +561,48 @@ def dataset_log_likelihood(
     seed: int = 0,
     checkpoint: str | None = None,
     progress: bool = True,
+    threads: int | None = None,
     **kwargs: Any,
-) -> dict[str, Tensor]:
+) -> DatasetLikelihood:
     """:func:`log_likelihood` over a whole data set: batched, resumable (``checkpoint``),
     with a progress line, sharded across torch.distributed ranks (see
     :func:`~flowsolve.likelihood.dataset.evaluate_dataset`). Hutchinson probes of the batch
     starting at sample ``i`` come from a generator seeded with ``seed + i``.
 
-    Returns ``{"log_prob": (N,), "stderr": (N,) (Hutchinson only), "nfe": (N,)}``."""
+    Args:
+        field: the velocity ``(x, t) -> Tensor``.
+        data: a tensor ``(N, *event_shape)`` or an indexable data set of such tensors (or
+            of ``(tensor, label, ...)`` tuples); empty: ValueError.
+        batch_size, progress: as :func:`~flowsolve.likelihood.dataset.evaluate_dataset`.
+        threads: torch's intra-op threads for the evaluation, restored afterwards (None:
+            torch's setting; on a shared CPU one thread is often faster).
+        seed: the batch starting at sample ``i`` draws its probes from a generator seeded
+            ``seed + i`` (no ``generator=``: TypeError).
+        checkpoint: a file to resume from after an interruption. It records everything
+            the numbers depend on, and a resume that differs in any of it raises ValueError
+            naming every difference: the data (a hash of the samples already evaluated),
+            the number of samples, ``batch_size``, the ranks, ``seed``, the field
+            (:func:`field_fingerprint`: its weights when it is an ``nn.Module`` or holds
+            one, else its qualified name and the tensors and values it holds), the prior
+            (likewise), ``solver``, ``steps``, ``rtol``, ``atol``, ``divergence``,
+            ``n_probes`` and ``probe`` (Hutchinson), ``t_interval`` and the solver's extra
+            options. ``chunk_size``, ``create_graph``, ``adjoint`` and ``progress`` may
+            change. A checkpoint written before these were recorded (it holds the number of
+            samples and the batch size only) still resumes, with a warning.
+        kwargs: as :func:`log_likelihood`.
+
+    Returns:
+        :class:`DatasetLikelihood`: per-sample ``log_prob``, ``stderr`` (Hutchinson) and
+        ``nfe``, ``(N,)`` in data-set order, with ``mean_log_prob`` and its standard error
+        ``mean_log_prob_stderr``. ``res["log_prob"]`` (and ``"stderr"``, ``"nfe"``) still
+        index it as the dict this function returned before.
+    """
     if "generator" in kwargs:
         raise TypeError("dataset_log_likelihood takes seed=, not generator=: the probes of the "
                         "batch starting at sample i come from a generator seeded with seed + i "
                         "(the same draws after resuming and on any number of ranks)")
+    fingerprint = None if checkpoint is None else \
+        _settings_fingerprint("dataset_log_likelihood", field, seed, kwargs)
 
     def one_batch(batch: Tensor, offset: int) -> dict[str, Tensor]:
         gen = torch.Generator(device=batch.device).manual_seed(seed + offset)
@@ -318,8 +612,13 @@ def dataset_log_likelihood(
             out["stderr"] = res.stderr
         return out
 
-    return evaluate_dataset(one_batch, data, batch_size=batch_size, checkpoint=checkpoint,
-                            progress=progress, label="log-likelihood")
+    with intra_op_threads(threads):
+        out = evaluate_dataset(one_batch, data, batch_size=batch_size, checkpoint=checkpoint,
+                               progress=progress, label="log-likelihood", fingerprint=fingerprint)
+    return DatasetLikelihood(log_prob=out["log_prob"], stderr=out.get("stderr"), nfe=out["nfe"],
+                             divergence=_divergence_label(**{
+                                 k: v for k, v in kwargs.items()
+                                 if k in ("divergence", "n_probes", "probe")}))
 
 
 def dataset_bits_per_dim(
@@ -335,6 +634,7 @@ def dataset_bits_per_dim(
     seed: int = 0,
     checkpoint: str | None = None,
     progress: bool = True,
+    threads: int | None = None,
     **kwargs: Any,
 ) -> BitsPerDim:
     r"""Bits/dim of integer data ``k`` under the flow of ``field`` with uniform
@@ -364,8 +664,11 @@ def dataset_bits_per_dim(
             set of such tensors (or of ``(tensor, label, ...)`` tuples).
         draws, importance_weighted, n_bins, low, high: the dequantisation and the bound,
             as :func:`flowsolve.likelihood.bits.discrete_bits_per_dim`.
-        batch_size, checkpoint, progress: as :func:`~.dataset.evaluate_dataset`
-            (resume with the same arguments).
+        batch_size, progress, threads: as :func:`dataset_log_likelihood`.
+        checkpoint: a file to resume from, as :func:`dataset_log_likelihood`: it also
+            records ``draws``, ``importance_weighted``, ``n_bins``, ``low``, ``high`` and
+            ``dtype``, and a resume that differs in any recorded value raises ValueError
+            naming every difference.
         seed: the batch starting at sample ``i`` draws from a generator seeded ``seed + i``
             (no ``generator=``: TypeError).
         kwargs: as :func:`log_likelihood`; ``dtype`` (default float64) is the dtype of the
@@ -383,6 +686,11 @@ def dataset_bits_per_dim(
     check_draws(draws)
     check_range(n_bins, low, high)
     dtype = kwargs.pop("dtype", torch.float64)
+    fingerprint = None
+    if checkpoint is not None:
+        fingerprint = _settings_fingerprint("dataset_bits_per_dim", field, seed, kwargs)
+        fingerprint.update(draws=draws, importance_weighted=bool(importance_weighted),
+                           n_bins=n_bins, low=float(low), high=float(high), dtype=str(dtype))
 
     def one_batch(batch: Tensor, offset: int) -> dict[str, Tensor]:
         gen = torch.Generator(device=batch.device).manual_seed(seed + offset)
@@ -395,8 +703,8 @@ def dataset_bits_per_dim(
                                     low=low, high=high, generator=gen, dtype=dtype)
         return {"bpd": res.bpd, "nll_nats": res.nll_nats}
 
-    out = evaluate_dataset(one_batch, k, batch_size=batch_size, checkpoint=checkpoint,
-                           progress=progress, label="bits/dim")
-    empty = torch.empty(0, dtype=dtype)
-    return BitsPerDim(bpd=out.get("bpd", empty), nll_nats=out.get("nll_nats", empty),
+    with intra_op_threads(threads):
+        out = evaluate_dataset(one_batch, k, batch_size=batch_size, checkpoint=checkpoint,
+                               progress=progress, label="bits/dim", fingerprint=fingerprint)
+    return BitsPerDim(bpd=out["bpd"], nll_nats=out["nll_nats"],
                       estimator=estimator_label(draws, importance_weighted), draws=draws)

@@ -201,11 +201,13 @@ class SDESolution:
     Attributes:
         x: the state at ``t1``, ``(B, *event_shape)``.
         nfe: model evaluations (velocity + score calls), counted.
-        nfe_drift: evaluations of the drift f; nfe_diffusion: of the noise term
-            ``g_t dW`` (both counted).
-        steps, solver: grid cells and solver name.
-        times, trajectory: requested times ``(T,)`` and states ``(T, B, *event_shape)``
-            (``None`` unless ``times`` was given).
+        nfe_drift: evaluations of the drift f, counted.
+        nfe_diffusion: evaluations of the noise term ``g_t dW``, counted.
+        steps: grid cells.
+        solver: the solver's name.
+        times: requested times ``(T,)`` (``None`` unless ``times`` was given).
+        trajectory: states at ``times``, ``(T, B, *event_shape)`` (``None`` unless ``times``
+            was given).
     """
 
     x: Tensor

@@ -49,7 +49,9 @@ import torch
 from torch import Tensor
 
 from .._core.counting import check_like
+from .._core.progress import progress_bar
 from .._core.registry import SolverInfo
+from .._core.threads import check_threads, intra_op_threads
 from .._core.types import Field
 from ..likelihood.cnf import log_likelihood
 from ..metrics import wasserstein2
@@ -414,6 +416,8 @@ def compare_solvers(
     t1: float = 1.0,
     max_steps: int | None = None,
     generator: torch.Generator | None = None,
+    threads: int | None = None,
+    progress: bool = False,
 ) -> Study:
     r"""Measure NFE, wall time and error at ``t1`` of every solver at every budget.
 
@@ -449,6 +453,10 @@ def compare_solvers(
         t0, t1: the interval; max_steps: step budget of the adaptive solves.
         generator: draws the shared Brownian path of the SDE solvers (None: a fresh
             unseeded generator; torch's global RNG is never used).
+        threads: torch's intra-op threads during the study, restored afterwards (None:
+            torch's current setting); recorded in ``meta["threads"]``. On a shared CPU one
+            thread times small tensors most reliably (the CLI's ``compare`` uses 1).
+        progress: a tqdm bar on stderr over the (solver, budget) runs (the CLI shows it).
 
     Returns:
         :class:`Study`: ``records`` (one dict per solver and budget, keys
@@ -470,6 +478,7 @@ def compare_solvers(
         [1, 4]
     """
     _check_x0(x0)
+    check_threads(threads)
     specs = _parse_solvers(solvers, steps, tolerances, budgets)
     repeats, warmup = _count("repeats", repeats, 1), _count("warmup", warmup, 0)
     if norm not in _NORMS:
@@ -479,19 +488,25 @@ def compare_solvers(
     ref_dtype, ref_tol = _reference_precision(field, x0, t0, specs, reference, likelihood,
                                               reference_tol)
 
-    x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1, ref_dtype)
-    sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
-    points = data[: x0.shape[0]] if data is not None else (
-        None if x_ref is None else x_ref.to(x0.dtype))  # the solves under test: x0's dtype
-    t_interval = (min(t0, t1), max(t0, t1))
-    ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval,
-                           ref_dtype)
-
-    ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
-                   data, ll, t_interval)
-    records = [_measure(ctx, spec, budget) for spec in specs for budget in spec.budgets]
-    orders = _fit_orders(specs, records, meta.get("order_floor", 0.0), sde_setup)
-    _complete_meta(meta, ctx, likelihood)
+    with intra_op_threads(threads):
+        x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1,
+                                     ref_dtype)
+        sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
+        points = data[: x0.shape[0]] if data is not None else (
+            None if x_ref is None else x_ref.to(x0.dtype))  # the solves under test: x0's dtype
+        t_interval = (min(t0, t1), max(t0, t1))
+        ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval,
+                               ref_dtype)
+        ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
+                       data, ll, t_interval)
+        runs = [(spec, budget) for spec in specs for budget in spec.budgets]
+        with progress_bar(len(runs), "compare", enabled=progress, unit="run") as bar:
+            records = []
+            for spec, budget in runs:
+                records.append(_measure(ctx, spec, budget))
+                bar.update()
+        orders = _fit_orders(specs, records, meta.get("order_floor", 0.0), sde_setup)
+        _complete_meta(meta, ctx, likelihood)
     return Study(records, orders, meta)
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,18 +129,29 @@ class Study:
 
     # -- files -------------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write the records as CSV (atomically); :meth:`read_csv` reads them back."""
+        """Write the records as CSV (atomically); :meth:`from_csv` reads them back."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.records)
         return _atomic_write(path, buf.getvalue().encode())
 
-    @staticmethod
-    def read_csv(path: str | os.PathLike) -> list[dict]:
-        """Records from :meth:`to_csv`: empty cells are None, numbers int or float."""
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> Study:
+        """The study of the records written by :meth:`to_csv`: empty cells are None, numbers
+        int or float. A CSV file holds the records only, so ``orders`` and ``meta`` are
+        empty; :meth:`to_json` and :meth:`from_json` keep all three."""
         with open(path, newline="") as f:
-            return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return cls([{k: _parse_cell(v) for k, v in row.items()}
+                        for row in csv.DictReader(f)])
+
+    @classmethod
+    def read_csv(cls, path: str | os.PathLike) -> list[dict]:
+        """Deprecated: ``Study.from_csv(path).records``, the same records (this name warns
+        with a DeprecationWarning and will be removed)."""
+        warnings.warn("Study.read_csv is deprecated: use Study.from_csv(path).records",
+                      DeprecationWarning, stacklevel=2)
+        return cls.from_csv(path).records
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write records, orders and meta as JSON (atomically); :meth:`from_json` reads it."""
@@ -148,6 +160,7 @@ class Study:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Study:
+        """The study written by :meth:`to_json`: records, orders and meta."""
         with open(path) as f:
             doc = json.load(f)
         return cls(doc["records"], doc.get("orders", {}), doc.get("meta", {}))

@@ -25,6 +25,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ot
@@ -141,6 +142,12 @@ class Coupling(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
+    def settings(self) -> dict[str, Any]:
+        """The settings that decide the pairs: the public attributes (those of the repr),
+        less any this coupling never reads. A training checkpoint records them and a resume
+        refuses any change (:func:`~flowsolve.training.loop.train`)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
 
 class IndependentCoupling(Coupling):
     """``pi = mu0 x mu1``: x1[j] with x0[j] (the batches are independent draws). With a
@@ -214,7 +221,12 @@ class OTCoupling(Coupling):
         method: ``"exact"`` or ``"sinkhorn"``.
         cost: a name in :data:`COSTS` (computed in float64) or ``c(x0_flat, x1_flat) ->
             (N, M)``, called on the batches at their dtype (at least float32) under
-            ``torch.no_grad()``, its result converted to float64 for the solve.
+            ``torch.no_grad()``, its result converted to float64 for the solve. A cost
+            matrix with a non-finite entry is refused (ValueError) before any solve, saying
+            why: non-finite points (counted in x0 and in x1), else an overflow of finite
+            points (squared distances beyond float64's range, about 1.8e308, e.g. from
+            points near 1e154 or beyond: rescale the data), else a callable cost's own
+            non-finite result.
         reg: entropic regularisation :math:`\varepsilon` (Sinkhorn), relative to the
             normalised cost.
         normalize: ``"mean"``, ``"max"`` or ``None`` (Sinkhorn).
@@ -262,6 +274,15 @@ class OTCoupling(Coupling):
         x0f, x1f = _batches(x0, x1, extras, generator)
         return self._couple(x0f, x1f, generator)
 
+    def settings(self) -> dict[str, Any]:
+        """The public attributes; for ``method="exact"`` less Sinkhorn's (reg, normalize,
+        tol, fallback, domain), which an exact solve never reads."""
+        out = super().settings()
+        if self.method == "exact":
+            for key in ("reg", "normalize", "tol", "fallback", "domain"):
+                out.pop(key, None)
+        return out
+
     # -- one block ------------------------------------------------------------------------
     def _cost(self, x0f: Tensor, x1f: Tensor) -> Tensor:
         """The cost matrix in float64 (MPS, which has none: float32). A named cost is
@@ -285,7 +306,30 @@ class OTCoupling(Coupling):
         if c.shape != (x0f.shape[0], x1f.shape[0]):
             raise ValueError(f"cost must return ({x0f.shape[0]}, {x1f.shape[0]}); got "
                              f"{tuple(c.shape)}")
+        if not bool(torch.isfinite(c).all()):  # one sync; Sinkhorn's own checks sync too
+            self._refuse_non_finite(c, x0f, x1f)
         return c.to(solve)
+
+    def _refuse_non_finite(self, c: Tensor, x0f: Tensor, x1f: Tensor) -> None:
+        """Say why the cost matrix ``c`` is not finite: non-finite points (counted per side),
+        else an overflow of finite points (a named cost) or a callable cost's own result."""
+        _check_points(x0f, x1f)
+        n, m = c.shape
+        k = int((~torch.isfinite(c)).sum())
+        big = max(float(x0f.abs().max()), float(x1f.abs().max()))
+        if isinstance(self.cost, str):
+            what = "squared distances" if self.cost == "sqeuclidean" else \
+                "squared differences (inside the distance)"
+            raise ValueError(
+                f"the cost matrix overflowed: x0 and x1 are finite (largest magnitude "
+                f"{big:.3g}), but {k} of the {n}x{m} {self.cost!r} costs are not: the {what} "
+                f"of points this far apart exceed the range of {_name(c.dtype)} (largest "
+                f"{torch.finfo(c.dtype).max:.3g}). Rescale the data (e.g. standardise x0 and "
+                "x1, or divide both by a common scale) before coupling")
+        raise ValueError(
+            f"cost returned {k} non-finite entries (of {n}x{m}) on finite x0 and x1 (largest "
+            f"magnitude {big:.3g}; returned as {_name(c.dtype)}): the cost function overflowed "
+            "or failed there. Rescale the data or fix the cost function")
 
     def _couple(self, x0f: Tensor, x1f: Tensor, generator) -> CouplingResult:
         # the reported cost's dtype: the inputs' (at least float32)
@@ -301,10 +345,7 @@ class OTCoupling(Coupling):
         solve (status ``"fallback_exact"`` whatever the retries, plan on c's device)."""
         n, m = c.shape
         status = "fallback_exact" if fallback else "optimal"
-        c_np = np.ascontiguousarray(c.to("cpu", torch.float64).numpy())
-        if not np.isfinite(c_np).all():
-            raise ValueError("x0 and x1 must be finite: the cost matrix has "
-                             f"{int((~np.isfinite(c_np)).sum())} non-finite entries")
+        c_np = np.ascontiguousarray(c.to("cpu", torch.float64).numpy())  # finite: _cost
         a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
         own = self.max_iter if self.method == "exact" else None  # not Sinkhorn's limit
         limit = own or max(100_000, n * m)
@@ -463,6 +504,21 @@ def _emd(a: np.ndarray, b: np.ndarray, c: np.ndarray, limit: int) -> tuple[np.nd
     return plan, int(log["result_code"])
 
 
+def _check_points(x0f: Tensor, x1f: Tensor) -> None:
+    """Refuse non-finite points, counted per side (reads two counts: call it on failure)."""
+    n0, n1 = (int((~torch.isfinite(x)).sum()) for x in (x0f, x1f))
+    if n0 or n1:
+        def entries(k: int) -> str:
+            return f"{k} non-finite {'entry' if k == 1 else 'entries'}"
+        got = (f"{entries(n0)} in x0 and {n1} in x1" if n0 and n1 else
+               f"{entries(n0 or n1)} in {'x0' if n0 else 'x1'} (none in {'x1' if n0 else 'x0'})")
+        raise ValueError(f"x0 and x1 must be finite; got {got}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _choice(name: str, value, accepted: tuple) -> None:
     if value not in accepted:
         raise ValueError(f"{name} must be one of {accepted}; got {value!r}")
@@ -517,7 +573,11 @@ class ClassConditionalOT(OTCoupling):
         parts = []
         for g0, g1 in zip(groups0, groups1, strict=True):
             g0, g1 = g0.to(x0f.device), g1.to(x0f.device)
-            parts.append((g0, g1, self._couple(x0f[g0], x1f[g1], generator)))
+            try:
+                parts.append((g0, g1, self._couple(x0f[g0], x1f[g1], generator)))
+            except ValueError:
+                _check_points(x0f, x1f)  # non-finite points: counted over the whole batches
+                raise
         return self._assemble(parts, n, m)
 
     def _assemble(self, parts, n: int, m: int) -> CouplingResult:

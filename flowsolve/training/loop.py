@@ -30,8 +30,13 @@ the losses logged after a resume equal those of a run that never stopped, bit fo
 resume refuses any setting that would change that trajectory (lr, betas, EMA, clipping,
 warm-up, time distribution, ...; the message names each difference), another data set or
 source (a name, N(0, I) for ``source=None``, or a tensor / callable: these three differ),
-another path (by its repr, which holds exact floats) or another kind of coupling
-(``coupling=None`` is one kind, distinct from ``IndependentCoupling()``); only ``steps``,
+another path (by its repr, which holds exact floats), another kind of coupling
+(``coupling=None`` is one kind, distinct from ``IndependentCoupling()``) or another setting
+of the coupling (``coupling.settings()``, those that decide its pairs: method, cost,
+max_iter, keep of an ``OTCoupling``, and reg, normalize, tol, fallback, domain for Sinkhorn;
+the public attributes of a coupling class without that method; a callable cost cannot be
+compared, so a resume with one needs ``resume_same_cost=True``; checkpoints written before
+the settings were recorded compare the kind only); only ``steps``,
 the logging and checkpoint intervals and the workers may change, and so may the settings
 the run never reads (``dsm_weighting`` unless ``prediction="score"``, ``label_dropout`` for a
 model without ``num_classes``, ``ema_warmup`` without EMA). Data given as tensors or
@@ -43,10 +48,21 @@ RNG and is outside that guarantee.
 **torch.distributed**: when a process group is initialised, the model is wrapped in
 ``DistributedDataParallel``; every rank draws and couples its own batch of
 ``config.batch_size`` (the global batch is ``batch_size * world_size``); logged losses are
-averaged over ranks; only rank 0 writes checkpoints.
+averaged over ranks; only rank 0 writes checkpoints. Under torchrun (``WORLD_SIZE > 1``)
+with no process group running, :func:`train` initialises one (gloo on CPU, NCCL for CUDA
+tensors; see :func:`flowsolve._core.distributed.ensure_process_group`), so a script needs no
+``init_process_group`` call and never trains N independent copies.
 
 Host synchronisation in the loop happens only every ``config.log_every`` steps (the loss
 is read then) and at checkpoints.
+
+**Non-finite values** are named by their cause: a batch drawn on the CPU is checked as it is
+drawn (one reduction on the host: x1, the data, and x0, the source); a batch on another
+device is checked only when the logged loss is non-finite, by drawing the interval's
+batches again (they are pure functions of the seed and the step), then coupling them. The
+ValueError names the batch, the step, the side and the count of non-finite entries (or the
+coupling, when it made finite pairs non-finite); a non-finite loss on finite data is a
+FloatingPointError that suggests a lower ``lr`` or ``grad_clip``.
 """
 
 from __future__ import annotations
@@ -56,7 +72,6 @@ import multiprocessing
 import numbers
 import operator
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -69,7 +84,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .._core.distributed import ensure_process_group
 from .._core.files import load_checked_file, save_checked
+from .._core.progress import progress_bar
+from .._core.threads import check_threads, intra_op_threads
 from ..paths.affine import AffineGaussianPath, canonical_prediction
 from ..paths.bridges import GaussianBridge
 from ..paths.schedules import CondOTScheduler
@@ -217,7 +235,8 @@ class TrainResult:
     ``losses``: the logged history including resumed parts; ``step``: the final step;
     ``start_step``: where this call began (> 0 after a resume); ``wall_time``: seconds in
     this call's loop, ``data_wait`` of them spent waiting for batches; ``seed``: the run's
-    seed (``BatchProducer(..., seed=seed)[k]`` is batch k)."""
+    seed (``BatchProducer(..., seed=seed)[k]`` is batch k); ``threads``: torch's intra-op
+    threads during the loop (the ``threads=`` of :func:`train`, else torch's setting)."""
 
     model: nn.Module
     ema_model: nn.Module | None
@@ -229,6 +248,7 @@ class TrainResult:
     data_wait: float
     checkpoint: Path | None
     seed: int
+    threads: int | None = None
 
 
 # -- checkpoints (format and resume checks: _checkpoint.py) -----------------------------------
@@ -258,6 +278,14 @@ def _batches(producer: BatchProducer, steps: Iterable[int], cfg: TrainConfig,
 def _check_setup(model: Any, path: Any, cfg: TrainConfig, source: Any, coupling: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(f"model must have parameters to train; got a {type(model).__name__} "
+                         "with none (model.parameters() is empty: give it trainable layers)")
+    if not any(p.requires_grad for p in params):
+        raise ValueError(f"model must have trainable parameters; got a {type(model).__name__} "
+                         f"whose {len(params)} parameters all have requires_grad=False "
+                         "(unfreeze some, e.g. model.requires_grad_(True))")
     if not isinstance(path, (AffineGaussianPath, GaussianBridge)):
         raise TypeError("path must be an AffineGaussianPath or a GaussianBridge; got "
                         f"{type(path).__name__}")
@@ -275,12 +303,14 @@ class _Run:
     the running loss sum and the logged history; restored from / saved to a checkpoint."""
 
     def __init__(self, model: nn.Module, producer_args: tuple, cfg: TrainConfig, path: Any,
-                 ckpt: Path | None, generator: torch.Generator | None):
+                 ckpt: Path | None, generator: torch.Generator | None, *,
+                 same_cost: bool = False):
+        self.same_cost = same_cost  # the caller states a callable cost is the checkpoint's
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # torchrun without a process group: one is initialised here (never N lone copies)
+        self.rank, self.world = ensure_process_group(self.device)
         self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed \
-            else (0, 1)
         self.model, self.cfg, self.path, self.ckpt = model, cfg, path, ckpt
         self.setup = setup_record(*producer_args[:2], path, producer_args[2])
         self.conditional = getattr(model, "num_classes", None) is not None
@@ -338,13 +368,13 @@ class _Run:
         if ckpt is None:
             return None
         if not self.distributed:
-            return (load_checked(ckpt, asdict(cfg), self.world, self.setup, self.conditional)
-                    if ckpt.exists() else None)
+            return (load_checked(ckpt, asdict(cfg), self.world, self.setup, self.conditional,
+                                 self.same_cost) if ckpt.exists() else None)
         box: list[Any] = [None]
         if self.rank == 0:
             try:
                 box = [("state", load_checked(ckpt, asdict(cfg), self.world, self.setup,
-                                              self.conditional)
+                                              self.conditional, self.same_cost)
                          if ckpt.exists() else None)]
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 box, error = [("error", f"{type(exc).__name__}: {exc}")], exc
@@ -404,14 +434,38 @@ class _Run:
             dist.all_reduce(mean)
             mean = mean / self.world
         value = float(mean.item())
+        first = step - self.count  # the interval's batches: first .. step - 1
         self.running.zero_()
         self.count = 0
         if not math.isfinite(value):
-            raise FloatingPointError(f"the training loss is {value} at step {step}: lower "
-                                     "config.lr or set config.grad_clip")
+            self._refuse_non_finite(value, first, step)
         self.log_steps.append(step)
         self.losses.append(value)
         return value
+
+    def _refuse_non_finite(self, value: float, first: int, step: int) -> None:
+        """Raise for a non-finite loss over batches ``first .. step - 1``: the data first
+        (batches drawn again and coupled, which only a failed run pays for: on the CPU they
+        were checked as drawn, elsewhere not, to keep the loop free of host syncs), then the
+        coupling's output, else the optimisation. Under DDP the ranks share their findings
+        (one collective, at a step every rank logs)."""
+        device = self.device if self.cfg.couple_on_device else None
+        problem = self.producer.find_non_finite(range(first, step), device)
+        others: list[int] = []
+        if self.distributed:
+            found = torch.zeros(self.world, device=self.device)
+            found[self.rank] = problem is not None
+            dist.all_reduce(found)
+            others = [r for r, hit in enumerate(found.tolist()) if hit and r != self.rank]
+        if problem is not None:
+            raise ValueError(f"the training loss is {value} at step {step}: {problem}")
+        if others:
+            raise ValueError(f"the training loss is {value} at step {step}: rank(s) {others} "
+                             f"found non-finite training data in steps {first + 1} to {step} "
+                             "(their errors name it)")
+        raise FloatingPointError(f"the training loss is {value} at step {step}: lower "
+                                 "config.lr or set config.grad_clip (the training data of "
+                                 f"steps {first + 1} to {step} is finite)")
 
     def save(self, step: int) -> None:
         """Write the checkpoint (rank 0). Every rank calls this at the same steps (the
@@ -448,6 +502,8 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[TrainLog], None] | None = None,
+    resume_same_cost: bool = False,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train ``model(x, t, **kwargs)`` by regression along ``path`` on coupled pairs.
 
@@ -464,43 +520,70 @@ def train(
         generator: seeds the run (one draw); a fresh default ``torch.Generator`` if None.
             Ignored on resume: the seed is in the checkpoint.
         callback: called with a :class:`TrainLog` at every logging step.
+        resume_same_cost: states that the coupling's settings a checkpoint cannot compare
+            -- a callable ``cost`` of an :class:`~flowsolve.training.couplings.OTCoupling`,
+            or any setting of one's own coupling class that is not a plain value (a
+            function, a tensor, a module) -- are the ones the checkpoint was written with.
+            Without it a resume with such a setting is refused; its plain settings (method,
+            reg, tol, ...) are compared either way. Ignored when nothing is resumed.
+        threads: torch's intra-op threads for the run, restored afterwards (None: torch's
+            setting). On a busy CPU one thread is often much faster for small models (a
+            2-core machine ran a user's training ~10x slower with two); the CLI uses 1.
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        ValueError: a model without (trainable) parameters; a checkpoint written with other
+            settings or inputs (every difference named); non-finite training data (the
+            batch, the step, x1 or x0 and the count: checked as drawn on the CPU, and for
+            data on another device once the loss is non-finite).
+        FloatingPointError: a non-finite loss on finite data (lower ``config.lr`` or set
+            ``config.grad_clip``).
     """
+    check_threads(threads)
+    if not isinstance(resume_same_cost, bool):
+        raise TypeError(f"resume_same_cost must be True or False; got {resume_same_cost!r}")
     cfg = config or TrainConfig()
     path = path if path is not None else AffineGaussianPath(CondOTScheduler())
     _check_setup(model, path, cfg, source, coupling)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None:  # before the loop: a missing folder must not cost the run
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-    run = _Run(model, (data, source, coupling), cfg, path, ckpt, generator)
+    with intra_op_threads(threads) as in_effect:
+        run = _Run(model, (data, source, coupling), cfg, path, ckpt, generator,
+                   same_cost=resume_same_cost)
+        return _loop(run, model, cfg, ckpt, callback, in_effect)
+
+
+def _loop(run: _Run, model: nn.Module, cfg: TrainConfig, ckpt: Path | None,
+          callback: Callable[[TrainLog], None] | None, threads: int) -> TrainResult:
+    """Steps ``run.start`` to ``cfg.steps``: a batch, a step, a log line on the progress bar
+    every ``log_every`` steps, a checkpoint every ``checkpoint_every`` and at the end."""
     start, begin, wait = run.start, time.perf_counter(), 0.0
     batches = iter(()) if start >= cfg.steps else _batches(
         run.producer, range(start, cfg.steps), cfg, pin=run.device.type == "cuda")
-    for k in range(start, cfg.steps):
-        tick = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - tick
-        run.step(batch, k)
-        step = k + 1
-        if step % cfg.log_every == 0:
-            value, elapsed = run.log(step), time.perf_counter() - begin
-            if cfg.progress and run.rank == 0:
-                rate = (step - start) / elapsed
-                sys.stderr.write(f"\rtrain: step {step}/{cfg.steps}  loss {value:.4g}  "
-                                 f"{rate:.1f} steps/s  eta {(cfg.steps - step) / rate:.0f}s  ")
-            if callback is not None:
-                callback(TrainLog(step, value, elapsed))
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            run.save(step)
-    wall = time.perf_counter() - begin
-    if start < cfg.steps:
-        run.save(cfg.steps)
-        if cfg.progress and run.rank == 0:
-            sys.stderr.write("\n")
+    show = cfg.progress and run.rank == 0 and start < cfg.steps
+    with progress_bar(cfg.steps, "train", enabled=show, unit="step", initial=start) as bar:
+        for k in range(start, cfg.steps):
+            tick = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - tick
+            run.step(batch, k)
+            step = k + 1
+            if step % cfg.log_every == 0:
+                value, elapsed = run.log(step), time.perf_counter() - begin
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                if callback is not None:
+                    callback(TrainLog(step, value, elapsed))
+            bar.update()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                run.save(step)
+        wall = time.perf_counter() - begin
+        if start < cfg.steps:
+            run.save(cfg.steps)
     if run.distributed and ckpt is not None:
         dist.barrier()
     ema_model = None if run.ema is None else run.ema.model
-    return TrainResult(model, ema_model, run.log_steps, run.losses, max(start, cfg.steps),
-                       start, wall, wait, ckpt, run.seed)
+    return TrainResult(model, ema_model, run.log_steps, run.losses,
+                       max(start, cfg.steps), start, wall, wait, ckpt, run.seed, threads)

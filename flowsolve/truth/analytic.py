@@ -211,7 +211,8 @@ class StandardNormal(Gaussian):
     def __init__(self, dim: int, std: float = 1.0):
         if not (isinstance(dim, int) and dim > 0):
             raise ValueError(f"dim must be a positive int; got {dim!r}")
-        super().__init__(torch.zeros(dim), torch.full((dim,), float(std) ** 2))
+        super().__init__(torch.zeros(dim, dtype=torch.float64),
+                         torch.full((dim,), float(std) ** 2, dtype=torch.float64))
 
 
 def source_distribution(path: AffineGaussianPath | Scheduler, dim: int) -> StandardNormal:
