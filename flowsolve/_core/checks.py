@@ -8,6 +8,8 @@ check never stalls a solver's step loop.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -128,3 +130,15 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
             f"{name_a} and {name_b} must have the same shape; got {name_a} {tuple(a.shape)} "
             f"and {name_b} {tuple(b.shape)}"
         )
+
+
+def check_span(t0, t1) -> tuple[float, float]:
+    """Distinct ``t0``, ``t1`` in [0, 1] as floats (``t0 > t1``: backwards)."""
+    for name, v in (("t0", t0), ("t1", t1)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
+    t0, t1 = float(t0), float(t1)
+    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
+        raise ValueError(f"t0 and t1 must be distinct times in [0, 1] (0 = noise, 1 = data; "
+                         f"t0 > t1 integrates backwards); got t0={t0!r}, t1={t1!r}")
+    return t0, t1

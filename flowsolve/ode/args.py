@@ -1,7 +1,7 @@
 """Argument checks and time grids of the ODE front door (:mod:`flowsolve.ode.solve`).
 
-* the state, the interval and the output times: :func:`check_state`, :func:`check_span`,
-  :func:`check_times`;
+* the state and the output times: :func:`check_state`, :func:`check_times` (the interval:
+  :func:`~flowsolve._core.checks.check_span`);
 * the solver's arguments (fixed-step: ``steps``; adaptive: ``rtol``, ``atol``,
   ``max_steps``; ``cuda_graph`` and ``adjoint``): :func:`check_solver_arguments`, which
   returns them normalised as the :class:`SolverArguments` every back end of
@@ -41,18 +41,6 @@ def check_state(x0) -> None:
         raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
     if x0.device.type == "cpu" and not bool(torch.isfinite(x0).all()):
         raise ValueError("x0 contains inf or NaN")
-
-
-def check_span(t0, t1) -> tuple[float, float]:
-    """Distinct ``t0``, ``t1`` in [0, 1] as floats (``t0 > t1``: backwards)."""
-    for name, v in (("t0", t0), ("t1", t1)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
-    t0, t1 = float(t0), float(t1)
-    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
-        raise ValueError(f"t0 and t1 must be distinct times in [0, 1] (0 = noise, 1 = data; "
-                         f"t0 > t1 integrates backwards); got t0={t0!r}, t1={t1!r}")
-    return t0, t1
 
 
 def positive(name: str, v) -> float:
@@ -240,7 +228,7 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
 
     Args:
         info: the solver; ``x0``: the checked state; ``t0``, ``t1``: the checked interval
-            (:func:`check_span`).
+            (:func:`~flowsolve._core.checks.check_span`).
         takes_tolerances: whether a fixed-step solver accepts ``rtol``/``atol``.
         adaptive_solvers: the adaptive solvers' names, for the message refusing a
             fixed-step solve without ``steps``.

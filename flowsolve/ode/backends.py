@@ -51,13 +51,13 @@ from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
+from .._core.checks import check_span
 from .._core.counting import CountingField
 from .._core.errors import IntegrationError
 from .._core.registry import SolverInfo, SolverRegistry
 from .._core.types import Field
 from .args import (
     SolverArguments,
-    check_span,
     check_times,
     fixed_grid,
     grid_indices,

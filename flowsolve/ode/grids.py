@@ -54,6 +54,7 @@ from typing import ClassVar
 
 import torch
 
+from .._core.checks import check_span
 from ..paths.affine import AffineGaussianPath
 from ..paths.schedules import Scheduler
 
@@ -390,13 +391,7 @@ def time_grid(grid="uniform", steps: int | None = None, *, t0: float = 0.0, t1: 
         [0.0, 0.5, 0.9, 1.0]
     """
     spec = as_grid(grid)
-    for name, v in (("t0", t0), ("t1", t1)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a number in [0, 1]; got {type(v).__name__}")
-    t0, t1 = float(t0), float(t1)
-    if not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0) or t0 == t1:
-        raise ValueError(f"t0 and t1 must be distinct times in [0, 1]; got t0={t0!r}, "
-                         f"t1={t1!r}")
+    t0, t1 = check_span(t0, t1)
     if spec.steps is not None:
         if steps is not None and steps != spec.steps:
             raise ValueError(f"steps={steps!r} disagrees with the {spec.steps + 1} grid times "

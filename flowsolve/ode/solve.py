@@ -31,10 +31,11 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._core.checks import check_span
 from .._core.types import Field
 from ..paths.affine import AffineGaussianPath
 from ..paths.schedules import Scheduler
-from .args import check_solver_arguments, check_span, check_state
+from .args import check_solver_arguments, check_state
 from .backends import BACKENDS, ODE_SOLVERS, CapturedSampler, Solution, takes_tolerances
 from .grids import TimeGrid
 
