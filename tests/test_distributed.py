@@ -61,9 +61,11 @@ def test_an_initialised_group_is_used_as_it_is(no_launch_env, tmp_path):
     no_launch_env.setenv("WORLD_SIZE", "2")  # the group, not the environment, decides
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
+    group = dist.group.WORLD
     try:
         assert ensure_process_group("cpu") == (0, 1)
-        assert dist.group.WORLD is not None
+        assert dist.group.WORLD is group  # kept, not replaced by a group of its own
+        assert dist.get_world_size() == 1
     finally:
         dist.destroy_process_group()
 

@@ -17,6 +17,19 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+def recording_field():
+    """An exact mixture velocity that records torch's thread count at each call."""
+    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4),
+                                      fs.AffineGaussianPath(fs.CondOTScheduler()))
+    seen: list[int] = []
+
+    def field(x, t):
+        seen.append(torch.get_num_threads())
+        return u(x, t)
+
+    return field, seen
+
+
 def test_the_block_runs_with_the_count_and_restores_it(two_threads):
     with intra_op_threads(1) as n:
         assert n == torch.get_num_threads() == 1
@@ -32,13 +45,7 @@ def test_the_block_runs_with_the_count_and_restores_it(two_threads):
 
 
 def test_a_study_times_with_its_threads_and_restores_the_users(two_threads):
-    path = fs.AffineGaussianPath(fs.CondOTScheduler())
-    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4), path)
-    seen = []
-
-    def field(x, t):
-        seen.append(torch.get_num_threads())
-        return u(x, t)
+    field, seen = recording_field()
 
     x0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     study = fs.compare_solvers(field, x0, solvers=["euler"], steps=[2, 4], repeats=1, warmup=0,
@@ -72,13 +79,7 @@ def test_training_runs_with_its_threads_and_records_them(two_threads):
 
 
 def test_a_dataset_likelihood_runs_with_its_threads(two_threads):
-    path = fs.AffineGaussianPath(fs.CondOTScheduler())
-    u = fs.analytic.marginal_velocity(fs.GaussianMixture.ring(4), path)
-    seen = []
-
-    def field(x, t):
-        seen.append(torch.get_num_threads())
-        return u(x, t)
+    field, seen = recording_field()
 
     x = fs.GaussianMixture.ring(4).sample(6, generator=torch.Generator().manual_seed(0))
     fs.dataset_log_likelihood(field, x, batch_size=3, solver="rk4", steps=2, progress=False,
