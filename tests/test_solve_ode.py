@@ -198,9 +198,13 @@ def test_reported_nfe_equals_the_calls_counted_independently(solver):
     info = ODE_SOLVERS[solver]
     counter = Counter(U)
     kwargs = {"rtol": 1e-4, "atol": 1e-4} if info.adaptive else {"steps": 8}
+    if info.needs_path:  # the low-NFE samplers
+        kwargs["path"] = PATH
     res = sample(counter, noise(16, 2), solver, **kwargs)
     assert res.nfe == counter.calls > 0
-    if info.library == "flowsolve" or solver in TABLEAUS:  # explicit RK on linspace: N * s
+    if info.needs_path:
+        assert res.steps == 8
+    elif info.library == "flowsolve" or solver in TABLEAUS:  # explicit RK on linspace: N * s
         assert res.nfe == 8 * TABLEAUS[info.method].stages and res.steps == 8
 
 
@@ -488,6 +492,8 @@ def test_a_field_of_the_wrong_shape_or_dtype_is_refused(solver, bad):
     float64 for float32 x would turn fast_euler's state float64: every solver refuses both
     at the first evaluation, naming the shapes and dtypes."""
     kwargs = {} if ODE_SOLVERS[solver].adaptive else {"steps": 4}
+    if ODE_SOLVERS[solver].needs_path:
+        kwargs["path"] = PATH
     if bad == "shape":
         x, field = noise(8, 13), lambda x, t: U(x, t)[:, :1]
         match = r"x is \(8, 2\) torch.float64, the field returned \(8, 1\) torch.float64"

@@ -35,6 +35,10 @@ class SolverInfo:
         library: who implements it (``"torchdiffeq"``, ``"torchsde"``, ``"scipy"``,
             ``"flowsolve"``).
         method: the name the library knows it by.
+        multistep: reuses earlier evaluations of the field (Adams, DPM-Solver++(2M), UniPC).
+        stochastic: draws noise (every SDE solver; the stochastic samplers).
+        needs_path: works on the path's ``alpha_t``, ``sigma_t`` (the low-NFE samplers:
+            ``path=`` is required).
     """
 
     name: str
@@ -43,6 +47,9 @@ class SolverInfo:
     order: float | None
     library: str
     method: str
+    multistep: bool = False
+    stochastic: bool = False
+    needs_path: bool = False
 
 
 class SolverRegistry(Mapping[str, SolverInfo]):

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .._core.registry import SolverInfo
+from ..paths.affine import AffineGaussianPath, canonical_prediction
+from ..paths.schedules import Scheduler
 from .grids import UniformGrid, as_grid, linspace, time_grid
 
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-5
@@ -173,6 +175,10 @@ class SolverArguments:
             takes them (implicit Adams), passed on as given.
         out_times: the checked output times (:func:`check_times`; empty: none requested).
         options, check_finite, cuda_graph, adjoint: as given to the front door.
+        path: the :class:`~flowsolve.paths.affine.AffineGaussianPath` of ``path=`` (a
+            scheduler given there is wrapped), or None.
+        prediction: what the field predicts (``"velocity"`` unless ``prediction=`` said
+            otherwise; the samplers read it, the other solvers get a converted field).
     """
 
     t0: float
@@ -187,6 +193,19 @@ class SolverArguments:
     cuda_graph: bool
     adjoint: bool
     grid: list[float] | None = None
+    path: AffineGaussianPath | None = None
+    prediction: str = "velocity"
+
+
+def as_path(path) -> AffineGaussianPath | None:
+    """``path=`` as an :class:`~flowsolve.paths.affine.AffineGaussianPath` (a scheduler is
+    wrapped; None stays None); TypeError otherwise."""
+    if path is None or isinstance(path, AffineGaussianPath):
+        return path
+    if isinstance(path, Scheduler):
+        return AffineGaussianPath(path)
+    raise TypeError(f"path must be an AffineGaussianPath or a Scheduler; got "
+                    f"{type(path).__name__}")
 
 
 def check_resolvable(rtol: float, atol: float, x0: Tensor, dtype: torch.dtype) -> None:
@@ -214,7 +233,7 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
                            steps, rtol, atol, max_steps, times, options, check_finite: bool,
                            cuda_graph: bool, adjoint: bool, takes_tolerances: bool,
                            adaptive_solvers: Sequence[str], grid="uniform",
-                           path=None) -> SolverArguments:
+                           path=None, prediction: str = "velocity") -> SolverArguments:
     """Check the solver-dependent arguments of :func:`flowsolve.ode.solve.sample`.
 
     An adaptive solver refuses ``steps``, a ``grid`` other than ``"uniform"`` and ``path``
@@ -225,6 +244,9 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
     (torchdiffeq's implicit Adams: its corrector's tolerance), ``rtol``/``atol``; its
     ``times`` must be points of its grid. ``cuda_graph`` needs a ``fast_*`` solver and
     ``x0`` on CUDA; ``adjoint`` a torchdiffeq solver (fixed-step: without ``times``).
+    A sampler (``info.needs_path``) requires ``path`` and integrates from noise to data
+    (``t0 < t1``); any solver given a ``prediction`` other than ``"velocity"`` requires
+    ``path`` (to convert the model).
 
     Args:
         info: the solver; ``x0``: the checked state; ``t0``, ``t1``: the checked interval
@@ -238,6 +260,18 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
     """
     solver = info.name
     fixed = None
+    path = as_path(path)
+    prediction = canonical_prediction(prediction, "prediction")
+    if path is None and (info.needs_path or prediction != "velocity"):
+        why = (f"solver {solver!r} steps in the path's log-SNR" if info.needs_path else
+               f"a {prediction!r} model is converted to a velocity on the path")
+        raise ValueError(f"{why}: pass path= (the AffineGaussianPath the model was trained on, "
+                         f"or its Scheduler)")
+    if info.needs_path and not t0 < t1:
+        raise ValueError(f"solver {solver!r} integrates from noise to data (t0 < t1); got "
+                         f"t0={t0!r}, t1={t1!r}. For data to noise use an ODE solver such as "
+                         f"'rk4' or 'dopri5' (with prediction= and path= for a non-velocity "
+                         f"model)")
     if info.adaptive:
         if steps is not None:
             raise ValueError(f"steps={steps!r}: solver {solver!r} is adaptive; it takes rtol, "
@@ -246,9 +280,10 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
             raise ValueError(f"grid={grid!r}: solver {solver!r} is adaptive and chooses its own "
                              f"steps; grid= applies to the fixed-step solvers "
                              f"(rk4, heun2, fast_*, ...)")
-        if path is not None:
-            raise ValueError(f"path= shapes the grid of a fixed-step solver; solver {solver!r} "
-                             f"is adaptive (leave path out)")
+        if path is not None and prediction == "velocity":
+            raise ValueError(f"path= shapes the grid of a fixed-step solver (or converts a "
+                             f"non-velocity model: prediction=); solver {solver!r} is adaptive "
+                             f"(leave path out)")
         rtol = positive("rtol", DEFAULT_RTOL if rtol is None else rtol)
         atol = positive("atol", DEFAULT_ATOL if atol is None else atol)
         check_resolvable(rtol, atol, x0,
@@ -270,7 +305,7 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
                              f"(got rtol={rtol!r}, atol={atol!r})")
         fixed = fixed_grid(spec, steps, t0, t1, path, solver)
         steps = len(fixed) - 1
-    if cuda_graph and (info.library != "flowsolve" or not x0.is_cuda):
+    if cuda_graph and (info.library != "flowsolve" or info.needs_path or not x0.is_cuda):
         raise ValueError(f"cuda_graph=True needs a fast_* solver and x0 on a CUDA device; got "
                          f"solver={solver!r}, x0 on {x0.device}")
     out_times = check_times(times, t0, t1)
@@ -279,5 +314,7 @@ def check_solver_arguments(info: SolverInfo, x0: Tensor, t0: float, t1: float, *
     if adjoint and (info.library != "torchdiffeq" or out_times and not info.adaptive):
         raise ValueError(f"adjoint=True needs a torchdiffeq solver (and, fixed-step, no times); "
                          f"got solver={solver!r}, times={times!r}")
+    if info.needs_path and options:
+        raise ValueError(f"solver {solver!r} takes no options; got options={options!r}")
     return SolverArguments(t0, t1, steps, rtol, atol, max_steps, out_times, options,
-                           check_finite, cuda_graph, adjoint, fixed)
+                           check_finite, cuda_graph, adjoint, fixed, path, prediction)

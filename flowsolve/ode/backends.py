@@ -65,10 +65,13 @@ from .args import (
     uniform_grid,
 )
 from .fixed_step import TABLEAUS, FixedStepLoop
+from .samplers import SAMPLERS
+from .semilinear import SamplerLoop
 from .systems import ODESystem, ScipySystem
 
 __all__ = ["ODE_SOLVERS", "Solution", "Backend", "BACKENDS", "solve_torchdiffeq",
-           "solve_scipy", "solve_fast", "CapturedSampler", "takes_tolerances"]
+           "solve_scipy", "solve_fast", "solve_sampler", "solve_flowsolve", "CapturedSampler",
+           "takes_tolerances"]
 
 
 # -- the registry, read from the libraries -----------------------------------------------------
@@ -97,12 +100,16 @@ def _build_registry() -> SolverRegistry:
         if name in _NOT_REGISTERED:
             continue
         infos.append(SolverInfo(name, "ode", issubclass(cls, AdaptiveStepsizeODESolver),
-                                _order(name, cls), "torchdiffeq", name))
+                                _order(name, cls), "torchdiffeq", name,
+                                multistep="adams" in name))
     for name, cls in _SCIPY_METHODS.items():
         infos.append(SolverInfo(name, "ode", True, _order(name, cls), "scipy", name))
     for name, tab in TABLEAUS.items():
         infos.append(SolverInfo(f"fast_{name}", "ode", False, float(tab.order), "flowsolve",
                                 name))
+    for name, smp in SAMPLERS.items():
+        infos.append(SolverInfo(name, "ode", False, smp.order, "flowsolve", name,
+                                multistep=smp.multistep, needs_path=True))
     return SolverRegistry(infos, what="ODE solver")
 
 
@@ -308,9 +315,9 @@ class CapturedSampler:
                  times: Sequence[float] | Tensor | None = None, check_finite: bool = True,
                  warmup: int = 3, grid="uniform", path=None):
         info = ODE_SOLVERS[solver]
-        if info.library != "flowsolve":
+        if info.library != "flowsolve" or info.method not in TABLEAUS:
             raise ValueError(f"only fast_* solvers can be captured; got solver={solver!r} "
-                             f"(accepted: {', '.join(ODE_SOLVERS.names(adaptive=False))})")
+                             f"(accepted: {', '.join('fast_' + n for n in TABLEAUS)})")
         if not torch.is_tensor(x_like) or not x_like.is_cuda:
             raise ValueError("a CUDA graph needs x_like on a CUDA device; got "
                              f"{getattr(x_like, 'device', type(x_like).__name__)}")
@@ -347,9 +354,34 @@ class CapturedSampler:
                                                      finite), self.nfe)
 
 
+# -- the low-NFE samplers ----------------------------------------------------------------------
+def solve_sampler(field: Field, x0: Tensor, info: SolverInfo,
+                  args: SolverArguments) -> Solution:
+    """A low-NFE sampler of :data:`~flowsolve.ode.samplers.SAMPLERS` on the grid ``args.grid``
+    (:class:`~flowsolve.ode.semilinear.SamplerLoop`: the model, of kind ``args.prediction``,
+    read as its posterior means on ``args.path``)."""
+    loop = SamplerLoop(SAMPLERS[info.method], field, args.path, args.prediction, args.grid, x0,
+                       grid_indices(args.out_times, args.grid))
+    x, saved, finite = loop(x0, None, args.check_finite)
+    loop.check(finite)
+    times = [args.grid[k] for k in loop.record]
+    return Solution(x, loop.nfe, args.steps, 0, info.name, args.t0, args.t1,
+                    times_tensor(times, x0), torch.stack(saved) if saved else None,
+                    _grid_tensor(args.grid))
+
+
+def solve_flowsolve(field: Field, x0: Tensor, info: SolverInfo,
+                    args: SolverArguments) -> Solution:
+    """flowsolve's own solvers: the ``fast_*`` Runge-Kutta loop (:func:`solve_fast`) or a
+    low-NFE sampler (:func:`solve_sampler`)."""
+    if info.method in TABLEAUS:
+        return solve_fast(field, x0, info, args)
+    return solve_sampler(field, x0, info, args)
+
+
 BACKENDS: dict[str, Backend] = {
     "torchdiffeq": solve_torchdiffeq,
     "scipy": solve_scipy,
-    "flowsolve": solve_fast,
+    "flowsolve": solve_flowsolve,
 }
 """``{library: back end}`` for every library named in :data:`ODE_SOLVERS`."""

@@ -34,6 +34,7 @@ from torch import Tensor
 from .._core.checks import check_span
 from .._core.types import Field
 from ..paths.affine import AffineGaussianPath
+from ..paths.fields import ConvertedField
 from ..paths.schedules import Scheduler
 from .args import check_solver_arguments, check_state
 from .backends import BACKENDS, ODE_SOLVERS, CapturedSampler, Solution, takes_tolerances
@@ -49,7 +50,8 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
            check_finite: bool = True, cuda_graph: bool = False,
            adjoint: bool = False,
            grid: str | float | TimeGrid | Sequence[float] | Tensor = "uniform",
-           path: AffineGaussianPath | Scheduler | None = None) -> Solution:
+           path: AffineGaussianPath | Scheduler | None = None,
+           prediction: str = "velocity") -> Solution:
     r"""Integrate ``dx/dt = u_t(x)`` from ``x(t0) = x0`` to ``t1``.
 
     Args:
@@ -97,7 +99,18 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
             times exactly (finite, strictly monotone from ``t0`` to ``t1``; ``steps`` may
             be left out). :attr:`Solution.grid` records the grid used.
         path: the :class:`~flowsolve.paths.affine.AffineGaussianPath` (or its scheduler)
-            whose ``alpha_t``, ``sigma_t`` the ``"logsnr"`` and ``"edm"`` grids read.
+            whose ``alpha_t``, ``sigma_t`` the ``"logsnr"`` and ``"edm"`` grids, the
+            samplers and the conversion of ``prediction`` read.
+        prediction: what ``field`` predicts: ``"velocity"`` (default), ``"score"``,
+            ``"epsilon"``, ``"x1"`` or ``"v"`` (needs ``path``). The samplers read the
+            model as its posterior means (:class:`~flowsolve.ode.semilinear.Denoiser`); the
+            other solvers integrate the velocity converted on ``path``
+            (:class:`~flowsolve.paths.fields.ConvertedField`).
+
+    **Low-NFE samplers** (``info.needs_path`` in :data:`ODE_SOLVERS`: ``"ddim"``,
+    ``"dpmpp_2m"``, ...; :mod:`flowsolve.ode.samplers`) are fixed-step exponential
+    integrators of the probability-flow ODE in ``lambda_t = log(alpha_t / sigma_t)``: they
+    need ``path`` and run from noise to data (``t0 < t1``) on any grid.
 
     Returns:
         :class:`Solution`: ``x`` at ``t1``, counted ``nfe``, accepted (and rejected) steps,
@@ -123,11 +136,14 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         raise TypeError(f"field must be callable (x, t) -> Tensor; got {type(field).__name__}")
     check_state(x0)
     t0, t1 = check_span(t0, t1)
-    if callable(getattr(field, "on_interval", None)):
-        field = field.on_interval(min(t0, t1), max(t0, t1))
     args = check_solver_arguments(
         info, x0, t0, t1, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, times=times,
         options=options, check_finite=check_finite, cuda_graph=cuda_graph, adjoint=adjoint,
         takes_tolerances=takes_tolerances(info),
-        adaptive_solvers=ODE_SOLVERS.names(adaptive=True), grid=grid, path=path)
+        adaptive_solvers=ODE_SOLVERS.names(adaptive=True), grid=grid, path=path,
+        prediction=prediction)
+    if args.prediction != "velocity" and not info.needs_path:
+        field = ConvertedField(field, args.path, args.prediction, "velocity")
+    if callable(getattr(field, "on_interval", None)):
+        field = field.on_interval(min(t0, t1), max(t0, t1))
     return BACKENDS[info.library](field, x0, info, args)

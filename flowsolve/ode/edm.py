@@ -1,0 +1,9 @@
+"""EDM's Heun sampler (to be written)."""
+
+from __future__ import annotations
+
+from .semilinear import Sampler
+
+__all__ = ["SAMPLERS"]
+
+SAMPLERS: tuple[Sampler, ...] = ()
