@@ -9,8 +9,8 @@ posterior means, the data prediction ``D = E[x1 | x_t]`` and the noise predictio
 
 so over a step from ``s`` to ``t``, with ``h = lambda_t - lambda_s``,
 
-    x_t / sigma_t = x_s / sigma_s + integral_{lambda_s}^{lambda_t} e^lambda D dlambda      (data form)
-    x_t / alpha_t = x_s / alpha_s - integral_{lambda_s}^{lambda_t} e^-lambda eps dlambda   (noise form)
+    x_t / sigma_t = x_s / sigma_s + int_{lambda_s}^{lambda_t} e^lambda D dlambda       (data)
+    x_t / alpha_t = x_s / alpha_s - int_{lambda_s}^{lambda_t} e^-lambda eps dlambda    (noise)
 
 (Lu et al. 2022, DPM-Solver and DPM-Solver++). The samplers of :mod:`flowsolve.ode`
 (DDIM, DPM-Solver, DPM-Solver++, UniPC, EDM) approximate those integrals. This module holds
