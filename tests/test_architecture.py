@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
                   {"pipeline"}, {"loop"}]),
     ("metrics", []),
-    ("studies", [{"results"}, {"compare"}]),
+    ("studies", [{"results", "front"}, {"compare"}]),
     ("cli", [{"demo", "plots"}, {"main"}]),
 ]
 THIRD_PARTY_OWNERS = {

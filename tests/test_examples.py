@@ -84,16 +84,16 @@ def test_readme_python_blocks_run():
 
 
 def test_demo_command_writes_its_report(tmp_path):
-    """The README's main job, shortened (200 training steps): all five parts and the files."""
+    """The README's main job, shortened (200 training steps): all six parts and the files."""
     out = subprocess.run([sys.executable, "-m", "flowsolve", "demo", "--steps", "200",
                           "--out", str(tmp_path / "report")], capture_output=True, text=True,
                          check=True, cwd=tmp_path, timeout=600).stdout
     assert "report: " in out
     summary = (tmp_path / "report" / "summary.md").read_text()
     for part in ("exact path", "OT-CFM training", "exact likelihood", "solver study",
-                 "scheduler transfer"):
+                 "low-NFE front", "scheduler transfer"):
         assert part in summary
-    for name in ("study.csv", "study.json", "study.png", "samples.png"):
+    for name in ("study.csv", "study.json", "study.png", "samples.png", "front.csv"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     closed = subprocess.run([sys.executable, "-m", "flowsolve", "demo", "--closed-form"],
                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout
