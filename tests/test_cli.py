@@ -340,6 +340,15 @@ def test_help_and_version_start_without_torch():
     (["compare", "--solvers", "euler", "--tolerances", "1e-3"], "--solvers euler has none"),
     (["compare", "--solvers", "rk4", "rk4"], "--solvers names rk4 more than once"),
     (["compare", "--tolerances", "1e-11"], "--tolerances must lie in (1e-10, 1)"),
+    (["compare", "--grid", "cosine"], "--grid cosine: not a grid name, a number or a file; "
+                                      "accepted: uniform, logsnr, edm, a shift s > 0"),
+    (["compare", "--grid", "opt.json"], "(no such file: opt.json)"),
+    (["compare", "--grid", "-1"], "must be a finite number > 0"),
+    (["compare", "--grid", "nan"], "must be a finite number > 0"),
+    (["compare", "--grid", "logsnr", "--grid", "logsnr"], "--grid names logsnr more than once"),
+    (["compare", "--solvers", "dopri5", "--grid", "edm"], "--solvers dopri5 has none"),
+    (["compare", "--solvers", "rk4,rk5"], "invalid choice: 'rk4,rk5'"),
+    (["compare", "--solvers", "rk4,rk4"], "--solvers names rk4 more than once"),
 ])
 def test_options_that_would_be_ignored_are_refused(model_file, tmp_path, monkeypatch, capsys,
                                                    argv, says):
@@ -511,3 +520,94 @@ def test_the_readme_command_lines_parse():
             continue  # --version, COMMAND --help: they print and exit
         args = parser.parse_args(argv)
         assert args.command == argv[0]
+
+
+# -- compare: samplers and time grids ----------------------------------------------------------
+def _study_records(out) -> list[dict]:
+    import json
+
+    return json.loads((out / "study.json").read_text())["records"]
+
+
+def test_compare_runs_samplers_on_the_grids_of_the_command_line(model_file, tmp_path, capsys):
+    """--grid logsnr --solvers dpmpp_2m,heun2: each record is the solve of the model on the
+    CondOT path's log-SNR grid (recomputed here from the model file), per (solver, grid)."""
+    from flowsolve.ode.grids import time_grid
+    from flowsolve.ode.solve import sample
+
+    out = tmp_path / "study"
+    assert main(["compare", "--model", str(model_file), "--n", "8", "--grid", "logsnr",
+                 "--grid", "3", "--solvers", "dpmpp_2m,heun2", "--budget-steps", "2", "4",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dpmpp_2m@logsnr  order: declared 2.0" in printed and "heun2@shift3" in printed
+    records = _study_records(out)
+    assert [(r["solver"], r["grid"], r["budget"]) for r in records] == [
+        (s, g, n) for s in ("dpmpp_2m", "heun2") for g in ("logsnr", "shift3") for n in (2, 4)]
+    saved = load_checked_file(model_file, "model")
+    net = flowsolve.MLP(**saved["arch"]).double()
+    net.load_state_dict(saved["state_dict"])
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)).double()  # --seed 0
+    path = flowsolve.AffineGaussianPath(flowsolve.CondOTScheduler())
+    with torch.no_grad():
+        ref = sample(lambda x, t: net(x, t), x0, "DOP853", rtol=1e-10, atol=1e-10).x
+        for r in records[:4]:  # dpmpp_2m on both grids
+            grid = time_grid({"logsnr": "logsnr", "shift3": 3.0}[r["grid"]], r["budget"],
+                             path=path)
+            x = sample(lambda x, t: net(x, t), x0, r["solver"], grid=grid, path=path).x
+            rms = float((x - ref).norm(dim=1).square().mean().sqrt())
+            assert r["error"] == pytest.approx(rms, rel=1e-6), r
+    assert records[0]["error"] != records[2]["error"]  # logsnr and shift3: other grids
+
+
+def test_compare_refuses_samplers_and_logsnr_grids_on_a_bridge_model(model_file, tmp_path,
+                                                                     capsys):
+    bridge = _retrained(model_file, tmp_path, method="otcfm", sigma=0.1)
+    out = tmp_path / "study"
+    for extra, says in [(["--solvers", "ddim", "rk4"], "--solvers ddim (samplers"),
+                        (["--solvers", "rk4", "--grid", "logsnr"], "--grid logsnr (spaced")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", "--model", str(bridge), *extra, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err and "not an affine Gaussian path" in err
+        assert "a bridge with Gaussian noise of std 0.1" in err and "--sigma 0" in err, err
+        assert not out.exists()  # refused before the report folder is made
+    # the same weights recorded as trained on the CondOT path: a sampler is accepted
+    ok = _retrained(model_file, tmp_path, method="otcfm", sigma=0.0)
+    assert main(["compare", "--model", str(ok), "--n", "4", "--solvers", "ddim",
+                 "--budget-steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+
+
+def test_compare_reads_a_grid_file(model_file, tmp_path, capsys):
+    import json
+
+    grid_search = pytest.importorskip("flowsolve.studies.grid_search")
+    good, short = tmp_path / "opt3.json", tmp_path / "short.json"
+    good.write_text(json.dumps({"format": grid_search.GRID_FORMAT,
+                                "grid": [0.0, 0.4, 0.8, 1.0]}))
+    short.write_text(json.dumps({"format": grid_search.GRID_FORMAT, "grid": [0.0, 0.5, 0.9]}))
+    out = tmp_path / "study"
+    assert main(["compare", "--model", str(model_file), "--n", "4", "--solvers", "heun2",
+                 "--grid", str(good), "--grid", "uniform", "--budget-steps", "2",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    assert [(r["grid"], r["budget"], r["nfe"]) for r in _study_records(out)] == [
+        ("opt3", 3, 6), ("uniform", 2, 4)]
+    for argv, says in [(["--grid", str(short)], "must start at t0=0.0 and end at t1=1.0"),
+                       (["--grid", str(good), "--budget-steps", "4"],
+                        "every --grid is a file whose times fix the steps"),
+                       (["--grid", str(tmp_path / "study" / "study.json")],
+                        "is not a grid file of format")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", "--model", str(model_file), *argv,
+                  "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err, err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_compare_help_names_the_grids_and_the_samplers():
+    text = " ".join(_commands()["compare"].format_help().split())
+    samplers = [n for n, i in flowsolve.ODE_SOLVERS.items() if i.needs_path]
+    assert f"the low-NFE samplers {', '.join(samplers)} step in the log-SNR" in text
+    assert "repeat it to compare grids: uniform, logsnr, edm (" in text
+    assert "a number s > 0 (the rectified-flow shift" in text and "(default: uniform)" in text

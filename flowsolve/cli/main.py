@@ -306,15 +306,29 @@ def _likelihood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_condot_path(trained: dict) -> bool:
+    """Whether the model of a training record is a velocity of the CondOT path ``x_t = t x1 +
+    (1 - t) x0``: ``--method cfm``, or icfm / otcfm with ``--sigma 0`` (any coupling of the
+    endpoints: ``x_t`` is still ``alpha_t x1 + sigma_t x0``, so the model's posterior means
+    and the path's log-SNR are those of the affine path). Bridge noise makes another path."""
+    method, sigma = trained["method"], float(trained.get("sigma", 0.0))
+    return method == "cfm" or (method in ("icfm", "otcfm") and sigma == 0)
+
+
+def _bridge_noise(trained: dict) -> str:
+    method, sigma = trained["method"], float(trained.get("sigma", 0.0))
+    return (f"a Brownian bridge, noise of std {sigma:g} sqrt(t (1 - t))" if method == "sbcfm"
+            else f"a bridge with Gaussian noise of std {sigma:g} at every t")
+
+
 def _check_transferable(path: str, trained: dict) -> None:
     """Scheduler transfer rescales the CondOT path ``x_t = t x1 + (1 - t) x0``; it is exact
     for a velocity of that path's marginals under any coupling of the endpoints (independent
     or OT pairs), and only without bridge noise."""
-    method, sigma = trained["method"], float(trained.get("sigma", 0.0))
-    if method == "cfm" or (method in ("icfm", "otcfm") and sigma == 0):
+    if _on_condot_path(trained):
         return
-    noise = (f"a Brownian bridge, noise of std {sigma:g} sqrt(t (1 - t))" if method == "sbcfm"
-             else f"a bridge with Gaussian noise of std {sigma:g} at every t")
+    method, sigma = trained["method"], float(trained.get("sigma", 0.0))
+    noise = _bridge_noise(trained)
     raise CliError(
         f"--model {path} was trained with --method {method} --sigma {sigma:g}: its path is "
         f"{noise} around the line between the pairs, not the CondOT path x_t = t x1 + "
@@ -375,11 +389,36 @@ _REFERENCE_TOL = 1e-10
 against; the compared tolerances must be looser."""
 
 
+def _model_path(args: argparse.Namespace, trained: dict):
+    """The path of the model for ``compare``: the CondOT path where the training record says
+    the model is a velocity of it (:func:`_on_condot_path`), else None; then the samplers
+    and the grids spaced in the log-SNR (which read the path's alpha_t, sigma_t) are
+    refused."""
+    if _on_condot_path(trained):
+        return AffineGaussianPath(CondOTScheduler())
+    samplers = [s for s in args.solvers if ODE_SOLVERS[s].needs_path]
+    grids = [label for label, g in args.grids if g.needs_path]
+    if samplers or grids:
+        what = " and ".join(
+            part for part in (f"--solvers {' '.join(samplers)} (samplers that step in the "
+                              "path's log-SNR)" if samplers else "",
+                              f"--grid {' '.join(grids)} (spaced in its log-SNR)"
+                              if grids else "") if part)
+        raise CliError(
+            f"--model {args.model} was trained with --method {trained['method']} --sigma "
+            f"{float(trained.get('sigma', 0.0)):g}: its path is {_bridge_noise(trained)}, not "
+            f"an affine Gaussian path x_t = alpha_t x1 + sigma_t x0, which {what} need. "
+            "Compare a model trained with --method cfm, or --method icfm or otcfm with "
+            "--sigma 0; or use the other solvers on the uniform grid, a shift or a grid file")
+    return None
+
+
 def _compare(args: argparse.Namespace) -> int:
     from ..studies.compare import compare_solvers
     from .demo import fresh_folder
 
     model, saved = _load_model(args.model, args.device)
+    path = _model_path(args, saved["trained"])
     reused = args.force and Path(args.out).is_dir()
     out = fresh_folder(args.out, args.force)
     net = model.double()
@@ -389,7 +428,8 @@ def _compare(args: argparse.Namespace) -> int:
             study = compare_solvers(lambda x, t: net(x, t), x0, solvers=args.solvers,
                                     steps=args.budget_steps, tolerances=args.tolerances,
                                     reference_tol=_REFERENCE_TOL, repeats=args.repeats,
-                                    generator=_generator(args.seed))
+                                    generator=_generator(args.seed), path=path,
+                                    grids=dict(args.grids))
     except BaseException:
         if not reused and not any(out.iterdir()):
             out.rmdir()  # a failed study leaves no empty report folder behind
@@ -489,14 +529,71 @@ def _check_transfer(args: argparse.Namespace) -> None:
                            "flowsolve[plot]); without --out the W2 table is printed only")
 
 
+_GRID_FILE = "a FILE of times written by the grid search (JSON)"
+
+
+def _grid_option(value: str) -> tuple[str, object]:
+    """``(label, TimeGrid)`` of one ``--grid``: a name of the grids (uniform, logsnr, edm),
+    a number (the shift s > 0: label ``shift<s>``) or a grid file (label: its stem), loaded
+    with ``flowsolve.studies.grid_search.load_grid`` and checked to run from t = 0 to 1."""
+    from ..ode.grids import GRIDS, ShiftGrid, time_grid
+
+    if value in GRIDS and value != "shift":
+        return value, GRIDS[value]()
+    try:
+        shift = float(value)
+    except ValueError:
+        shift = None
+    if shift is not None:
+        if not (math.isfinite(shift) and shift > 0):
+            raise CliError(f"--grid {value}: a number is the shift s of the rectified-flow "
+                           "grid and must be a finite number > 0 (SD3 uses 3)")
+        return f"shift{shift:g}", ShiftGrid(shift)
+    file = Path(value)
+    if not file.is_file():
+        names = ", ".join(n for n in GRIDS if n != "shift")
+        raise CliError(f"--grid {value}: not a grid name, a number or a file; accepted: "
+                       f"{names}, a shift s > 0 (a number, e.g. 3), or {_GRID_FILE}"
+                       + (f" (no such file: {file})" if file.suffix or file.parent != Path()
+                          else ""))
+    try:
+        from ..studies.grid_search import load_grid
+    except ImportError:
+        raise CliError(f"--grid {value}: grid files need flowsolve.studies.grid_search, which "
+                       "this installation lacks; use a grid name or a shift") from None
+    try:
+        grid = load_grid(file)
+        time_grid(grid, t0=0.0, t1=1.0)  # compare solves from t = 0 (noise) to 1 (data)
+    except UnreadableFileError as exc:
+        raise CliError(f"--grid {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--grid {value}: {exc}") from None
+    return file.stem, grid
+
+
 def _check_compare(args: argparse.Namespace) -> None:
     for flag, values in (("--solvers", args.solvers), ("--budget-steps", args.budget_steps),
-                         ("--tolerances", args.tolerances)):
+                         ("--tolerances", args.tolerances), ("--grid", args.grid or [])):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise CliError(f"{flag} names {', '.join(map(str, twice))} more than once")
     adaptive = [s for s in args.solvers if ODE_SOLVERS[s].adaptive]
     fixed = [s for s in args.solvers if s not in adaptive]
+    args.grids = [_grid_option(v) for v in args.grid or ["uniform"]]
+    labels = [label for label, _ in args.grids]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise CliError(f"--grid {' '.join(args.grid)}: two grids would be recorded as "
+                       f"{twice[0]!r}: give each grid once (a grid file is recorded by its "
+                       "name without the suffix: rename one)")
+    if args.grid and not fixed:
+        raise CliError(f"--grid places the steps of fixed-step solvers, and --solvers "
+                       f"{' '.join(args.solvers)} has none (adaptive solvers choose their own): "
+                       "drop --grid, or add a fixed-step solver (e.g. rk4)")
+    if _given(args, "budget_steps") and all(g.steps is not None for _, g in args.grids):
+        raise CliError("--budget-steps are the step counts of fixed-step solvers, and every "
+                       "--grid is a file whose times fix the steps: drop --budget-steps, or "
+                       "add a --grid such as uniform")
     if not fixed and _given(args, "budget_steps"):
         raise CliError(f"--budget-steps are the step counts of fixed-step solvers, and "
                        f"--solvers {' '.join(args.solvers)} has none: drop --budget-steps, or "
@@ -631,6 +728,57 @@ def _solver_names(adaptive: bool | None = None) -> _Names:
     return _Names(read)
 
 
+def _sampler_names() -> _Names:
+    def read() -> list[str]:
+        from ..ode.solve import ODE_SOLVERS
+
+        return [n for n, info in ODE_SOLVERS.items() if info.needs_path]
+
+    return _Names(read)
+
+
+def _grid_names() -> _Names:
+    def read() -> list[str]:
+        from ..ode.grids import GRIDS
+
+        return [n for n in GRIDS if n != "shift"]  # a shift is given as its number
+
+    return _Names(read)
+
+
+class _CommaNames:
+    """Choices that also accept names joined by commas (``dpmpp_2m,heun2``), each one of
+    ``names``; iterated (the help's list) as ``names``."""
+
+    def __init__(self, names: _Names):
+        self._names = names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, value: object) -> bool:
+        parts = value.split(",") if isinstance(value, str) else [value]
+        return all(part in self._names for part in parts)
+
+
+class _StoreNames(_Store):
+    """``_Store`` of a list of names given separated by spaces or commas, as one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = [part for value in values for part in value.split(",")]
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Joined:
+    """``names`` joined by ", " when a help text is formatted (read on first use)."""
+
+    def __init__(self, names: _Names):
+        self._names = names
+
+    def __str__(self) -> str:
+        return ", ".join(self._names)
+
+
 def _dataset_names() -> _Names:
     def read() -> list[str]:
         from ..training.data import DATASETS
@@ -720,11 +868,24 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                     "fitted orders of convergence. Writes study.csv, study.json and study.png\n"
                     "into a report folder.")
     _model_option(p)
-    p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "dopri5"],
-                   choices=_solver_names(), metavar="NAME",
-                   help="the ODE solvers to compare: %(choices)s")
+    solvers = p.add_argument(
+        "--solvers", nargs="+", default=["euler", "midpoint", "rk4", "dopri5"],
+        choices=_CommaNames(_solver_names()), action=_StoreNames, metavar="NAME",
+        help="the ODE solvers to compare (separated by spaces or commas): %(choices)s. Of "
+             "these, the low-NFE samplers %(samplers)s step in the log-SNR of the model's "
+             "path: they need a model trained with --method cfm, or icfm / otcfm with "
+             "--sigma 0")
+    solvers.samplers = _Joined(_sampler_names())
     p.add_argument("--budget-steps", nargs="+", type=int, default=[2, 4, 8, 16, 32],
                    metavar="N", help="step counts of the fixed-step solvers")
+    grid = p.add_argument(
+        "--grid", action="append", metavar="NAME|NUMBER|FILE",
+        help="where the steps of the fixed-step solvers (samplers included) lie; repeat it "
+             "to compare grids: %(names)s (uniform in t; uniform in log-SNR; EDM's rho = 7, "
+             f"the last two on the CondOT path only), a number s > 0 (the rectified-flow "
+             f"shift, SD3: 3) or {_GRID_FILE}, whose times fix the steps "
+             "(default: uniform)")
+    grid.names = _Joined(_grid_names())
     p.add_argument("--tolerances", nargs="+", type=float, default=[1e-3, 1e-5, 1e-7],
                    metavar="TOL",
                    help=f"tolerances (rtol = atol) of the adaptive solvers, in "

@@ -26,11 +26,18 @@ notes on solver studies):
 4. **SDE solvers** (names ``"sde:<torchsde method>"``) all integrate on one
    :class:`~flowsolve.sde.brownian.GridBrownian` of ``N_ref`` cells, so every step count sees the
    same Brownian path; their reference is ``reference_solver`` (``srk``) at ``N_ref`` on that
-   path. ``error`` is then the *strong* error, the statistics are the *weak* errors.
+   path. ``error`` is then the *strong* error, the statistics are the *weak* errors. A
+   stochastic sampler (``needs_path``) is measured against itself at ``N_ref`` on that path.
 5. **Order**: the least-squares slope ``p`` of ``log e = log C + p log h``,
    ``h = |t1 - t0| / N``, over the budgets whose error is above the reference floor, next
    to the successive estimates ``log(e_k / e_{k+1}) / log(h_k / h_{k+1})`` and the order the
-   registry declares.
+   registry declares; per solver and time grid.
+6. **Grids and samplers**: every fixed-step solver, the low-NFE samplers included, runs on
+   every grid of ``grids=`` (:mod:`flowsolve.ode.grids`: uniform, log-SNR, EDM, a shift,
+   given times); a grid of ``N`` cells other than the uniform one is a family in ``N``, so
+   ``h`` is its mean step and the slope against it is the order in ``N``. The samplers
+   (``needs_path`` in the registry) read the model as posterior means on ``path=``, the
+   other solves integrate its velocity (``prediction=`` converted on ``path``).
 
 Results are a :class:`Study` of plain records (CSV / JSON, a Markdown table, and a
 work-precision plot through matplotlib's Agg canvas, an optional dependency).
@@ -43,7 +50,7 @@ import numbers
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -55,13 +62,18 @@ from .._core.threads import check_threads, intra_op_threads
 from .._core.types import Field
 from ..likelihood.cnf import log_likelihood
 from ..metrics import wasserstein2
+from ..ode.args import as_path
+from ..ode.grids import GivenGrid, ShiftGrid, TimeGrid, UniformGrid, as_grid, time_grid
 from ..ode.solve import ODE_SOLVERS, sample
+from ..paths.affine import AffineGaussianPath, canonical_prediction
+from ..paths.fields import ConvertedField
+from ..paths.schedules import Scheduler
 from ..sde.brownian import GridBrownian
 from ..sde.solve import SDE_SOLVERS, sample_sde
-from .results import RECORD_FIELDS, Study, fit_order, order_entry
+from .results import RECORD_FIELDS, Study, fit_order, order_entry, order_key
 
-__all__ = ["compare_solvers", "fit_order", "Study", "RECORD_FIELDS", "SDE_PREFIX",
-           "DEFAULT_STEPS", "DEFAULT_TOLERANCES"]
+__all__ = ["compare_solvers", "fit_order", "order_key", "Study", "RECORD_FIELDS",
+           "SDE_PREFIX", "DEFAULT_STEPS", "DEFAULT_TOLERANCES"]
 
 
 SDE_PREFIX = "sde:"
@@ -80,6 +92,8 @@ class _Spec:
     info: SolverInfo
     kind: str  # "fixed", "adaptive" or "sde"
     budgets: tuple
+    grid: str | None = None  # the grid's label: fixed and SDE solves; None: adaptive
+    timegrid: TimeGrid | None = None  # a fixed-step solve's grid
 
 
 def _lookup(name) -> tuple[SolverInfo, str]:
@@ -113,7 +127,11 @@ def _check_budgets(name: str, kind: str, values) -> tuple:
     return tuple(float(v) if adaptive else int(v) for v in values)
 
 
-def _parse_solvers(solvers, steps, tolerances, budgets) -> list[_Spec]:
+def _parse_solvers(solvers, steps, tolerances, budgets,
+                   grids: list[tuple[str, TimeGrid]]) -> list[_Spec]:
+    """One spec per solver and grid: a fixed-step solver on each of ``grids`` (on given times
+    with the one budget they fix), an adaptive one once (no grid), an SDE solver on the
+    uniform grid of the shared Brownian path."""
     names = [solvers] if isinstance(solvers, str) else list(solvers)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"solvers must be a non-empty list of distinct names; got {solvers!r}")
@@ -128,8 +146,92 @@ def _parse_solvers(solvers, steps, tolerances, budgets) -> list[_Spec]:
     for name in names:
         info, kind = _lookup(name)
         values = budgets.get(name, tolerances if kind == "adaptive" else steps)
-        specs.append(_Spec(name, info, kind, _check_budgets(name, kind, values)))
+        checked = _check_budgets(name, kind, values)
+        if kind == "fixed":
+            specs += [_Spec(name, info, kind, checked if g.steps is None else (g.steps,),
+                            label, g) for label, g in grids]
+        else:
+            specs.append(_Spec(name, info, kind, checked, "uniform" if kind == "sde" else None))
     return specs
+
+
+_GRIDS_ACCEPTED = ("a sequence of grids, each a name (uniform, logsnr, edm), a shift s > 0, a "
+                   "TimeGrid (LogSNRGrid(...), EDMGrid(...), ShiftGrid(s), GivenGrid(times)) "
+                   "or times as a tensor or a nested list [[t0, ..., t1]]; or a mapping "
+                   "{label: grid}")
+
+
+def _grid_label(grid: TimeGrid) -> str:
+    """The label of a grid in the records: its name (``"uniform"``, ``"logsnr"``, ``"edm"``),
+    ``"shift<s>"``, ``"given"``, or the name with the options that differ from the
+    defaults (``"edm(rho=5)"``)."""
+    if isinstance(grid, ShiftGrid):
+        return f"shift{grid.shift:g}"
+    if isinstance(grid, GivenGrid):
+        return "given"
+    try:
+        changed = [(f.name, getattr(grid, f.name)) for f in fields(grid)
+                   if f.init and getattr(grid, f.name) != f.default]
+    except TypeError:  # not a dataclass: a TimeGrid of the user's
+        changed = []
+    opts = ", ".join(f"{k}={v:g}" if isinstance(v, numbers.Real) else f"{k}={v!r}"
+                     for k, v in changed)
+    return f"{grid.name}({opts})" if opts else grid.name
+
+
+def _parse_grids(grids) -> list[tuple[str, TimeGrid]]:
+    """``[(label, TimeGrid)]`` of ``grids=``: distinct labels (a mapping names them)."""
+    if isinstance(grids, Mapping):
+        bad = [k for k in grids if not isinstance(k, str) or not k]
+        if bad or not grids:
+            raise ValueError(f"grids as a mapping must be a non-empty {{label: grid}} with "
+                             f"non-empty str labels; got {grids!r}")
+        items = list(grids.items())
+    else:
+        if isinstance(grids, str | numbers.Real | TimeGrid) or torch.is_tensor(grids):
+            grids = [grids]
+        if not isinstance(grids, Sequence) or not grids:
+            raise ValueError(f"grids must be {_GRIDS_ACCEPTED}; got {grids!r}")
+        items = [(None, g) for g in grids]
+    out = []
+    for i, (label, g) in enumerate(items):
+        try:
+            spec = as_grid(g)
+        except (TypeError, ValueError) as err:
+            where = f"grids[{label!r}]" if label is not None else f"grids[{i}]"
+            raise type(err)(f"{where}: {err}. grids= is {_GRIDS_ACCEPTED}") from None
+        out.append((_grid_label(spec) if label is None else label, spec))
+    labels = [lab for lab, _ in out]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise ValueError(f"grids {labels!r} give the label {twice[0]!r} twice (the records "
+                         f"could not tell them apart): pass a mapping {{label: grid}}")
+    return out
+
+
+def _check_paths(specs: list[_Spec], path, prediction: str, sde, t0: float,
+                 t1: float) -> tuple[AffineGaussianPath | None, str]:
+    """``(path, prediction)`` checked: samplers (``needs_path``) and a non-velocity model need
+    the path; samplers run from noise to data; every grid of every fixed-step budget is built
+    once here, so a bad grid fails before any solve."""
+    path = as_path(path)
+    prediction = canonical_prediction(prediction, "prediction")
+    sde_path = isinstance(sde, Mapping) and sde.get("path") is not None
+    samplers = list(dict.fromkeys(
+        s.name for s in specs if s.info.needs_path and not (s.kind == "sde" and sde_path)))
+    if path is None and (samplers or prediction != "velocity"):
+        why = (f"solvers {samplers!r} are samplers that step in the path's log-SNR"
+               if samplers else f"a {prediction!r} model is converted to a velocity on it")
+        raise ValueError(f"{why}: pass path= (the AffineGaussianPath the model was trained "
+                         f"on, or its Scheduler)")
+    backward = [s.name for s in specs if s.info.needs_path and not t0 < t1]
+    if backward:
+        raise ValueError(f"solver {backward[0]!r} integrates from noise to data (t0 < t1); got "
+                         f"t0={t0!r}, t1={t1!r}")
+    for s in specs:
+        for n in s.budgets if s.kind == "fixed" else ():
+            time_grid(s.timegrid, n, t0=t0, t1=t1, path=path)
+    return path, prediction
 
 
 def _check_reference_tol(specs: list[_Spec], tol: float, ref_dtype, dtype) -> None:
@@ -246,11 +348,32 @@ def _ode_reference(field, x0, reference, solver, tol, t0, t1,
                      f"{reference!r}")
 
 
-def _sde_setup(field, x0, specs, sde, generator, t0, t1):
-    """(keyword arguments of every SDE solve, reference x(t1), meta) or None."""
-    steps = [n for s in specs if s.kind == "sde" for n in s.budgets]
+@dataclass(frozen=True)
+class _SDESetup:
+    """What the SDE solves of a study share: the keywords of the torchsde solvers' and of the
+    stochastic samplers' solves (one Brownian path, ``bm``), the references and the meta."""
+
+    kwargs: dict
+    x_ref: Tensor | None  # the torchsde solvers' reference (None: no torchsde solver)
+    meta: dict
+    sampler_kwargs: dict
+    sampler_refs: dict  # {name: the sampler's own fine solve}
+
+
+def _sde_setup(field, x0, specs, sde, generator, t0, t1, path=None, model=None,
+               prediction: str = "velocity") -> _SDESetup | None:
+    """The shared setup of the SDE solves, or None without SDE solvers. The study's ``path``
+    is the SDE solves' where ``sde`` names none; stochastic samplers (``needs_path``) may
+    then leave ``sde`` out. A torchsde solver is measured against ``reference_solver`` at
+    ``reference_steps`` on the shared path, a sampler against itself there (its SDE is its
+    own, not the one of ``sde``'s diffusion)."""
+    sde_specs = [s for s in specs if s.kind == "sde"]
+    steps = [n for s in sde_specs for n in s.budgets]
     if not steps:
         return None
+    samplers = [s.info.name for s in sde_specs if s.info.needs_path]
+    if sde is None and path is not None and len(samplers) == len(sde_specs):
+        sde = {}
     if not isinstance(sde, Mapping):
         raise ValueError("SDE solvers need sde=dict(path=..., diffusion=..., score=...) (the "
                          f"arguments of sample_sde); got sde={sde!r}")
@@ -260,6 +383,8 @@ def _sde_setup(field, x0, specs, sde, generator, t0, t1):
     cfg = {"score": None, "path": None, "diffusion": 1.0,
            "reference_solver": "srk" if "srk" in SDE_SOLVERS.names() else "euler",
            "reference_steps": None, **sde}
+    if cfg["path"] is None:
+        cfg["path"] = path
     SDE_SOLVERS[cfg["reference_solver"]]  # ValueError listing the accepted names
     lcm = math.lcm(*steps)
     n_ref = cfg["reference_steps"]
@@ -274,11 +399,22 @@ def _sde_setup(field, x0, specs, sde, generator, t0, t1):
                       dtype=x0.dtype, device=x0.device, levy_area="space-time")
     kwargs = {"score": cfg["score"], "path": cfg["path"], "diffusion": cfg["diffusion"],
               "t0": t0, "t1": t1, "bm": bm}
-    with torch.no_grad():
-        ref = sample_sde(field, x0, solver=cfg["reference_solver"], steps=n_ref, **kwargs)
+    # the samplers read the model itself as posterior means; no diffusion, no score
+    sampler_kwargs = {"path": cfg["path"], "t0": t0, "t1": t1, "bm": bm}
+    if prediction != "velocity":
+        sampler_kwargs["prediction"] = prediction
     meta = {"diffusion": repr(cfg["diffusion"]), "reference_solver": cfg["reference_solver"],
-            "reference_steps": n_ref, "reference_nfe": ref.nfe}
-    return kwargs, ref.x, meta
+            "reference_steps": n_ref, "reference_nfe": None}
+    ref = None
+    with torch.no_grad():
+        if len(samplers) < len(sde_specs):
+            sol = sample_sde(field, x0, solver=cfg["reference_solver"], steps=n_ref, **kwargs)
+            ref, meta["reference_nfe"] = sol.x, sol.nfe
+        refs = {name: sample_sde(field if model is None else model, x0, solver=name,
+                                 steps=n_ref, **sampler_kwargs).x for name in samplers}
+    if samplers:
+        meta["sampler_reference"] = "each stochastic sampler itself at reference_steps"
+    return _SDESetup(kwargs, ref, meta, sampler_kwargs, refs)
 
 
 def _likelihood_setup(field, likelihood, points, solver, tol, t_interval, ref_dtype):
@@ -319,7 +455,9 @@ def _likelihood_setup(field, likelihood, points, solver, tol, t_interval, ref_dt
 
 @dataclass(frozen=True)
 class _Context:
-    """What every measurement of one study shares."""
+    """What every measurement of one study shares: ``field`` is the velocity (of the
+    references, the likelihoods, the SDE solves), ``model`` the field as given, which the
+    ODE solves receive with ``path`` and ``prediction``."""
 
     field: Field
     x0: Tensor
@@ -330,10 +468,13 @@ class _Context:
     warmup: int
     max_steps: int | None
     x_ref: Tensor | None
-    sde: tuple | None  # (sample_sde keywords, reference x(t1), meta)
+    sde: _SDESetup | None
     data: Tensor | None
     ll: tuple[Tensor, Tensor] | None  # (points, reference log-likelihood)
     t_interval: tuple[float, float]
+    model: Field | None = None
+    path: AffineGaussianPath | None = None
+    prediction: str = "velocity"
 
 
 def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
@@ -349,7 +490,10 @@ def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
         rec["mean_error"], rec["moment2_error"] = _moment_errors(x, ref)
     if ctx.data is not None:
         rec["w2"] = float(wasserstein2(sol.x, ctx.data))
-    if ctx.ll is not None and spec.kind != "sde":
+    if ctx.ll is not None and spec.kind != "sde" and not spec.info.needs_path:
+        # the augmented system of the velocity: no prediction; an adaptive solve no path
+        kw = {k: v for k, v in kw.items() if k != "prediction"
+              and not (k == "path" and spec.kind == "adaptive")}
         res = log_likelihood(ctx.field, ctx.ll[0], solver=spec.name,
                              t_interval=ctx.t_interval, **kw)
         rec["ll_error"], rec["ll_nfe"] = float((res.log_prob - ctx.ll[1]).abs().mean()), res.nfe
@@ -358,12 +502,24 @@ def _measure(ctx: _Context, spec: _Spec, budget) -> dict:
 
 def _budget_keywords(ctx: _Context, spec: _Spec, budget) -> dict:
     """The solver keywords of one budget: ``rtol = atol`` (and the study's ``max_steps``) of
-    an adaptive solver, else ``steps``."""
-    if spec.kind != "adaptive":
+    an adaptive solver, else ``steps`` (and a fixed-step solver's ``grid`` other than the
+    uniform one); a fixed-step solve gets the study's ``path``, any ODE solve a
+    non-velocity ``prediction`` with it."""
+    if spec.kind == "sde":
         return {"steps": budget}
-    kw = {"rtol": budget, "atol": budget}
-    if ctx.max_steps is not None:
-        kw["max_steps"] = ctx.max_steps
+    converted = ctx.prediction != "velocity"
+    if spec.kind == "fixed":
+        kw = {"steps": budget}
+        if not isinstance(spec.timegrid, UniformGrid):
+            kw["grid"] = spec.timegrid
+    else:
+        kw = {"rtol": budget, "atol": budget}
+        if ctx.max_steps is not None:
+            kw["max_steps"] = ctx.max_steps
+    if ctx.path is not None and (spec.kind == "fixed" or converted):
+        kw["path"] = ctx.path
+    if converted:
+        kw["prediction"] = ctx.prediction
     return kw
 
 
@@ -373,12 +529,18 @@ def _runner(ctx: _Context, spec: _Spec, kw: dict) -> tuple[Callable, Tensor | No
     if spec.kind == "sde":
 
         def run_sde():
-            return sample_sde(ctx.field, ctx.x0, solver=spec.info.name, **kw, **ctx.sde[0])
+            if spec.info.needs_path:  # a stochastic sampler: the model itself
+                return sample_sde(ctx.model, ctx.x0, solver=spec.info.name, **kw,
+                                  **ctx.sde.sampler_kwargs)
+            return sample_sde(ctx.field, ctx.x0, solver=spec.info.name, **kw, **ctx.sde.kwargs)
 
-        return run_sde, ctx.sde[1]
+        return run_sde, (ctx.sde.sampler_refs[spec.info.name] if spec.info.needs_path
+                         else ctx.sde.x_ref)
+
+    model = ctx.field if ctx.model is None else ctx.model
 
     def run_ode():
-        return sample(ctx.field, ctx.x0, spec.name, t0=ctx.t0, t1=ctx.t1, **kw)
+        return sample(model, ctx.x0, spec.name, t0=ctx.t0, t1=ctx.t1, **kw)
 
     return run_ode, ctx.x_ref
 
@@ -390,7 +552,8 @@ def _record(ctx: _Context, spec: _Spec, budget, sol, t_min: float, t_med: float)
                declared_order=spec.info.order, budget=budget, steps=sol.steps,
                rejected=getattr(sol, "rejected", None), nfe=sol.nfe, time_min=t_min,
                time_median=t_med,
-               h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget)
+               h=None if spec.kind == "adaptive" else abs(ctx.t1 - ctx.t0) / budget,
+               grid=spec.grid)
     return rec
 
 
@@ -418,15 +581,23 @@ def compare_solvers(
     generator: torch.Generator | None = None,
     threads: int | None = None,
     progress: bool = False,
+    path: AffineGaussianPath | Scheduler | None = None,
+    prediction: str = "velocity",
+    grids: Sequence | Mapping[str, object] = ("uniform",),
 ) -> Study:
-    r"""Measure NFE, wall time and error at ``t1`` of every solver at every budget.
+    r"""Measure NFE, wall time and error at ``t1`` of every solver at every budget (and every
+    fixed-step solver on every grid).
 
     Args:
-        field: the velocity ``(x, t) -> Tensor``.
+        field: the model ``(x, t) -> Tensor``: a velocity, or what ``prediction`` says.
         x0: ``(B, *event_shape)`` source points; every solve starts from them (dtype and
             device of the study).
-        solvers: names of :data:`~flowsolve.ode.solve.ODE_SOLVERS` (fixed-step and adaptive) and
-            ``"sde:<name>"`` for :data:`~flowsolve.sde.solve.SDE_SOLVERS`; ValueError lists them.
+        solvers: names of :data:`~flowsolve.ode.solve.ODE_SOLVERS` (fixed-step, the low-NFE
+            samplers among them, and adaptive) and ``"sde:<name>"`` for
+            :data:`~flowsolve.sde.solve.SDE_SOLVERS`; ValueError lists them. A solver whose
+            registry entry has ``needs_path`` (``"ddim"``, ``"dpmpp_2m"``, ...; stochastic
+            samplers as ``"sde:<name>"``) needs ``path`` (ValueError without it) and
+            ``t0 < t1``.
         steps, tolerances: default budgets: step counts of fixed-step and SDE solvers,
             ``rtol = atol`` of adaptive ones. ``budgets={name: [...]}`` overrides per solver.
         reference: ``"auto"`` (a tight adaptive solve), a tensor ``x(t1)`` shaped like
@@ -441,7 +612,12 @@ def compare_solvers(
         sde: for SDE solvers, the arguments of :func:`~flowsolve.sde.solve.sample_sde`
             (``score``, ``path``, ``diffusion``), and ``reference_solver`` (``"srk"``) and
             ``reference_steps`` (a multiple of every SDE budget; default at least 16 times
-            the largest) of the fine solve on the shared Brownian path.
+            the largest) of the fine solve on the shared Brownian path. A stochastic
+            sampler (``"sde:ancestral"``, ...: ``needs_path``) takes the model itself with
+            ``path`` and ``prediction`` (no ``diffusion``, no ``score``: its noise is its
+            own) and is measured against itself at ``reference_steps`` on the same path
+            (its strong self-convergence; the registry declares its weak order); with
+            only such samplers ``sde`` may be left out.
         likelihood: True (against a tight reference solve) or a callable ``x -> (B,)``
             exact ``log p_1`` (e.g. ``GaussianMixture.log_prob``): the log-likelihood error
             of every ODE solver at every budget, at ``data[:B]`` or else at the reference.
@@ -456,15 +632,39 @@ def compare_solvers(
         threads: torch's intra-op threads during the study, restored afterwards (None:
             torch's current setting); recorded in ``meta["threads"]``. On a shared CPU one
             thread times small tensors most reliably (the CLI's ``compare`` uses 1).
-        progress: a tqdm bar on stderr over the (solver, budget) runs (the CLI shows it).
+        progress: a tqdm bar on stderr over the (solver, grid, budget) runs (the CLI shows
+            it).
+        path: the :class:`~flowsolve.paths.affine.AffineGaussianPath` (or its scheduler) the
+            model was trained on: read by the samplers, the ``"logsnr"`` and ``"edm"`` grids
+            and the conversion of ``prediction``; given to every fixed-step solve (and to the
+            SDE solves where ``sde`` names no path).
+        prediction: what ``field`` predicts: ``"velocity"`` (default), ``"score"``,
+            ``"epsilon"``, ``"x1"`` or ``"v"`` (needs ``path``). Every ODE solve receives it
+            (the samplers read the model as posterior means, the other solvers integrate
+            its velocity); the references, the likelihoods and the SDE solves use the
+            velocity converted on ``path``.
+        grids: the time grids of the fixed-step solvers (:mod:`flowsolve.ode.grids`), each
+            solver runs on each: a sequence of names (``"uniform"``, ``"logsnr"``,
+            ``"edm"``), shifts ``s > 0``, :class:`~flowsolve.ode.grids.TimeGrid` objects or
+            times (a tensor or a nested list; given times fix their own single budget,
+            ``len(times) - 1`` steps, and must run from ``t0`` to ``t1``), or a mapping
+            ``{label: grid}``. Records carry the grid's label (``"uniform"``, ``"logsnr"``,
+            ``"edm"``, ``"shift3"``, ``"given"``, ``"edm(rho=5)"`` or the mapping's; labels
+            must differ). Adaptive solvers ignore grids (one set of records, ``grid``
+            None); SDE solvers run on the uniform grid of their shared Brownian path.
+            ``h`` is ``|t1 - t0| / N`` on every grid (a grid's mean step), so a fitted
+            order is the order in ``N``.
 
     Returns:
-        :class:`Study`: ``records`` (one dict per solver and budget, keys
+        :class:`Study`: ``records`` (one dict per solver, grid and budget, keys
         :data:`RECORD_FIELDS`; ``below_floor`` marks an error at or below the floor,
         ``meta["order_floor"]``, which the fitted orders leave out), ``orders`` (declared
-        and fitted, per solver) and ``meta`` (with ``threads``, torch's intra-op threads
-        during the timings, and ``w2_reference``, the W2 of the ODE reference itself to
-        ``data``: the finite-sample floor of the ``w2`` column).
+        and fitted, per solver and grid, keyed by :func:`order_key`: ``"rk4"`` on the
+        uniform grid, ``"dpmpp_2m@logsnr"`` on another) and ``meta`` (with ``threads``,
+        torch's intra-op threads during the timings, ``w2_reference``, the W2 of the ODE
+        reference itself to ``data``: the finite-sample floor of the ``w2`` column, and
+        ``grids``, ``path``, ``prediction``). A sampler's records have no likelihood error
+        (it integrates from noise to data only).
 
     Example:
         >>> import torch, flowsolve as fs
@@ -476,10 +676,21 @@ def compare_solvers(
         ...                         repeats=1, warmup=0)
         >>> [round(study.orders[s]["fitted"]) for s in ("euler", "rk4")]
         [1, 4]
+        >>> study = compare_solvers(u, x0, solvers=["ddim", "dpmpp_2m"], steps=[8, 16, 32],
+        ...                         path=path, grids=["logsnr"], t0=0.1, t1=0.9,
+        ...                         repeats=1, warmup=0)
+        >>> [round(study.orders[s]["fitted"]) for s in ("ddim@logsnr", "dpmpp_2m@logsnr")]
+        [1, 2]
     """
     _check_x0(x0)
     check_threads(threads)
-    specs = _parse_solvers(solvers, steps, tolerances, budgets)
+    grid_items = _parse_grids(grids)
+    specs = _parse_solvers(solvers, steps, tolerances, budgets, grid_items)
+    path, prediction = _check_paths(specs, path, prediction, sde, t0, t1)
+    model = field
+    if prediction != "velocity":  # the references', likelihoods' and SDE solves' velocity
+        field = ConvertedField(field, path, prediction, "velocity",
+                               interval=(min(t0, t1), max(t0, t1)))
     repeats, warmup = _count("repeats", repeats, 1), _count("warmup", warmup, 0)
     if norm not in _NORMS:
         raise ValueError(f"norm={norm!r}; accepted: {', '.join(_NORMS)}")
@@ -491,14 +702,15 @@ def compare_solvers(
     with intra_op_threads(threads):
         x_ref, meta = _ode_reference(field, x0, reference, ref_solver, ref_tol, t0, t1,
                                      ref_dtype)
-        sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1)
+        sde_setup = _sde_setup(field, x0, specs, sde, generator, t0, t1, path, model,
+                               prediction)
         points = data[: x0.shape[0]] if data is not None else (
             None if x_ref is None else x_ref.to(x0.dtype))  # the solves under test: x0's dtype
         t_interval = (min(t0, t1), max(t0, t1))
         ll = _likelihood_setup(field, likelihood, points, ref_solver, ref_tol, t_interval,
                                ref_dtype)
         ctx = _Context(field, x0, t0, t1, norm, repeats, warmup, max_steps, x_ref, sde_setup,
-                       data, ll, t_interval)
+                       data, ll, t_interval, model, path, prediction)
         runs = [(spec, budget) for spec in specs for budget in spec.budgets]
         with progress_bar(len(runs), "compare", enabled=progress, unit="run") as bar:
             records = []
@@ -507,6 +719,8 @@ def compare_solvers(
                 bar.update()
         orders = _fit_orders(specs, records, meta.get("order_floor", 0.0), sde_setup)
         _complete_meta(meta, ctx, likelihood)
+        meta.update(grids={label: repr(g) for label, g in grid_items},
+                    path=None if path is None else repr(path), prediction=prediction)
     return Study(records, orders, meta)
 
 
@@ -553,20 +767,20 @@ def _reference_precision(field, x0: Tensor, t0: float, specs: list[_Spec], refer
 
 
 def _fit_orders(specs: list[_Spec], records: list[dict], order_floor: float,
-                sde_setup: tuple | None) -> dict[str, dict]:
-    """The ``orders`` of the study, per solver (:func:`order_entry`); marks ``below_floor``
-    on each record with an error. ODE solvers use the study's floor, SDE solvers none but
-    only step counts up to a quarter of the fine solve's (points too close to it are
-    biased low)."""
+                sde_setup: _SDESetup | None) -> dict[str, dict]:
+    """The ``orders`` of the study, per solver and grid (:func:`order_entry`, keyed by
+    :func:`order_key`); marks ``below_floor`` on each record with an error. ODE solvers use
+    the study's floor, SDE solvers none but only step counts up to a quarter of the fine
+    solve's (points too close to it are biased low)."""
     orders = {}
     for spec in specs:
         floor = 0.0 if spec.kind == "sde" else order_floor
         for r in records:
-            if r["solver"] == spec.name and r["error"] is not None:
+            if r["solver"] == spec.name and r["grid"] == spec.grid and r["error"] is not None:
                 r["below_floor"] = not r["error"] > floor
-        orders[spec.name] = order_entry(
-            records, spec.name, spec.kind, spec.info.order, floor=floor,
-            max_steps=sde_setup[2]["reference_steps"] // 4 if spec.kind == "sde" else None)
+        orders[order_key(spec.name, spec.grid)] = order_entry(
+            records, spec.name, spec.kind, spec.info.order, floor=floor, grid=spec.grid,
+            max_steps=sde_setup.meta["reference_steps"] // 4 if spec.kind == "sde" else None)
     return orders
 
 
@@ -582,5 +796,5 @@ def _complete_meta(meta: dict, ctx: _Context, likelihood) -> None:
                 data_samples=None if data is None else data.shape[0],
                 likelihood=None if ctx.ll is None else ("reference solve" if likelihood is True
                                                         else "given"),
-                sde=ctx.sde[2] if ctx.sde else None, threads=torch.get_num_threads(),
+                sde=ctx.sde.meta if ctx.sde else None, threads=torch.get_num_threads(),
                 torch=torch.__version__)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from .._core.files import write_atomically
 
-__all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry"]
+__all__ = ["RECORD_FIELDS", "Study", "fit_order", "order_entry", "order_key"]
 
 RECORD_FIELDS = (
     "solver", "kind", "library", "declared_order", "budget", "steps", "rejected", "h", "nfe",
     "time_min", "time_median", "error", "below_floor", "mean_error", "moment2_error", "w2",
-    "ll_error", "ll_nfe",
+    "ll_error", "ll_nfe", "grid",
 )
 """Keys of every record, in CSV column order. ``kind`` is ``"fixed"``, ``"adaptive"`` or
 ``"sde"``; ``budget`` is the step count (fixed, sde) or ``rtol = atol`` (adaptive); ``h`` the
@@ -33,7 +33,12 @@ the study's dtype, could reach; the fitted orders leave such errors out; SDE sol
 0), ``mean_error`` / ``moment2_error`` the errors of the sample mean and second moment,
 ``w2`` the W2 distance to the data (compare it with ``meta["w2_reference"]``, the
 reference's own W2 to the same data: its finite-sample floor), ``ll_error`` the mean
-absolute log-likelihood error in nats; None where not measured."""
+absolute log-likelihood error in nats, ``grid`` the label of the time grid a fixed-step or
+SDE solve ran on (``"uniform"``, ``"logsnr"``, ``"edm"``, ``"shift3"``, ``"given"`` or a
+label of the user's; None for adaptive solvers, which choose their own steps); None where
+not measured."""
+
+_TEXT_FIELDS = ("solver", "kind", "library", "grid")  # read back from CSV as text, always
 
 _PLOTTABLE = ("error", "mean_error", "moment2_error", "w2", "ll_error")
 
@@ -59,17 +64,31 @@ def fit_order(h: Sequence[float], error: Sequence[float | None], *,
             / sum((p[0] - mx) ** 2 for p in pts))
 
 
+def order_key(solver: str, grid: str | None = None) -> str:
+    """The key of a solver's entry in :attr:`Study.orders`: its name on the uniform grid (and
+    for adaptive solvers, ``grid=None``), ``"<solver>@<grid>"`` on any other grid.
+
+    Example:
+        >>> order_key("rk4"), order_key("rk4", "uniform"), order_key("dpmpp_2m", "logsnr")
+        ('rk4', 'rk4', 'dpmpp_2m@logsnr')
+    """
+    return solver if grid in (None, "uniform") else f"{solver}@{grid}"
+
+
 def order_entry(records: list[dict], solver: str, kind: str, declared: float | None, *,
-                floor: float = 0.0, max_steps: int | None = None) -> dict:
-    """The ``orders`` entry of one solver: its declared order, and the order fitted over its
-    records with an error above ``floor`` (and at most ``max_steps`` steps) by
-    :func:`fit_order`, with the successive estimates between neighbouring step sizes."""
+                floor: float = 0.0, max_steps: int | None = None,
+                grid: str | None = None) -> dict:
+    """The ``orders`` entry of one solver on one grid: its declared order, and the order
+    fitted by :func:`fit_order` over its records on ``grid`` (None: records on any grid) with
+    an error above ``floor`` (and at most ``max_steps`` steps), with the successive
+    estimates between neighbouring step sizes."""
     entry = {"kind": kind, "declared": declared, "fitted": None, "points": 0,
-             "h_min": None, "h_max": None, "successive": []}
+             "h_min": None, "h_max": None, "successive": [], "grid": grid}
     if kind == "adaptive":
         return entry
     pts = sorted(((r["h"], r["error"]) for r in records
-                  if r["solver"] == solver and r["error"] is not None
+                  if r["solver"] == solver and (grid is None or r.get("grid") == grid)
+                  and r["error"] is not None
                   and r["error"] > floor and (max_steps is None or r["steps"] <= max_steps)),
                  reverse=True)
     fitted = fit_order([p[0] for p in pts], [p[1] for p in pts])
@@ -88,9 +107,11 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     return write_atomically(path, lambda file: file.write(data))
 
 
-def _parse_cell(text: str):
-    if text == "":
+def _parse_cell(text: str | None, key: str | None = None):
+    if text is None or text == "":  # None: a column the file lacks (an older study)
         return None
+    if key in _TEXT_FIELDS:
+        return text
     if text in ("True", "False"):  # below_floor
         return text == "True"
     for kind in (int, float):
@@ -114,12 +135,14 @@ class Study:
     """What :func:`~flowsolve.studies.compare.compare_solvers` returns.
 
     Attributes:
-        records: one dict per (solver, budget) with the keys of :data:`RECORD_FIELDS`
+        records: one dict per (solver, grid, budget) with the keys of :data:`RECORD_FIELDS`
             (plain ``str`` / ``int`` / ``float`` / ``None`` values).
-        orders: per solver, ``declared`` (the registry's order; strong order for SDE
-            solvers), ``fitted`` (least-squares slope of log error against log h, None for
-            adaptive solvers or too few points), the ``points`` used, their ``h_min`` /
-            ``h_max`` and the ``successive`` estimates between neighbouring step sizes.
+        orders: per solver and grid, keyed by :func:`order_key` (the solver's name on the
+            uniform grid, ``"<solver>@<grid>"`` on another): ``declared`` (the registry's
+            order; strong order for SDE solvers), ``fitted`` (least-squares slope of log
+            error against log h, None for adaptive solvers or too few points), the
+            ``points`` used, their ``h_min`` / ``h_max``, the ``successive`` estimates
+            between neighbouring step sizes and the ``grid``.
         meta: how the study was run (reference, dtype, device, batch, repeats, ...).
     """
 
@@ -139,11 +162,17 @@ class Study:
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> Study:
         """The study of the records written by :meth:`to_csv`: empty cells are None, numbers
-        int or float. A CSV file holds the records only, so ``orders`` and ``meta`` are
-        empty; :meth:`to_json` and :meth:`from_json` keep all three."""
+        int or float (``solver``, ``kind``, ``library`` and ``grid`` stay text). A column of
+        :data:`RECORD_FIELDS` that the file lacks (``grid`` in a file written before grids
+        were recorded) is None in every record. A CSV file holds the records only, so
+        ``orders`` and ``meta`` are empty; :meth:`to_json` and :meth:`from_json` keep all
+        three."""
         with open(path, newline="") as f:
-            return cls([{k: _parse_cell(v) for k, v in row.items()}
-                        for row in csv.DictReader(f)])
+            rows = list(csv.DictReader(f))
+        known = (*RECORD_FIELDS, None)  # None: DictReader's key of cells beyond the header
+        return cls([{k: _parse_cell(row.get(k), k)
+                     for k in (*RECORD_FIELDS, *(k for k in row if k not in known))}
+                    for row in rows])
 
     @classmethod
     def read_csv(cls, path: str | os.PathLike) -> list[dict]:
@@ -169,13 +198,16 @@ class Study:
     def table(self) -> str:
         """The records and the orders as two Markdown tables (columns that were never
         measured are left out; times in milliseconds; an error at or below the study's floor,
-        ``below_floor``, is marked ``*`` and explained under the table)."""
-        columns = [("solver", "solver"), ("budget", "budget"), ("nfe", "NFE"),
+        ``below_floor``, is marked ``*`` and explained under the table; a ``grid`` column
+        where some solve ran on another grid than the uniform one)."""
+        columns = [("solver", "solver"), ("grid", "grid"), ("budget", "budget"), ("nfe", "NFE"),
                    ("steps", "steps"), ("time_min", "time min (ms)"),
                    ("time_median", "time median (ms)"), ("error", "error"),
                    ("mean_error", "mean err"), ("moment2_error", "2nd-moment err"),
                    ("w2", "W2 to data"), ("ll_error", "loglik err (nats)")]
         columns = [c for c in columns if any(r.get(c[0]) is not None for r in self.records)]
+        if all(r.get("grid") in (None, "uniform") for r in self.records):
+            columns = [c for c in columns if c[0] != "grid"]  # nothing to tell apart
         lines = ["| " + " | ".join(c[1] for c in columns) + " |",
                  "|" + "---|" * len(columns)]
         keys = [k for k, _ in columns]
@@ -201,7 +233,8 @@ class Study:
 
     def plot(self, path: str | os.PathLike, *, metric: str = "error", dpi: int = 120) -> Path:
         """Work-precision plot: ``metric`` against NFE and against median wall time,
-        log-log, one line per solver (labelled with its fitted order); written atomically in
+        log-log, one line per solver and grid (labelled with its :func:`order_key` and
+        fitted order); written atomically in
         the format of ``path``'s suffix (default PNG). Needs matplotlib (Agg canvas; the
         global backend is left alone)."""
         try:
@@ -216,8 +249,10 @@ class Study:
         FigureCanvasAgg(fig)
         ax_nfe, ax_time = fig.subplots(1, 2)
         drawn = 0
-        for name in dict.fromkeys(r["solver"] for r in self.records):
-            recs = sorted((r for r in self.records if r["solver"] == name
+        for solver, grid in dict.fromkeys((r["solver"], r.get("grid")) for r in self.records):
+            name = order_key(solver, grid)
+            recs = sorted((r for r in self.records if r["solver"] == solver
+                           and r.get("grid") == grid
                            and r.get(metric) is not None and r[metric] > 0),
                           key=lambda r: r["nfe"])
             if not recs:
