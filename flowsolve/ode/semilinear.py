@@ -219,6 +219,12 @@ class Sampler(ABC):
     multistep: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
 
+    def prepare(self, grid: list[Node], scheduler: Scheduler) -> dict:
+        """Host facts a solve on ``grid`` needs that its nodes do not hold (a singlestep
+        method's stage nodes), computed once before the loop; each solve's ``memory``
+        starts as a shallow copy of it (default: ``{}``)."""
+        return {}
+
     def evaluation_times(self, grid: list[Node], scheduler: Scheduler) -> list[float]:
         """Every time the model will be called at on ``grid`` (default: every grid time but
         the last)."""
@@ -256,6 +262,7 @@ class SamplerLoop:
         self.sampler, self.record = sampler, list(record)
         self.grid = list(grid)
         self.nodes = nodes(path.scheduler, self.grid)
+        self.prepared = sampler.prepare(self.nodes, path.scheduler)
         times = sampler.evaluation_times(self.nodes, path.scheduler)
         self.denoiser = Denoiser(model, path, prediction, times, x_like, sampler.name)
 
@@ -263,7 +270,7 @@ class SamplerLoop:
                  ) -> tuple[Tensor, list[Tensor], FiniteRecord | None]:
         saved = [x] if 0 in self.record else []
         finite = FiniteRecord(x.device) if check_finite else None
-        memory: dict = {}
+        memory: dict = dict(self.prepared)
         for i in range(len(self.grid) - 1):
             x = self.sampler.step(x, i, self.nodes, self.denoiser, memory, noise)
             if finite is not None and finite.add(x, i):
