@@ -22,6 +22,8 @@ PATH = fs.AffineGaussianPath(fs.CondOTScheduler())
 DATA = three_gaussians()
 U = fs.analytic.marginal_velocity(DATA, PATH)
 S = fs.analytic.marginal_score(DATA, PATH)
+# torchsde's methods (SDE_SOLVERS also holds the samplers: test_stochastic_samplers.py)
+TORCHSDE = sorted(n for n, i in SDE_SOLVERS.items() if i.library == "torchsde")
 # per drift evaluation, per step, for additive noise (read from torchsde's step functions)
 DRIFTS_PER_STEP = {"euler": 1, "euler_heun": 1, "milstein": 1, "heun": 2, "midpoint": 2,
                    "reversible_heun": 1, "srk": 3}
@@ -91,7 +93,7 @@ def test_euler_maruyama_strong_order_one_for_additive_noise():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", sorted(SDE_SOLVERS))
+@pytest.mark.parametrize("solver", TORCHSDE)
 def test_strong_order_matches_declared(solver):
     """Against noise built here from its definition, not by GridBrownian (whose law and
     aggregation tests/test_brownian.py checks): 1024 fine cells of h, dW_k = sqrt(h) z,
@@ -137,15 +139,16 @@ def test_strong_order_matches_declared(solver):
 
 # -- NFE and the registry -------------------------------------------------------------------
 def test_registry_is_read_from_torchsde():
-    assert set(SDE_SOLVERS) == set(DRIFTS_PER_STEP)
-    assert all(i.kind == "sde" and i.library == "torchsde" and not i.adaptive
-               for i in SDE_SOLVERS.values())
+    assert set(TORCHSDE) == set(DRIFTS_PER_STEP)
+    assert all(SDE_SOLVERS[n].kind == "sde" and SDE_SOLVERS[n].stochastic
+               and not SDE_SOLVERS[n].adaptive and not SDE_SOLVERS[n].needs_path
+               for n in TORCHSDE)
     assert SDE_SOLVERS["srk"].order == 1.5 and SDE_SOLVERS["euler"].order == 1.0
     with pytest.raises(ValueError, match="unknown SDE solver 'rk4'.*euler.*srk"):
         sample_sde(U, noise(2, gen(0)), score=S, solver="rk4")
 
 
-@pytest.mark.parametrize("solver", sorted(SDE_SOLVERS))
+@pytest.mark.parametrize("solver", TORCHSDE)
 def test_nfe_reported_equals_calls_made(solver):
     calls = {"u": 0, "s": 0, "g": 0}
 

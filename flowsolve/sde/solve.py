@@ -31,10 +31,19 @@ Noise comes from a :class:`GridBrownian`: all increments on the solver's own gri
 one ``randn`` call from a ``torch.Generator`` (the fastest choice measured, no host sync per
 query, no tiny last step in float32). Solves on coarser sub-grids of the same object see
 the same Brownian path, so two solvers or two step sizes can be compared path by path.
+
+Every solve runs on a time grid (``grid=``, as the fixed-step ODE solvers: uniform by
+default, log-SNR, EDM, a shift or given times; :func:`flowsolve.ode.grids.time_grid`),
+recorded in :attr:`SDESolution.grid`. Besides torchsde's methods, :data:`SDE_SOLVERS` holds
+flowsolve's stochastic low-NFE samplers (:mod:`flowsolve.sde.samplers`: ``ancestral``,
+``dpmpp_2m_sde``, ``edm_stochastic``), which take one model of any parameterisation
+(``prediction=``), the path, and their own ``options=``; their noise ``z_i`` comes from the
+same generator or Brownian path, ``z_i = (W(t_{i+1}) - W(t_i)) / sqrt(t_{i+1} - t_i)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,10 +60,20 @@ from .._core.errors import NonFiniteStateError
 from .._core.finite import FiniteRecord
 from .._core.registry import SolverInfo, SolverRegistry
 from .._core.types import Field
-from ..ode.args import check_times, grid_indices, uniform_grid
-from ..paths.affine import AffineGaussianPath
-from .brownian import LEVY_AREAS, GridBrownian, check_steps
+from ..ode.args import as_path, check_times, grid_indices, uniform_grid
+from ..ode.grids import as_grid, time_grid
+from ..ode.semilinear import SamplerLoop
+from ..paths.affine import AffineGaussianPath, canonical_prediction
+from ..paths.fields import ConvertedField
+from .brownian import (
+    LEVY_AREAS,
+    GridBrownian,
+    check_brownian,
+    check_steps,
+    standard_increments,
+)
 from .diffusions import DIFFUSIONS, DiffusionSchedule, diffusion_schedule
+from .samplers import SAMPLERS, make_sampler
 
 __all__ = [
     "GridBrownian", "DiffusionSchedule", "DIFFUSIONS", "diffusion_schedule",
@@ -165,7 +184,7 @@ def _probe(method: str):
         except RuntimeError:  # needs g itself: run it as diagonal noise (g is (B, D))
             continue
         info = SolverInfo(name=method, kind="sde", adaptive=False, order=float(order),
-                          library="torchsde", method=method)
+                          library="torchsde", method=method, stochastic=True)
         return info, (cls.sde_type, noise_type), levy[0]
     return None
 
@@ -184,16 +203,26 @@ def _build_registry() -> SolverRegistry:
             info, facts, levy = found
             infos.append(info)
             _SOLVER_FACTS[method], _SOLVER_LEVY[method] = facts, levy
+    for smp in SAMPLERS:
+        infos.append(SolverInfo(smp.name, "sde", False, smp.order, "flowsolve", smp.name,
+                                multistep=smp.multistep, stochastic=True, needs_path=True))
     return SolverRegistry(infos, what="SDE solver")
 
 
 SDE_SOLVERS: SolverRegistry = _build_registry()
-"""torchsde methods that run on flowsolve's additive-noise SDE, with their strong order for
-additive noise (``log_ode`` is left out: it needs a d x d Levy-area approximation and equals
-``midpoint`` for additive noise)."""
+"""The SDE solvers of :func:`sample_sde`: torchsde's methods that run on flowsolve's
+additive-noise SDE, with their strong order for additive noise (``log_ode`` is left out: it
+needs a d x d Levy-area approximation and equals ``midpoint`` for additive noise), and
+flowsolve's stochastic samplers (library ``"flowsolve"``, ``needs_path``; see
+:mod:`flowsolve.sde.samplers`: their ``order`` is the strong order towards the SDE they
+discretise, None for ``edm_stochastic``)."""
 
 
 # -- integration -------------------------------------------------------------------------------
+DEFAULT_STEPS = 100
+"""Grid cells of :func:`sample_sde` when neither ``steps`` nor given grid times fix them."""
+
+
 @dataclass(frozen=True)
 class SDESolution:
     """Result of :func:`sample_sde` / :func:`langevin`.
@@ -201,13 +230,17 @@ class SDESolution:
     Attributes:
         x: the state at ``t1``, ``(B, *event_shape)``.
         nfe: model evaluations (velocity + score calls), counted.
-        nfe_drift: evaluations of the drift f, counted.
-        nfe_diffusion: evaluations of the noise term ``g_t dW``, counted.
+        nfe_drift: evaluations of the drift f, counted (a sampler of
+            :mod:`flowsolve.sde.samplers`: its model evaluations).
+        nfe_diffusion: evaluations of the noise term ``g_t dW``, counted (0 for a sampler:
+            its noise scales are host numbers computed before the loop).
         steps: grid cells.
         solver: the solver's name.
         times: requested times ``(T,)`` (``None`` unless ``times`` was given).
         trajectory: states at ``times``, ``(T, B, *event_shape)`` (``None`` unless ``times``
             was given).
+        grid: the solve's time grid ``t_0 .. t_N`` (float64, on the CPU; Langevin: in its
+            own time s), as ``Solution.grid`` of :func:`flowsolve.ode.solve.sample`.
     """
 
     x: Tensor
@@ -218,66 +251,43 @@ class SDESolution:
     solver: str
     times: Tensor | None = None
     trajectory: Tensor | None = None
+    grid: Tensor | None = None
 
 
-def _grid(t0: float, t1: float, steps: int, x: Tensor) -> Tensor:
-    return torch.linspace(t0, t1, steps + 1, dtype=torch.float64).to(x.dtype)
-
-
-def _record_indices(times, t0: float, t1: float, steps: int) -> list[int]:
-    """Indices in ``linspace(t0, t1, steps + 1)`` of the requested ``times``, through the
-    ODE front door's checks (:func:`flowsolve.ode.args.check_times`, ``grid_indices``):
-    strictly increasing, inside ``[t0, t1]`` (float32 rounding just beyond an end names
-    that end), each a grid point (to 1e-3 of a cell, so float32 times name their point)
-    named once."""
-    grid = uniform_grid(t0, t1, steps)
-    return grid_indices(check_times(times, t0, t1), grid)
-
-
-def _check_on_grid(bm: GridBrownian, t0: float, t1: float, steps: int) -> None:
-    """Every point of the solve's grid must be a point of ``bm``'s grid (checked here on the
-    host, once: on an accelerator ``bm`` itself rounds off-grid queries to avoid syncs)."""
-    lo, hi = min(t0, t1), max(t0, t1)
-    h = (bm.t1 - bm.t0) / bm.steps
-    cells, offset = (hi - lo) / steps / h, (lo - bm.t0) / h
-    if not (round(cells) >= 1 and abs(cells - round(cells)) < 1e-6
-            and abs(offset - round(offset)) < 1e-6 and lo >= bm.t0 - 1e-9 * h
-            and hi <= bm.t1 + 1e-9 * h):
-        raise ValueError(
-            f"bm is a GridBrownian on [{bm.t0}, {bm.t1}] with {bm.steps} cells of {h:.6g}; the "
-            f"solve on [{lo}, {hi}] with {steps} steps of {(hi - lo) / steps:.6g} does not lie "
-            "on its grid. Give bm steps that are a multiple of the solve's on the same "
-            "interval (e.g. GridBrownian(size, steps=k * steps, t0=..., t1=...))")
-
-
-def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: float,
-               steps: int, generator, bm, times) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Step torchsde's solver over the grid ``linspace(t0, t1, steps + 1)``. With a
-    GridBrownian the loop reads nothing back from the device (non-finite states are flagged
-    there and read once at the end); torchsde's Brownian objects call ``float(t)`` per query."""
-    record = _record_indices(times, t0, t1, steps)  # [] for times=None
+def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, grid: list[float],
+               generator, bm, record: list[int]
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Step torchsde's solver over ``grid`` (float64 times, increasing; the uniform grid is
+    ``linspace(t0, t1, steps + 1)``). With a GridBrownian the loop reads nothing back from
+    the device (non-finite states are flagged there and read once at the end); torchsde's
+    Brownian objects call ``float(t)`` per query."""
+    steps, t0, t1 = len(grid) - 1, grid[0], grid[-1]
     y = x0.reshape(x0.shape[0], -1)
     levy = _SOLVER_LEVY[solver_name]
     if bm is None:
-        bm = GridBrownian(x0.shape, steps=steps, t0=t0, t1=t1, generator=generator,
-                          dtype=x0.dtype, device=x0.device, levy_area=levy)
-    elif not isinstance(bm, BaseBrownian) or tuple(bm.shape) != tuple(y.shape):
-        raise ValueError(f"bm must be a torchsde Brownian object of shape (B, D) = "
-                         f"{tuple(y.shape)}; got {bm!r}")
-    if isinstance(bm, GridBrownian):
-        _check_on_grid(bm, t0, t1, steps)
+        where = ({"steps": steps, "t0": t0, "t1": t1} if grid == uniform_grid(t0, t1, steps)
+                 else {"grid": grid})  # the uniform motion as it always was
+        bm = GridBrownian(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device,
+                          levy_area=levy, **where)
+    check_brownian(bm, y.shape, grid)
     if levy != "none" and bm.levy_area_approximation not in (LEVY_AREAS[levy], "davie", "foster"):
         raise ValueError(f"solver {solver_name!r} needs a Brownian motion with Levy area "
                          f"{levy!r}; got bm={bm!r}")
     cls = _select_method(solver_name, sde.sde_type)
     solver = cls(sde=ForwardSDE(sde), bm=bm, dt=(t1 - t0) / steps, adaptive=False, rtol=0.0,
                  atol=0.0, dt_min=0.0, options={})
-    grid = _grid(t0, t1, steps, x0).to(x0.device)
+    ts = torch.tensor(grid, dtype=torch.float64).to(x0.dtype)
+    if not bool((ts[1:] > ts[:-1]).all()):
+        k = int((ts[1:] <= ts[:-1]).nonzero()[0, 0])
+        raise ValueError(f"the grid's times {grid[k]!r} and {grid[k + 1]!r} are one time in "
+                         f"{x0.dtype}, the state's dtype: use fewer steps, another grid or a "
+                         f"float64 state")
+    ts = ts.to(x0.device)
     saved = {0: y} if 0 in record else {}
     finite = FiniteRecord(x0.device)
-    extra = solver.init_extra_solver_state(grid[0], y)
+    extra = solver.init_extra_solver_state(ts[0], y)
     for k in range(steps):
-        y, extra = solver.step(grid[k], grid[k + 1], y, extra)
+        y, extra = solver.step(ts[k], ts[k + 1], y, extra)
         if finite.add(y, k):  # known at once on the CPU; on a device read once at the end
             break
         if k + 1 in record:
@@ -285,45 +295,118 @@ def _integrate(sde: _AdditiveSDE, x0: Tensor, solver_name: str, t0: float, t1: f
     k_bad = finite.first_bad()
     if k_bad is not None:
         raise NonFiniteStateError(
-            solver_name, float(grid[k_bad]),
+            solver_name, float(ts[k_bad]),
             f"the state became non-finite in step {k_bad + 1} of {steps}, from "
-            f"t={float(grid[k_bad]):.6g} to t={float(grid[k_bad + 1]):.6g}")
+            f"t={float(ts[k_bad]):.6g} to t={float(ts[k_bad + 1]):.6g}")
     shape = x0.shape
     traj = torch.stack([saved[k].reshape(shape) for k in record]) if record else None
-    t_rec = grid[record] if record else None
+    t_rec = ts[record] if record else None
     return y.reshape(shape), t_rec, traj
+
+
+# -- the stochastic samplers -------------------------------------------------------------------
+def _sample_with_sampler(info: SolverInfo, field, x0: Tensor, *, score, path, diffusion,
+                         grid: list[float], record: list[int], generator, bm, prediction,
+                         options) -> tuple[Tensor, int, Tensor | None, Tensor | None]:
+    """A stochastic sampler of :mod:`flowsolve.sde.samplers` over ``grid``: ``(x, nfe,
+    times, trajectory)``."""
+    name = info.name
+    if diffusion is not None:
+        others = ", ".join(_torchsde_names())
+        raise ValueError(f"solver {name!r} sets its own noise from the path (its options: "
+                         f"{_options_help(name)}); diffusion= applies to the torchsde solvers "
+                         f"({others}); got diffusion={diffusion!r}")
+    if score is not None:
+        raise ValueError(f"solver {name!r} takes one model, field=, with what it predicts as "
+                         f"prediction= ('velocity', 'score', 'epsilon', 'x1', 'v'); got score= "
+                         f"as well (for a score model: field=score, prediction='score')")
+    if field is None:
+        raise ValueError(f"solver {name!r} needs the model as field= (with prediction=); got "
+                         f"field=None")
+    if path is None:
+        raise ValueError(f"solver {name!r} steps in the path's log-SNR: pass path= (the "
+                         f"AffineGaussianPath the model was trained on, or its Scheduler)")
+    sampler = make_sampler(name, options)
+    loop = SamplerLoop(sampler, field, path, prediction, grid, x0, record)
+    z = standard_increments(x0, grid, generator, bm)
+    x, saved, finite = loop(x0, lambda i, _x: z[i], True)
+    loop.check(finite)
+    times = (torch.tensor([grid[k] for k in record], dtype=torch.float64).to(x0.dtype)
+             .to(x0.device) if record else None)
+    return x, loop.nfe, times, torch.stack(saved) if saved else None
+
+
+def _torchsde_names() -> list[str]:
+    return [n for n, i in SDE_SOLVERS.items() if i.library == "torchsde"]
+
+
+def _options_help(name: str) -> str:
+    """The options of sampler ``name`` with their defaults, for messages."""
+    cls = type(make_sampler(name))
+    return ", ".join(f"{p.name}={p.default!r}" for p in
+                     inspect.signature(cls).parameters.values()) or "none"
 
 
 def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
                path: AffineGaussianPath | None = None,
-               diffusion: float | str | Callable | DiffusionSchedule = 1.0,
-               solver: str = "euler", steps: int = 100, t0: float = 0.0, t1: float = 1.0,
-               generator: torch.Generator | None = None, bm: BaseBrownian | None = None,
-               times: Sequence[float] | Tensor | None = None) -> SDESolution:
-    r"""Integrate ``dX = [u_t(X) + g_t^2/2 s_t(X)] dt + g_t dW`` from ``x0`` at ``t0`` to ``t1``.
+               diffusion: float | str | Callable | DiffusionSchedule | None = None,
+               solver: str = "euler", steps: int | None = None, t0: float = 0.0,
+               t1: float = 1.0, generator: torch.Generator | None = None,
+               bm: BaseBrownian | None = None,
+               times: Sequence[float] | Tensor | None = None, grid="uniform",
+               prediction: str = "velocity", options: dict | None = None) -> SDESolution:
+    r"""Sample from ``p_{t1}`` by a stochastic solve from ``x0 ~ p_{t0}``.
+
+    **torchsde's solvers** integrate ``dX = [u_t(X) + g_t^2/2 s_t(X)] dt + g_t dW`` (every
+    ``g_t >= 0`` keeps the marginals; see the module doc). **flowsolve's stochastic
+    samplers** (``"ancestral"``, ``"dpmpp_2m_sde"``, ``"edm_stochastic"``;
+    :mod:`flowsolve.sde.samplers`) take one model of any parameterisation and its path and
+    add their own noise (``options=``), a few model evaluations a step.
 
     Args:
-        field: the velocity ``u_t(x)`` (a field ``(x, t) -> Tensor``), or None with ``score``.
+        field: the model, ``(x, t) -> Tensor``: the velocity ``u_t(x)`` (or what
+            ``prediction`` says), or None with ``score``.
         x0: ``(B, *event_shape)``, a sample of ``p_{t0}``.
-        score: ``s_t(x) = grad log p_t(x)``; a missing model is converted on ``path``.
-        diffusion: ``g_t``: a number, a callable of t, a :class:`DiffusionSchedule` or a name
-            in :data:`DIFFUSIONS` (``"constant"``, ``"sigma_scaled"``, ``"forward"``).
-        solver: a name in :data:`SDE_SOLVERS`; steps: cells of the grid
-            ``linspace(t0, t1, steps + 1)``; ``[t0, t1]`` within [0, 1].
-        generator: seeds the :class:`GridBrownian` (None: a fresh unseeded generator;
-            torch's global RNG is never used); ``bm``: a torchsde Brownian object of shape
-            ``(B, D)`` to use instead (e.g. a finer GridBrownian).
+        score: ``s_t(x) = grad log p_t(x)`` (torchsde solvers); a missing model is
+            converted on ``path``.
+        path: the :class:`~flowsolve.paths.affine.AffineGaussianPath` (or its scheduler):
+            converts a single model, shapes the ``"logsnr"`` / ``"edm"`` grids, and is
+            required by the samplers.
+        diffusion: ``g_t`` of the torchsde solvers (None: 1.0): a number, a callable of t,
+            a :class:`DiffusionSchedule` or a name in :data:`DIFFUSIONS` (``"constant"``,
+            ``"sigma_scaled"``, ``"forward"``). The samplers refuse it.
+        solver: a name in :data:`SDE_SOLVERS`.
+        steps: grid cells (default 100 unless given grid times fix them).
+        t0, t1: the interval, ``0 <= t0 < t1 <= 1`` (0 = noise, 1 = data).
+        grid: where the ``steps + 1`` times lie, as for the fixed-step solvers of
+            :func:`flowsolve.ode.solve.sample` (:func:`flowsolve.ode.grids.time_grid`):
+            ``"uniform"`` (``linspace(t0, t1, steps + 1)``, the default), ``"logsnr"``,
+            ``"edm"`` (with ``path``), a shift ``s > 0``, a grid object or the times.
+        generator: seeds the noise (None: a fresh unseeded generator; torch's global RNG is
+            never used): for torchsde solvers a :class:`GridBrownian` on the grid; for the
+            samplers ``z_i`` of shape ``(N, *x0.shape)`` drawn in one call (the same draws).
+        bm: a torchsde Brownian object of shape ``(B, D)`` to use instead (e.g. a finer
+            GridBrownian: its grid must contain the solve's); a sampler reads
+            ``z_i = (W(t_{i+1}) - W(t_i)) / sqrt(t_{i+1} - t_i)`` from it, so solvers given
+            one ``bm`` share one noise path.
         times: grid points at which to keep the state: strictly increasing, each a point
-            of ``linspace(t0, t1, steps + 1)`` given once (checked as by
-            :func:`flowsolve.ode.solve.sample` for a fixed-step solver, so float32 times such
-            as ``torch.linspace(0, 1, steps + 1)`` name their grid points).
+            of the grid given once (checked as by :func:`flowsolve.ode.solve.sample` for a
+            fixed-step solver, so float32 times such as ``torch.linspace(0, 1, steps + 1)``
+            name their grid points).
+        prediction: what ``field`` predicts (``"velocity"``, ``"score"``, ``"epsilon"``,
+            ``"x1"``, ``"v"``): read by the samplers as posterior means; for a torchsde
+            solver converted to a velocity on ``path``.
+        options: a sampler's parameters (``ancestral``: ``eta``; ``dpmpp_2m_sde``: ``eta``;
+            ``edm_stochastic``: ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
 
     Returns:
-        :class:`SDESolution` with ``x`` at ``t1`` and the counted evaluations.
+        :class:`SDESolution` with ``x`` at ``t1``, the counted evaluations and the grid.
 
     Raises:
         ValueError: a model's first output is not shaped like ``x`` with ``x``'s dtype
-            (it would be broadcast into the drift, or change the state's dtype).
+            (it would be broadcast into the drift, or change the state's dtype); arguments
+            a solver does not take (``diffusion``/``score`` for a sampler, ``options`` for
+            torchsde's), options out of range, a ``bm`` whose grid misses the solve's.
 
     Example:
         >>> import flowsolve as fs
@@ -335,23 +418,55 @@ def sample_sde(field: Field | None, x0: Tensor, *, score: Field | None = None,
         ...                  diffusion="sigma_scaled", steps=10, generator=g)
         >>> res.x.shape, res.nfe, res.nfe_diffusion
         (torch.Size([4, 2]), 10, 10)
+        >>> res = sample_sde(u, torch.randn(4, 2, generator=g), solver="dpmpp_2m_sde",
+        ...                  path=path, steps=8, grid="logsnr", generator=g)
+        >>> res.nfe, [round(t, 3) for t in res.grid[:3].tolist()]
+        (8, [0.0, 0.012, 0.068])
     """
     info = SDE_SOLVERS[solver]
     _check_state(x0)
-    check_steps(steps)
+    if steps is not None:
+        check_steps(steps)
     if not (0.0 <= t0 < t1 <= 1.0):
         raise ValueError(f"need 0 <= t0 < t1 <= 1 (0 = noise, 1 = data); got t0={t0!r}, "
                          f"t1={t1!r}")
-    g = diffusion_schedule(diffusion, path=path)
+    t0, t1 = float(t0), float(t1)
+    path = as_path(path)
+    spec = as_grid(grid)
+    if steps is None and spec.steps is None:
+        steps = DEFAULT_STEPS
+    ts = time_grid(spec, steps, t0=t0, t1=t1, path=path)
+    record = grid_indices(check_times(times, t0, t1), ts)
+    grid_out = torch.tensor(ts, dtype=torch.float64)
+    if info.library == "flowsolve":
+        x, nfe, t_rec, traj = _sample_with_sampler(
+            info, field, x0, score=score, path=path, diffusion=diffusion, grid=ts,
+            record=record, generator=generator, bm=bm, prediction=prediction, options=options)
+        return SDESolution(x, nfe, nfe, 0, len(ts) - 1, solver, t_rec, traj, grid_out)
+    if options:
+        raise ValueError(f"solver {solver!r} takes no options (options= are the parameters of "
+                         f"flowsolve's stochastic samplers: "
+                         f"{', '.join(s.name for s in SAMPLERS)}); got options={options!r}")
+    prediction = canonical_prediction(prediction, "prediction")
+    if prediction != "velocity":
+        if field is None:
+            raise ValueError(f"prediction={prediction!r} says what field predicts; got "
+                             f"field=None")
+        if path is None:
+            raise ValueError(f"a {prediction!r} model is converted to a velocity on the path: "
+                             f"pass path= (the AffineGaussianPath the model was trained on, "
+                             f"or its Scheduler)")
+        field = ConvertedField(field, path, prediction, "velocity", interval=(t0, t1))
+    g = diffusion_schedule(1.0 if diffusion is None else diffusion, path=path)
     velocity = CountingField(field, like_input=True) if field is not None else None
     score_c = CountingField(score, like_input=True) if score is not None else None
     drift = _Drift(velocity, score_c, path, g)
     drift.check(torch.tensor([t0, t1], dtype=torch.float64))
     sde = _AdditiveSDE(drift, g, x0.shape[1:], info)
-    x, t_rec, traj = _integrate(sde, x0, solver, float(t0), float(t1), steps, generator, bm,
-                                times)
+    x, t_rec, traj = _integrate(sde, x0, solver, ts, generator, bm, record)
     nfe = (velocity.nfe if velocity else 0) + (score_c.nfe if score_c else 0)
-    return SDESolution(x, nfe, sde.drift.nfe, sde.noise.nfe, steps, solver, t_rec, traj)
+    return SDESolution(x, nfe, sde.drift.nfe, sde.noise.nfe, len(ts) - 1, solver, t_rec, traj,
+                       grid_out)
 
 
 def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, steps: int = 100,
@@ -366,6 +481,7 @@ def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, ste
     of the two); ``diffusion`` is a number or a callable of s. The Euler-Maruyama bias in
     the stationary law is O(dt) (unadjusted Langevin). ``times`` are points of the grid
     ``linspace(s0, s1, steps + 1)`` in Langevin time, checked as in :func:`sample_sde`.
+    ``solver`` is one of torchsde's (the samplers of :data:`SDE_SOLVERS` need a path).
     """
     if (dt is None) == (t_span is None):
         raise ValueError(f"give exactly one of dt or t_span; got dt={dt!r}, t_span={t_span!r}")
@@ -378,13 +494,19 @@ def langevin(score: Field, x0: Tensor, *, diffusion: float | Callable = 1.0, ste
         raise ValueError(f"diffusion={diffusion!r}: Langevin takes a number or a callable of "
                          "its own time s (named schedules belong to a path)")
     info = SDE_SOLVERS[solver]
+    if info.library != "torchsde":
+        raise ValueError(f"langevin runs torchsde's solvers ({', '.join(_torchsde_names())}); "
+                         f"solver {solver!r} is a sampler of a path (sample_sde)")
     _check_state(x0)
     g = diffusion_schedule(diffusion)
     s = CountingField(score, like_input=True)
     fixed = torch.tensor(float(score_t), dtype=x0.dtype, device=x0.device)
     sde = _AdditiveSDE(lambda x, t: 0.5 * g(t) ** 2 * s(x, fixed), g, x0.shape[1:], info)
-    x, t_rec, traj = _integrate(sde, x0, solver, s0, s1, steps, generator, bm, times)
-    return SDESolution(x, s.nfe, sde.drift.nfe, sde.noise.nfe, steps, solver, t_rec, traj)
+    ts = uniform_grid(s0, s1, steps)
+    record = grid_indices(check_times(times, s0, s1), ts)
+    x, t_rec, traj = _integrate(sde, x0, solver, ts, generator, bm, record)
+    return SDESolution(x, s.nfe, sde.drift.nfe, sde.noise.nfe, steps, solver, t_rec, traj,
+                       torch.tensor(ts, dtype=torch.float64))
 
 
 def _check_state(x0) -> None:
