@@ -226,6 +226,61 @@ def test_captured_sampler_on_the_analytic_field():
     close(got.x, sample(U, x, "fast_rk4", steps=8).x, atol=1e-12)
 
 
+# -- the low-NFE samplers ----------------------------------------------------------------------
+COSINE = fs.AffineGaussianPath(fs.CosineScheduler())
+U_COS = fs.analytic.marginal_velocity(DATA, COSINE)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "dpm_solver_3",
+                                    "unipc2_bh2", "edm_heun"])
+@pytest.mark.parametrize("grid", ["uniform", "logsnr"])
+def test_samplers_on_the_device_match_the_cpu(solver, grid):
+    """The samplers' loop reads nothing from the device; their numbers are the CPU's, and
+    DDIM's are a hand-written x_t = alpha_t D + sigma_t eps."""
+    x0 = noise(64, 21)
+    kw = dict(steps=8, path=COSINE, grid=grid, times=fs.time_grid(grid, 8, path=COSINE)[4:5])
+    dev = sample(U_COS, x0.to(DEVICE), solver, **kw)
+    cpu = sample(U_COS, x0, solver, **kw)
+    assert on_device(dev.x) and on_device(dev.trajectory) and dev.nfe == cpu.nfe
+    close(dev.x, cpu.x)
+    close(dev.trajectory, cpu.trajectory)
+    if solver == "ddim":
+        d_true = fs.analytic.posterior_mean(DATA, COSINE)
+        x, times = x0, fs.time_grid(grid, 8, path=COSINE)
+        for a, b in zip(times[:-1], times[1:], strict=True):
+            sa = COSINE.scheduler(torch.tensor(a, dtype=F64))
+            sb = COSINE.scheduler(torch.tensor(b, dtype=F64))
+            d = d_true(x, torch.tensor(a, dtype=F64))
+            eps = (x - sa.alpha_t * d) / sa.sigma_t
+            x = sb.alpha_t * d + sb.sigma_t * eps
+        close(dev.x, x, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["ancestral", "dpmpp_2m_sde", "edm_stochastic"])
+def test_stochastic_samplers_on_the_device_match_the_cpu(solver):
+    """A CPU generator, or one GridBrownian on the device, gives the CPU's samples."""
+    x0 = noise(64, 22)
+    times = fs.time_grid("logsnr", 12, path=COSINE)
+    kw = dict(solver=solver, path=COSINE, grid=times)
+    cpu = sample_sde(U_COS, x0, generator=gen(23), **kw)
+    dev = sample_sde(U_COS, x0.to(DEVICE), generator=gen(23), **kw)
+    assert on_device(dev.x) and dev.nfe == cpu.nfe
+    close(dev.x, cpu.x)
+    bm_cpu = GridBrownian(x0.shape, grid=times, generator=gen(24), dtype=F64)
+    bm_dev = GridBrownian(x0.shape, grid=times, generator=gen(24), dtype=F64, device=DEVICE)
+    close(bm_dev(times[3], times[7]), bm_cpu(times[3], times[7]))
+    close(sample_sde(U_COS, x0.to(DEVICE), bm=bm_dev, **kw).x,
+          sample_sde(U_COS, x0, bm=bm_cpu, **kw).x)
+
+
+def test_torchsde_solvers_on_a_logsnr_grid_on_the_device():
+    x0 = noise(64, 25)
+    kw = dict(path=COSINE, diffusion="sigma_scaled", solver="euler", grid="logsnr", steps=16,
+              t0=0.01, t1=0.99)
+    close(sample_sde(U_COS, x0.to(DEVICE), generator=gen(26), **kw).x,
+          sample_sde(U_COS, x0, generator=gen(26), **kw).x)
+
+
 # -- SDE sampling ------------------------------------------------------------------------------
 @pytest.mark.parametrize("solver", ["euler", "heun", "srk"])
 def test_sample_sde_on_the_device_matches_the_cpu(solver):
