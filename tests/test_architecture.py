@@ -15,16 +15,17 @@ PACKAGE = ROOT / "flowsolve"
 LAYERS: list[tuple[str, list[set[str]]]] = [
     ("_core", [{"types", "errors"}, {"finite", "checks", "counting", "files", "registry",
                                      "threads", "progress", "distributed"}]),
-    ("paths", [{"schedules"}, {"affine"}, {"fields", "transfer", "bridges"}]),
+    ("paths", [{"schedules"}, {"affine"},
+               {"discrete", "preconditioning", "fields", "transfer", "bridges"}]),
     ("truth", [{"analytic"}]),
     ("ode", [{"grids", "systems", "fixed_step", "semilinear"}, {"dpm_solver", "unipc", "edm"},
              {"samplers", "args"}, {"backends"}, {"solve"}]),
-    ("sde", [{"brownian", "diffusions"}, {"solve"}]),
+    ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset"}, {"cnf"}]),
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
                   {"pipeline"}, {"loop"}]),
     ("metrics", []),
-    ("studies", [{"results", "front"}, {"compare"}]),
+    ("studies", [{"results", "front", "grid_search"}, {"compare"}]),
     ("cli", [{"demo", "plots"}, {"main"}]),
 ]
 THIRD_PARTY_OWNERS = {
