@@ -107,7 +107,7 @@ def unet(budgets, rows, batch):
     model, _ = cfg_digits.train_model(train, cfg_digits.DEFAULT, 0, quiet=True)
     model.eval()
     path = fs.AffineGaussianPath(fs.CondOTScheduler())
-    null = torch.full((batch,), 10, dtype=torch.long)  # the null label: unconditional
+    null = torch.tensor(10)  # the null label (0-d: any batch): unconditional
 
     @torch.no_grad()
     def u(x, t):

@@ -25,8 +25,11 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
                   {"pipeline"}, {"loop"}]),
     ("metrics", []),
-    ("studies", [{"results", "front", "grid_search"}, {"compare"}]),
-    ("cli", [{"demo", "plots"}, {"main"}]),
+    ("studies", [{"results", "front", "grid_search", "specs"}, {"references", "sde_runs"},
+                 {"runs"}, {"compare"}]),
+    ("cli", [{"demo", "plots", "common", "options"},
+             {"demo_command", "compare", "train", "sample", "likelihood", "transfer"},
+             {"main"}]),
 ]
 THIRD_PARTY_OWNERS = {
     "ot": {"training.couplings", "metrics"},
