@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import flowsolve as fs
+from flowsolve.ode.grids import as_grid
 from flowsolve.ode.solve import sample
-from flowsolve.studies.front import grid_label, low_nfe_front, solve_within
+from flowsolve.studies.front import low_nfe_front, solve_within
+from flowsolve.studies.specs import grid_label
 
 F64 = torch.float64
 PATH = fs.AffineGaussianPath(fs.CosineScheduler())
@@ -54,4 +56,4 @@ def test_the_front_refuses_what_it_cannot_compare():
         low_nfe_front(U, X0, path=None)
     with pytest.raises(ValueError, match="reference must be x"):
         low_nfe_front(U, X0, path=PATH, reference=X0[:3])
-    assert grid_label(3.0) == "shift3" and grid_label([0.0, 1.0]) == "given"
+    assert grid_label(as_grid(3.0)) == "shift3" and grid_label(as_grid([0.0, 1.0])) == "given"

@@ -31,8 +31,10 @@ from ..ode.grids import as_grid
 from ..ode.solve import ODE_SOLVERS, Solution, sample
 from ..paths.affine import AffineGaussianPath
 from ..paths.schedules import Scheduler
+from .grid_search import auto_reference
+from .specs import grid_label
 
-__all__ = ["FrontEntry", "Front", "low_nfe_front", "solve_within", "DEFAULT_BUDGETS",
+__all__ = ["FrontEntry", "Front", "FIELDS", "low_nfe_front", "solve_within", "DEFAULT_BUDGETS",
            "DEFAULT_GRIDS", "BASELINES"]
 
 DEFAULT_BUDGETS = (4, 6, 8, 10, 15, 20)
@@ -93,15 +95,6 @@ class Front:
         return "\n".join(lines)
 
 
-def grid_label(grid) -> str:
-    """A short name for ``grid=``: its name (``"uniform"``, ``"logsnr"``, ``"edm"``),
-    ``"shift<s>"`` for a shift, ``"given"`` for times."""
-    spec = as_grid(grid)
-    if spec.name == "shift":
-        return f"shift{spec.shift:g}"
-    return spec.name
-
-
 def solve_within(field: Field, x0: Tensor, solver: str, budget: int, *,
                  path: AffineGaussianPath | None, grid="uniform",
                  prediction: str = "velocity", t0: float = 0.0,
@@ -134,9 +127,9 @@ def low_nfe_front(field: Field, x0: Tensor, *, path: AffineGaussianPath | Schedu
         solvers: fixed-step names of :data:`~flowsolve.ode.solve.ODE_SOLVERS`; default: the
             Runge-Kutta :data:`BASELINES` and every low-NFE sampler (``needs_path``).
         grids: ``grid=`` values (names, shifts, grid objects, times).
-        reference: ``x(t1)`` shaped like ``x0`` (a closed form); None: ``dopri5`` at
-            ``rtol = atol = 1e-10`` in float64 (1e-7 in ``x0``'s dtype for a field that
-            refuses float64).
+        reference: ``x(t1)`` shaped like ``x0`` (a closed form); None: a tight adaptive
+            solve (:func:`~flowsolve.studies.grid_search.auto_reference`: DOP853 at
+            ``rtol = atol = 1e-10`` in float64).
         prediction, t0, t1: as :func:`~flowsolve.ode.solve.sample`.
 
     Returns:
@@ -155,14 +148,14 @@ def low_nfe_front(field: Field, x0: Tensor, *, path: AffineGaussianPath | Schedu
     if not budgets or min(budgets) < 1:
         raise ValueError(f"budgets must be positive ints; got {budgets!r}")
     if reference is None:
-        reference = _reference(field, x0, path, prediction, t0, t1)
+        reference = auto_reference(field, x0, t0, t1, path, prediction)
     elif not torch.is_tensor(reference) or reference.shape != x0.shape:
         raise ValueError(f"reference must be x(t1) shaped like x0 {tuple(x0.shape)}; got "
                          f"{getattr(reference, 'shape', type(reference).__name__)}")
     entries = []
     for name in names:
         for grid in grids:
-            label = grid_label(grid)
+            label = grid_label(as_grid(grid))
             for b in budgets:
                 res = solve_within(field, x0, name, b, path=path, grid=grid,
                                    prediction=prediction, t0=t0, t1=t1)
@@ -170,15 +163,3 @@ def low_nfe_front(field: Field, x0: Tensor, *, path: AffineGaussianPath | Schedu
                     err = float((res.x - reference).flatten(1).norm(dim=1).pow(2).mean().sqrt())
                     entries.append(FrontEntry(b, name, label, res.steps, res.nfe, err))
     return Front(tuple(entries), budgets)
-
-
-def _reference(field, x0, path, prediction, t0, t1) -> Tensor:
-    kw = {} if prediction == "velocity" else {"path": path, "prediction": prediction}
-    try:
-        x = sample(field, x0.double(), "dopri5", rtol=1e-10, atol=1e-10, t0=t0, t1=t1,
-                   **kw).x
-        if x.dtype == torch.float64:
-            return x.to(x0.dtype)
-    except (RuntimeError, TypeError, ValueError):
-        pass
-    return sample(field, x0, "dopri5", rtol=1e-7, atol=1e-7, t0=t0, t1=t1, **kw).x

@@ -54,8 +54,10 @@ from .._core.types import Field
 from ..ode.args import as_path
 from ..ode.grids import GivenGrid, ShiftGrid, time_grid
 from ..ode.solve import ODE_SOLVERS, sample
+from .references import LOW_PRECISION_REFERENCE_TOL, REFERENCE_TOL, takes_float64
 
-__all__ = ["GridSearch", "optimize_grid", "load_grid", "GRID_FORMAT", "STANDARD_GRIDS"]
+__all__ = ["GridSearch", "optimize_grid", "load_grid", "auto_reference", "GRID_FORMAT",
+           "STANDARD_GRIDS"]
 
 GRID_FORMAT = "flowsolve.grid/1"
 """The ``format`` string of a grid file written by :meth:`GridSearch.save`."""
@@ -69,8 +71,6 @@ _METHODS = ("L-BFGS-B", "Nelder-Mead", "Powell")
 _BOUND = 25.0  # |z_i|: increments within a factor e^50 of each other, all resolvable
 _FD_STEP = 1e-6
 _PENALTY = 1e3  # log-error of a candidate whose solve fails (non-finite, grid refused)
-_REFERENCE_TOL = 1e-10
-_LOW_PRECISION_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -229,21 +229,13 @@ def _rms(x: Tensor, ref: Tensor) -> float:
     return float((x - ref).flatten(1).norm(dim=1).square().mean().sqrt())
 
 
-def _takes_float64(field, x0: Tensor, t0: float) -> bool:
-    if x0.dtype == torch.float64:
-        return True
-    try:
-        with torch.no_grad():
-            x = x0[:1].detach().to(torch.float64)
-            out = field(x, torch.tensor(t0, dtype=torch.float64, device=x0.device))
-    except Exception:  # noqa: BLE001 -- any refusal of float64 input means "no"
-        return False
-    return torch.is_tensor(out) and out.dtype == torch.float64 and out.shape == x.shape
-
-
-def _auto_reference(field, x0: Tensor, t0, t1, path, prediction) -> Tensor:
-    wide = _takes_float64(field, x0, t0)
-    tol = _REFERENCE_TOL if wide else _LOW_PRECISION_TOL
+def auto_reference(field, x0: Tensor, t0, t1, path, prediction) -> Tensor:
+    """``x(t1)`` of ``x0`` by a tight adaptive solve: DOP853 (dopri8 off the CPU) at
+    ``rtol = atol = 1e-10`` in float64, or at 1e-6 in ``x0``'s dtype for a field that cannot
+    take float64; a non-velocity model is converted on ``path``. Returned in ``x0``'s
+    dtype."""
+    wide = takes_float64(field, x0, t0)
+    tol = REFERENCE_TOL if wide else LOW_PRECISION_REFERENCE_TOL
     solver = "DOP853" if x0.device.type == "cpu" else "dopri8"
     try:
         with torch.no_grad():
@@ -303,7 +295,7 @@ def _held_out(held_out, x0, reference, field, t0, t1, path, prediction, generato
                          f"the calibration x0; got {tuple(xh.shape)}")
     xh = xh.detach().to(dtype=x0.dtype, device=x0.device)
     if ref is None:
-        ref = _auto_reference(field, xh, t0, t1, path, prediction)
+        ref = auto_reference(field, xh, t0, t1, path, prediction)
     return xh, ref.detach().to(dtype=x0.dtype, device=x0.device)
 
 
@@ -388,7 +380,7 @@ def optimize_grid(field: Field, x0: Tensor, solver: str, steps: int, *, path=Non
     x0 = x0.detach()
     began = time.perf_counter()
     if isinstance(reference, str) and reference == "auto":
-        ref = _auto_reference(field, x0, t0, t1, path, prediction)
+        ref = auto_reference(field, x0, t0, t1, path, prediction)
     elif torch.is_tensor(reference):
         if reference.shape != x0.shape:
             raise ValueError(f"reference must be x(t1) shaped like x0 {tuple(x0.shape)}; got "

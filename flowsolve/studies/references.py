@@ -21,12 +21,12 @@ from ..ode.solve import ODE_SOLVERS, sample
 from .specs import SolverSpec
 
 __all__ = ["choose_reference_solver", "reference_precision", "ode_reference",
-           "likelihood_setup"]
+           "likelihood_setup", "takes_float64", "REFERENCE_TOL", "LOW_PRECISION_REFERENCE_TOL"]
 
 
 _REFERENCE_MAX_STEPS = 100_000
-_REFERENCE_TOL = 1e-10  # of a reference solved in float64
-_LOW_PRECISION_REFERENCE_TOL = 1e-6  # of one in float32 (a field that cannot take float64)
+REFERENCE_TOL = 1e-10  # of a reference solved in float64
+LOW_PRECISION_REFERENCE_TOL = 1e-6  # of one in float32 (a field that cannot take float64)
 
 
 def _scale(x: Tensor) -> float:
@@ -34,7 +34,7 @@ def _scale(x: Tensor) -> float:
     return 1.0 + float(x.flatten(1).norm(dim=1).square().mean().sqrt())
 
 
-def _takes_float64(field, x0: Tensor, t0: float) -> bool:
+def takes_float64(field, x0: Tensor, t0: float) -> bool:
     """Whether the reference can be solved in float64: True for a float64 ``x0``; otherwise
     one probing call ``field(x0 in float64, t0)`` must return a float64 tensor shaped like
     ``x0`` (a float32 network raises or returns float32: False)."""
@@ -68,9 +68,9 @@ def reference_precision(field, x0: Tensor, t0: float, specs: list[SolverSpec], r
     auto = isinstance(reference, str) and reference == "auto"
     ref_dtype = x0.dtype
     if auto or likelihood is True:
-        ref_dtype = torch.float64 if _takes_float64(field, x0, t0) else x0.dtype
+        ref_dtype = torch.float64 if takes_float64(field, x0, t0) else x0.dtype
     ref_tol = reference_tol if reference_tol is not None else (
-        _REFERENCE_TOL if ref_dtype == torch.float64 else _LOW_PRECISION_REFERENCE_TOL)
+        REFERENCE_TOL if ref_dtype == torch.float64 else LOW_PRECISION_REFERENCE_TOL)
     if auto or likelihood is True:
         _check_reference_tol(specs, ref_tol, ref_dtype, x0.dtype)
     return ref_dtype, ref_tol

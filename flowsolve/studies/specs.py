@@ -24,7 +24,7 @@ from ..paths.affine import AffineGaussianPath, canonical_prediction
 from ..sde.solve import SDE_SOLVERS
 
 __all__ = ["SDE_PREFIX", "SolverSpec", "lookup_solver", "check_budgets", "parse_solvers",
-           "parse_grids", "check_paths", "check_count"]
+           "parse_grids", "check_paths", "check_count", "grid_label"]
 
 
 SDE_PREFIX = "sde:"
@@ -113,7 +113,7 @@ _GRIDS_ACCEPTED = ("a sequence of grids, each a name (uniform, logsnr, edm), a s
                    "{label: grid}")
 
 
-def _grid_label(grid: TimeGrid) -> str:
+def grid_label(grid: TimeGrid) -> str:
     """The label of a grid in the records: its name (``"uniform"``, ``"logsnr"``, ``"edm"``),
     ``"shift<s>"``, ``"given"``, or the name with the options that differ from the
     defaults (``"edm(rho=5)"``)."""
@@ -152,7 +152,7 @@ def parse_grids(grids) -> list[tuple[str, TimeGrid]]:
         except (TypeError, ValueError) as err:
             where = f"grids[{label!r}]" if label is not None else f"grids[{i}]"
             raise type(err)(f"{where}: {err}. grids= is {_GRIDS_ACCEPTED}") from None
-        out.append((_grid_label(spec) if label is None else label, spec))
+        out.append((grid_label(spec) if label is None else label, spec))
     labels = [lab for lab, _ in out]
     twice = sorted({lab for lab in labels if labels.count(lab) > 1})
     if twice:
