@@ -340,6 +340,7 @@ def test_help_and_version_start_without_torch():
     (["compare", "--solvers", "euler", "--tolerances", "1e-3"], "--solvers euler has none"),
     (["compare", "--solvers", "rk4", "rk4"], "--solvers names rk4 more than once"),
     (["compare", "--tolerances", "1e-11"], "--tolerances must lie in (1e-10, 1)"),
+    (["compare", "--tolerances", "1e-10"], "--tolerances must lie in (1e-10, 1)"),
     (["compare", "--grid", "cosine"], "--grid cosine: not a grid name, a number or a file; "
                                       "accepted: uniform, logsnr, edm, a shift s > 0"),
     (["compare", "--grid", "opt.json"], "(no such file: opt.json)"),
@@ -367,6 +368,7 @@ def test_options_that_would_be_ignored_are_refused(model_file, tmp_path, monkeyp
     (["train", "--sigma", "-1"], "--sigma must be a number >= 0"),
     (["train", "--lr", "0"], "--lr must be a number > 0"),
     (["demo", "--closed-form", "--steps", "5"], "--steps would be ignored"),
+    (["demo", "--closed-form", "--force"], "--force would be ignored"),
     (["demo", "--scheduler", "cosine"], "--scheduler chooses the path of --closed-form"),
 ])
 def test_training_and_demo_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv,
