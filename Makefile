@@ -20,10 +20,10 @@ demo: venv
 	$(BIN)/flowsolve demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-slow: venv
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 lint: venv
 	$(BIN)/ruff check flowsolve tests examples benchmarks
