@@ -25,6 +25,7 @@ _HOMES: dict[str, str] = {name: home for home, names in {
     ".likelihood.cnf": ("LikelihoodResult", "DatasetLikelihood", "dataset_bits_per_dim",
                         "dataset_log_likelihood", "log_likelihood", "score_log_likelihood"),
     ".likelihood.divergence": ("value_and_divergence",),
+    ".likelihood.generated": ("GeneratedLikelihood", "sample_log_likelihood"),
     ".metrics": ("mmd", "normalized_path_energy", "path_energy", "straightness",
                  "wasserstein2"),
     ".ode.grids": ("EDMGrid", "GivenGrid", "LogSNRGrid", "ShiftGrid", "time_grid"),
@@ -146,4 +147,5 @@ __all__ = [
     "log_likelihood", "score_log_likelihood", "dataset_log_likelihood",
     "dataset_bits_per_dim", "LikelihoodResult", "DatasetLikelihood", "value_and_divergence",
     "dequantize", "bits_per_dim", "continuous_bits_per_dim", "BitsPerDim",
+    "sample_log_likelihood", "GeneratedLikelihood",
 ]

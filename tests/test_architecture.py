@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("ode", [{"grids", "systems", "fixed_step", "semilinear"}, {"dpm_solver", "unipc", "edm"},
              {"samplers", "args"}, {"backends"}, {"solve"}]),
     ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
-    ("likelihood", [{"divergence", "bits", "dataset"}, {"cnf"}]),
+    ("likelihood", [{"divergence", "bits", "dataset"}, {"augmented"}, {"cnf", "generated"}]),
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
                   {"pipeline"}, {"loop"}]),
     ("metrics", []),

@@ -29,7 +29,7 @@ import functools
 import inspect
 import math
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,16 @@ from .._core.types import Field
 from ..ode.solve import ODE_SOLVERS, sample
 from ..paths.affine import AffineGaussianPath
 from ..paths.fields import probability_flow
+from .augmented import AugmentedSystem as _Augmented
+from .augmented import Prior, standard_normal_log_prob
+from .augmented import check_interval as _check_interval
+from .augmented import check_points as _check_points
+from .augmented import divergence_label as _divergence_label
+from .augmented import divergence_setup as _divergence_setup
+from .augmented import prior_log_prob as _prior_log_prob
+from .augmented import probe_stderr as _probe_stderr
+from .augmented import qualname as _qualname
+from .augmented import shown_name as _shown_name
 from .bits import (
     BitsPerDim,
     check_draws,
@@ -50,7 +60,6 @@ from .bits import (
     estimator_label,
 )
 from .dataset import MAY_CHANGE, evaluate_dataset
-from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 
 __all__ = [
     "LikelihoodResult",
@@ -61,8 +70,6 @@ __all__ = [
     "dataset_log_likelihood",
     "dataset_bits_per_dim",
 ]
-
-Prior = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -162,48 +169,6 @@ class DatasetLikelihood:
         return self[key] if key in self.keys() else default
 
 
-def standard_normal_log_prob(x: Tensor, std: float = 1.0) -> Tensor:
-    """``log N(x; 0, std^2 I)`` summed over the event dims, ``(B,)``."""
-    z = x.flatten(1) / std
-    d = z.shape[1]
-    return -0.5 * (z * z).sum(1) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
-
-
-def _prior_fn(prior: Prior | Any | None) -> Prior:
-    if prior is None:
-        return standard_normal_log_prob
-    if hasattr(prior, "log_prob") and callable(prior.log_prob):
-        return prior.log_prob
-    if callable(prior):
-        return prior
-    raise TypeError(
-        "prior must be None (standard normal), an object with .log_prob(x) or a callable "
-        f"x -> (B,); got {type(prior).__name__}"
-    )
-
-
-class _Augmented(nn.Module):
-    """``z = [x.flatten(1), l]`` -> ``[u.flatten(1), div]`` for the front door (a module, so
-    that the adjoint method finds the field's parameters when the field is one)."""
-
-    def __init__(self, field: Field, shape: torch.Size, method: str, probes: Tensor | None,
-                 create_graph: bool, chunk_size: int | None):
-        super().__init__()
-        self.field, self.shape, self.method = field, shape, method
-        self.probes, self.create_graph, self.chunk_size = probes, create_graph, chunk_size
-        self.d = math.prod(shape[1:])
-
-    def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x = z[:, : self.d].reshape(self.shape)
-        with torch.enable_grad():
-            res = value_and_divergence(
-                self.field, x, t, method=self.method, probes=self.probes,
-                create_graph=self.create_graph, chunk_size=self.chunk_size,
-            )
-        div = res.divergence[:, None] if res.estimates is None else res.estimates.T
-        return torch.cat([res.value.flatten(1), div.to(z.dtype)], dim=1)
-
-
 def log_likelihood(
     field: Field,
     x: Tensor,
@@ -279,51 +244,6 @@ def log_likelihood(
     )
 
 
-def _check_points(x: Tensor) -> None:
-    if not (torch.is_tensor(x) and x.dim() >= 2 and x.is_floating_point()):
-        raise ValueError(
-            "x must be a floating tensor shaped (B, *event_shape) with at least one event "
-            f"dim; got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
-        )
-
-
-def _check_interval(t_interval: tuple[float, float]) -> tuple[float, float]:
-    """``(t_lo, t_hi)`` as floats with ``0 <= t_lo < t_hi <= 1``."""
-    t_lo, t_hi = (float(v) for v in t_interval)
-    if not (0.0 <= t_lo < t_hi <= 1.0):
-        raise ValueError(f"t_interval must satisfy 0 <= t_lo < t_hi <= 1; got {t_interval!r}")
-    return t_lo, t_hi
-
-
-def _divergence_setup(x: Tensor, divergence: str, n_probes: int, probe: str,
-                      generator: torch.Generator | None) -> tuple[Tensor | None, str, str]:
-    """``(probes, method, label)``: Hutchinson's probes drawn once from ``generator`` (None
-    for an exact divergence), the method :func:`value_and_divergence` takes, and the
-    :attr:`LikelihoodResult.divergence` label."""
-    if divergence == "hutchinson":
-        if not (isinstance(n_probes, int) and n_probes >= 1):
-            raise ValueError(f"n_probes must be an int >= 1; got {n_probes!r}")
-        if probe not in PROBE_KINDS:
-            raise ValueError(f"probe={probe!r}; accepted: {', '.join(PROBE_KINDS)}")
-        probes = make_probes(x.shape, n_probes, kind=probe, generator=generator,
-                             dtype=x.dtype, device=x.device)
-        return probes, divergence, _divergence_label(divergence, n_probes, probe)
-    if divergence == "exact" or divergence in EXACT_METHODS:
-        method = "auto" if divergence == "exact" else divergence
-        return None, method, _divergence_label(divergence, n_probes, probe)
-    raise ValueError(f"divergence={divergence!r}; accepted: exact, hutchinson, "
-                     f"{', '.join(EXACT_METHODS)}")
-
-
-def _divergence_label(divergence: str = "exact", n_probes: int = 1,
-                      probe: str = "rademacher") -> str:
-    """The :attr:`LikelihoodResult.divergence` label: ``"exact (<method>)"`` or
-    ``"hutchinson (<probe>, k=<k>)"``."""
-    if divergence == "hutchinson":
-        return f"hutchinson ({probe}, k={n_probes})"
-    return f"exact ({'auto' if divergence == 'exact' else divergence})"
-
-
 def _check_gradient_options(field: Field, solver: str, create_graph: bool,
                             adjoint: bool) -> None:
     """``create_graph`` needs a differentiable solver; ``adjoint`` needs ``create_graph`` and
@@ -339,52 +259,6 @@ def _check_gradient_options(field: Field, solver: str, create_graph: bool,
     if adjoint and not isinstance(field, nn.Module):
         raise ValueError("adjoint=True needs field to be the nn.Module holding the parameters; "
                          f"got {type(field).__name__}")
-
-
-def _prior_log_prob(prior: Prior | Any | None, x0: Tensor) -> Tensor:
-    """``log p_0(x0)``, ``(B,)``; any other shape, and any inf or NaN, raises ValueError
-    naming the prior."""
-    prior_lp = _prior_fn(prior)(x0)
-    if not (torch.is_tensor(prior_lp) and prior_lp.shape == x0.shape[:1]):
-        got = tuple(prior_lp.shape) if torch.is_tensor(prior_lp) else type(prior_lp).__name__
-        raise ValueError(
-            f"prior log_prob must return ({x0.shape[0]},), one log-density per sample summed over "
-            f"the event dims; got {got} from prior={_shown_name(prior)}. Accepted: None, "
-            "flowsolve.StandardNormal(d, std), "
-            "torch.distributions.Independent(Normal(...), n_event_dims) or a callable x -> (B,)")
-    bad = ~torch.isfinite(prior_lp.detach())
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"prior log_prob returned {prior_lp[i].item()!r} for sample {i} "
-            f"({int(bad.sum())} of {bad.numel()} non-finite) from prior={_shown_name(prior)}, "
-            f"at the source point x0 = {x0[i].flatten()[:4].tolist()}"
-            f"{' ...' if x0[i].numel() > 4 else ''}: the prior must give a finite "
-            "log-density at every point the flow maps x to. Check the prior (its parameters, "
-            "its support, its dtype) or pass prior=None for N(0, I)")
-    return prior_lp
-
-
-def _shown_name(obj: object) -> str:
-    """``obj``'s repr where its class defines one, else its qualified name (the repr of a
-    function or of a plain object holds its address, a module's spans lines)."""
-    if obj is None:
-        return "None"
-    if isinstance(obj, (nn.Module, *_FUNCTIONS)) or type(obj).__repr__ is object.__repr__:
-        return _qualname(obj)
-    return repr(obj)
-
-
-def _probe_stderr(per_channel: Tensor, prior_lp: Tensor, hutchinson: bool) -> Tensor | None:
-    """Standard error of the mean over Hutchinson's ``k`` probe channels (the columns of
-    ``per_channel``), ``(B,)``: NaN (like ``prior_lp``) for ``k = 1``; None for the exact
-    divergence."""
-    if not hutchinson:
-        return None
-    k = per_channel.shape[1]
-    if k > 1:
-        return per_channel.std(1, unbiased=True) / math.sqrt(k)
-    return torch.full_like(prior_lp, float("nan"))
 
 
 def score_log_likelihood(
@@ -406,19 +280,8 @@ def score_log_likelihood(
 
 
 # -- what a data-set checkpoint records ------------------------------------------------
-_FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType,
-              functools.partial)
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _DEPTH = 6  # how far the walk follows attributes, closures and referenced globals
-
-
-def _qualname(obj: object) -> str:
-    """``module.qualname`` of a function or method, else of ``obj``'s class."""
-    target = obj.func if isinstance(obj, functools.partial) else obj
-    target = getattr(target, "__func__", target)  # a bound method: its function
-    if not isinstance(target, (types.FunctionType, types.BuiltinFunctionType, type)):
-        target = type(target)
-    return f"{getattr(target, '__module__', None)}.{target.__qualname__}"
 
 
 def _walk(obj: object, where: str, tensors: dict, plain: dict, depth: int, seen: set) -> None:
