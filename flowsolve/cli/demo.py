@@ -153,7 +153,7 @@ def run_demo(out: Path, *, steps: int = 1500, seed: int = 0, say=print) -> Path:
         "method",
         "on the uniform, log-SNR, EDM and shift-3 grids, at most NFE evaluations; RMS error "
         "at t = 1",
-        "against dopri5 at 1e-10 (256 points); the best pair per budget:", "",
+        "against DOP853 at 1e-10 (256 points); the best pair per budget:", "",
         *front.table().splitlines(), "",
         f"all {len(front.entries)} solves: front.csv"])
 
