@@ -26,6 +26,7 @@ _HOMES: dict[str, str] = {name: home for home, names in {
                         "dataset_log_likelihood", "log_likelihood", "score_log_likelihood"),
     ".likelihood.divergence": ("value_and_divergence",),
     ".likelihood.generated": ("GeneratedLikelihood", "sample_log_likelihood"),
+    ".likelihood.reweighting": ("ImportanceWeights", "reweight"),
     ".metrics": ("mmd", "normalized_path_energy", "path_energy", "straightness",
                  "wasserstein2"),
     ".ode.grids": ("EDMGrid", "GivenGrid", "LogSNRGrid", "ShiftGrid", "time_grid"),
@@ -147,5 +148,5 @@ __all__ = [
     "log_likelihood", "score_log_likelihood", "dataset_log_likelihood",
     "dataset_bits_per_dim", "LikelihoodResult", "DatasetLikelihood", "value_and_divergence",
     "dequantize", "bits_per_dim", "continuous_bits_per_dim", "BitsPerDim",
-    "sample_log_likelihood", "GeneratedLikelihood",
+    "sample_log_likelihood", "GeneratedLikelihood", "reweight", "ImportanceWeights",
 ]
