@@ -94,3 +94,16 @@ def slope(hs, errs) -> float:
     x, y = torch.tensor(hs, dtype=F64).log(), torch.tensor(errs, dtype=F64).abs().log()
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x * x).sum())
+
+
+class Counter:
+    """The test's own count of a field's calls (and the times called at), independent of
+    flowsolve's counting."""
+
+    def __init__(self, field):
+        self.field, self.calls, self.times = field, 0, []
+
+    def __call__(self, x, t):
+        self.calls += 1
+        self.times.append(float(t))
+        return self.field(x, t)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _cases import F64, gen, noise, slope, three_gaussians
+from _cases import F64, Counter, gen, noise, slope, three_gaussians
 
 import flowsolve as fs
 from flowsolve.ode.dpm_solver import SAMPLERS, stage_nodes
@@ -70,16 +70,6 @@ def rms(x, y) -> float:
     """Root-mean-square difference (over points and coordinates)."""
     return (x - y).pow(2).mean().sqrt().item()
 
-
-class Counter:
-    """The test's own count of model calls."""
-
-    def __init__(self, field):
-        self.field, self.calls = field, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.field(x, t)
 
 
 @pytest.fixture(scope="module")

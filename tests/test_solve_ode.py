@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _cases import gen, noise, slope, three_gaussians, w2
+from _cases import Counter, gen, noise, slope, three_gaussians, w2
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
@@ -27,16 +27,6 @@ U = fs.analytic.marginal_velocity(DATA, PATH)
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm(dim=1).pow(2).mean().sqrt())
 
-
-class Counter:
-    """The test's own count of field calls, independent of flowsolve's."""
-
-    def __init__(self, field):
-        self.field, self.calls = field, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.field(x, t)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from _cases import F64, gen, noise, slope
+from _cases import F64, Counter, gen, noise, slope
 from scipy.integrate import quad
 
 import flowsolve as fs
@@ -46,17 +46,6 @@ def test_the_modules_register_every_sampler_with_its_facts():
 
 
 # -- helpers -----------------------------------------------------------------------------------
-class Counter:
-    """The test's own count of model calls, with the times called at."""
-
-    def __init__(self, field):
-        self.field, self.calls, self.times = field, 0, []
-
-    def __call__(self, x, t):
-        self.calls += 1
-        self.times.append(float(t))
-        return self.field(x, t)
-
 
 def gaussian_denoiser(scheduler):
     """The closed-form posterior mean of N(M, C^2 I): ``M + alpha C^2 (x - alpha M) /
