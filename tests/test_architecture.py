@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("paths", [{"schedules"}, {"affine"},
                {"discrete", "preconditioning", "fields", "transfer", "bridges"}]),
     ("truth", [{"analytic"}]),
-    ("ode", [{"grids", "systems", "fixed_step", "semilinear"}, {"dpm_solver", "unipc", "edm"},
+    ("ode", [{"grids", "systems", "fixed_step", "per_sample", "semilinear"}, {"dpm_solver", "unipc", "edm"},
              {"samplers", "args"}, {"backends"}, {"solve"}]),
     ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset", "reweighting"}, {"augmented"},

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._core.types import Field
+from .._core.types import Field, restrict_rows
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 
 __all__ = [
@@ -82,8 +82,16 @@ class AugmentedSystem(nn.Module):
         self.probes, self.create_graph, self.chunk_size = probes, create_graph, chunk_size
         self.d = math.prod(shape[1:])
 
+    def rows(self, index: Tensor) -> AugmentedSystem:
+        """The system of the samples ``index`` (their probes; see
+        :func:`~flowsolve._core.types.restrict_rows`)."""
+        probes = None if self.probes is None else self.probes[:, index]
+        return AugmentedSystem(restrict_rows(self.field, index),
+                               torch.Size((len(index), *self.shape[1:])), self.method, probes,
+                               self.create_graph, self.chunk_size)
+
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x = z[:, : self.d].reshape(self.shape)
+        x = z[:, : self.d].reshape(z.shape[0], *self.shape[1:])
         with torch.enable_grad():
             res = value_and_divergence(
                 self.field, x, t, method=self.method, probes=self.probes,

@@ -87,6 +87,8 @@ class LikelihoodResult:
         nfe: field evaluations counted by the front door.
         divergence: ``"exact (<method>)"`` or ``"hutchinson (<probe>, k=<k>)"``.
         solver: the solver that ran.
+        nfe_per_sample: ``(B,)`` int64, the evaluations each sample took part in, with
+            ``step_control="per_sample"``; None otherwise.
     """
 
     log_prob: Tensor
@@ -97,6 +99,7 @@ class LikelihoodResult:
     nfe: int
     divergence: str
     solver: str
+    nfe_per_sample: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +111,8 @@ class DatasetLikelihood:
         log_prob: ``log p_{t_hi}(x_n)`` in nats, ``(N,)``.
         stderr: ``(N,)`` standard error of each sample's Hutchinson estimate across its
             probe channels (NaN for ``n_probes=1``); ``None`` for the exact divergence.
-        nfe: ``(N,)``: the NFE of the solve of the batch holding each sample.
+        nfe: ``(N,)``: the NFE of the solve of the batch holding each sample (with
+            ``step_control="per_sample"``: the evaluations of that sample itself).
         divergence: ``"exact (<method>)"`` or ``"hutchinson (<probe>, k=<k>)"``.
 
     The aggregate over the data set is derived, never stored: :attr:`mean_log_prob` and its
@@ -241,6 +245,7 @@ def log_likelihood(
     return LikelihoodResult(
         log_prob=per_channel.mean(1), stderr=stderr, x0=x0, prior_log_prob=prior_lp,
         delta_log_prob=channels.mean(1), nfe=sol.nfe, divergence=label, solver=solver,
+        nfe_per_sample=sol.nfe_per_sample,
     )
 
 
@@ -470,7 +475,9 @@ def dataset_log_likelihood(
     def one_batch(batch: Tensor, offset: int) -> dict[str, Tensor]:
         gen = torch.Generator(device=batch.device).manual_seed(seed + offset)
         res = log_likelihood(field, batch, generator=gen, **kwargs)
-        out = {"log_prob": res.log_prob, "nfe": torch.full_like(res.log_prob, res.nfe)}
+        nfe = (torch.full_like(res.log_prob, res.nfe) if res.nfe_per_sample is None
+               else res.nfe_per_sample.to(res.log_prob))
+        out = {"log_prob": res.log_prob, "nfe": nfe}
         if res.stderr is not None:
             out["stderr"] = res.stderr
         return out

@@ -54,6 +54,8 @@ class GeneratedLikelihood:
         nfe: field evaluations of the one solve (samples and densities together).
         divergence: ``"exact (<method>)"`` or ``"hutchinson (<probe>, k=<k>)"``.
         solver: the solver that ran.
+        nfe_per_sample: ``(B,)`` int64, the evaluations each sample took part in, with
+            ``step_control="per_sample"``; None otherwise.
     """
 
     x: Tensor
@@ -65,6 +67,7 @@ class GeneratedLikelihood:
     nfe: int
     divergence: str
     solver: str
+    nfe_per_sample: Tensor | None = None
 
 
 def _accepted_solvers() -> str:
@@ -150,5 +153,5 @@ def sample_log_likelihood(
         x=x1, log_prob=per_channel.mean(1),
         stderr=probe_stderr(per_channel, prior_lp, probes is not None), x0=x0,
         prior_log_prob=prior_lp, delta_log_prob=channels.mean(1), nfe=sol.nfe,
-        divergence=label, solver=solver,
+        divergence=label, solver=solver, nfe_per_sample=sol.nfe_per_sample,
     )

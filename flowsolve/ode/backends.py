@@ -65,13 +65,14 @@ from .args import (
     uniform_grid,
 )
 from .fixed_step import TABLEAUS, FixedStepLoop
+from .per_sample import EmbeddedTableau, PerSampleLoop
 from .samplers import SAMPLERS
 from .semilinear import SamplerLoop
 from .systems import ODESystem, ScipySystem
 
 __all__ = ["ODE_SOLVERS", "Solution", "Backend", "BACKENDS", "solve_torchdiffeq",
            "solve_scipy", "solve_fast", "solve_sampler", "solve_flowsolve", "CapturedSampler",
-           "takes_tolerances"]
+           "takes_tolerances", "EMBEDDED_TABLEAUS", "solve_per_sample", "PER_SAMPLE_OPTIONS"]
 
 
 # -- the registry, read from the libraries -----------------------------------------------------
@@ -118,6 +119,36 @@ ODE_SOLVERS: SolverRegistry = _build_registry()
 (kind, adaptive, order, library, the library's name for it)."""
 
 
+def _embedded_tableaus() -> dict[str, EmbeddedTableau]:
+    """torchdiffeq's adaptive Runge-Kutta pairs that are FSAL (the last stage is the field at
+    the new state), as :class:`~flowsolve.ode.per_sample.EmbeddedTableau`. torchdiffeq's
+    ``fehlberg2`` and ``adaptive_heun`` are not: their last stage is evaluated away from
+    the new state (torchdiffeq still reuses it as the next step's first stage), so they
+    are not offered per sample."""
+    out = {}
+    for name, cls in _TORCHDIFFEQ_SOLVERS.items():
+        tab = getattr(cls, "tableau", None)
+        if tab is None or not issubclass(cls, AdaptiveStepsizeODESolver):
+            continue
+        try:
+            out[name] = EmbeddedTableau(
+                name, int(cls.order), (0.0, *tab.alpha.tolist()),
+                ((), *(tuple(row.tolist()) for row in tab.beta)),
+                tuple(tab.c_sol.tolist()), tuple(tab.c_error.tolist()))
+        except ValueError:  # not FSAL
+            continue
+    return out
+
+
+EMBEDDED_TABLEAUS: dict[str, EmbeddedTableau] = _embedded_tableaus()
+"""The adaptive solvers that run with ``step_control="per_sample"`` (dopri5, dopri8, bosh3),
+with torchdiffeq's tableaus."""
+
+PER_SAMPLE_OPTIONS = ("safety", "ifactor", "dfactor", "first_step", "max_step")
+"""``options=`` accepted with ``step_control="per_sample"`` (torchdiffeq's names and
+defaults: 0.9, 10, 0.2, None, inf)."""
+
+
 @functools.cache
 def takes_tolerances(info: SolverInfo) -> bool:
     """Adaptive solvers, and torchdiffeq fixed-step ones whose class uses rtol/atol
@@ -136,10 +167,13 @@ class Solution:
 
     Attributes:
         x: the state at ``t1``, ``(B, *event_shape)``.
-        nfe: field evaluations, counted by wrapping the field.
-        steps: accepted steps (fixed-step: grid cells; scipy: steps taken).
+        nfe: field evaluations, counted by wrapping the field (per-sample step control:
+            batched calls, each on the samples still running).
+        steps: accepted steps (fixed-step: grid cells; scipy: steps taken; per-sample step
+            control: the most of any sample).
         rejected: rejected steps where the library reports them (torchdiffeq's adaptive
-            Runge-Kutta methods; 0 for fixed-step), else None.
+            Runge-Kutta methods; 0 for fixed-step; per-sample: the most of any sample),
+            else None.
         solver: the solver's name.
         t0: the start of the interval.
         t1: its end.
@@ -148,6 +182,10 @@ class Solution:
             was given.
         grid: a fixed-step solve's time grid ``t_0 .. t_N`` (float64, on the CPU; see
             ``grid=`` of :func:`~flowsolve.ode.solve.sample`); None for an adaptive one.
+        step_control: ``"shared"`` (one step size for the batch) or ``"per_sample"``.
+        nfe_per_sample, steps_per_sample, rejected_per_sample: ``(B,)`` int64 on the CPU,
+            with ``step_control="per_sample"``: the field calls each sample took part in,
+            its accepted and its rejected steps; None otherwise.
     """
 
     x: Tensor
@@ -160,6 +198,10 @@ class Solution:
     times: Tensor | None = None
     trajectory: Tensor | None = None
     grid: Tensor | None = None
+    step_control: str = "shared"
+    nfe_per_sample: Tensor | None = None
+    steps_per_sample: Tensor | None = None
+    rejected_per_sample: Tensor | None = None
 
 
 Backend = Callable[[Field, Tensor, SolverInfo, SolverArguments], Solution]
@@ -377,6 +419,21 @@ def solve_flowsolve(field: Field, x0: Tensor, info: SolverInfo,
     if info.method in TABLEAUS:
         return solve_fast(field, x0, info, args)
     return solve_sampler(field, x0, info, args)
+
+
+# -- per-sample step control -------------------------------------------------------------------
+def solve_per_sample(field: Field, x0: Tensor, info: SolverInfo,
+                     args: SolverArguments) -> Solution:
+    """An adaptive torchdiffeq method with one step size per sample
+    (:class:`~flowsolve.ode.per_sample.PerSampleLoop`, its tableau, its controller's
+    constants; ``args.options`` may set :data:`PER_SAMPLE_OPTIONS`)."""
+    loop = PerSampleLoop(EMBEDDED_TABLEAUS[info.method], info.name, rtol=args.rtol,
+                         atol=args.atol, max_steps=args.max_steps, **(args.options or {}))
+    res = loop(field, x0, args.t0, args.t1, args.out_times)
+    return Solution(res.x, res.calls, int(res.accepted.max()), int(res.rejected.max()),
+                    info.name, args.t0, args.t1, times_tensor(args.out_times, x0),
+                    res.trajectory, None, "per_sample", res.nfe_per_sample, res.accepted,
+                    res.rejected)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -37,8 +37,18 @@ from ..paths.affine import AffineGaussianPath
 from ..paths.fields import ConvertedField
 from ..paths.schedules import Scheduler
 from .args import check_solver_arguments, check_state
-from .backends import BACKENDS, ODE_SOLVERS, CapturedSampler, Solution, takes_tolerances
+from .backends import (
+    BACKENDS,
+    EMBEDDED_TABLEAUS,
+    ODE_SOLVERS,
+    PER_SAMPLE_OPTIONS,
+    CapturedSampler,
+    Solution,
+    solve_per_sample,
+    takes_tolerances,
+)
 from .grids import TimeGrid
+from .per_sample import STEP_CONTROLS
 
 __all__ = ["ODE_SOLVERS", "Solution", "sample", "CapturedSampler"]
 
@@ -51,7 +61,7 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
            adjoint: bool = False,
            grid: str | float | TimeGrid | Sequence[float] | Tensor = "uniform",
            path: AffineGaussianPath | Scheduler | None = None,
-           prediction: str = "velocity") -> Solution:
+           prediction: str = "velocity", step_control: str = "shared") -> Solution:
     r"""Integrate ``dx/dt = u_t(x)`` from ``x(t0) = x0`` to ``t1``.
 
     Args:
@@ -106,6 +116,16 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
             model as its posterior means (:class:`~flowsolve.ode.semilinear.Denoiser`); the
             other solvers integrate the velocity converted on ``path``
             (:class:`~flowsolve.paths.fields.ConvertedField`).
+        step_control: adaptive solvers: ``"shared"`` (default; the library's one step size
+            for the batch, from the RMS error of the whole batch) or ``"per_sample"``: every
+            sample has its own step size and error control, so its result does not depend on
+            the other samples of its batch (to round-off), a stiff sample no longer shrinks
+            everyone's steps, and finished samples leave the batch
+            (:mod:`flowsolve.ode.per_sample`; ``dopri5``, ``dopri8``, ``bosh3``, with
+            torchdiffeq's tableaus and controller; the field is called with a ``(b,)`` time;
+            :attr:`Solution.nfe_per_sample` counts each sample's evaluations; ``options``
+            may set ``safety``, ``ifactor``, ``dfactor``, ``first_step``, ``max_step``; no
+            ``adjoint``).
 
     **Low-NFE samplers** (``info.needs_path`` in :data:`ODE_SOLVERS`: ``"ddim"``,
     ``"dpmpp_2m"``, ...; :mod:`flowsolve.ode.samplers`) are fixed-step exponential
@@ -142,8 +162,34 @@ def sample(field: Field, x0: Tensor, solver: str = "rk4", *, steps: int | None =
         takes_tolerances=takes_tolerances(info),
         adaptive_solvers=ODE_SOLVERS.names(adaptive=True), grid=grid, path=path,
         prediction=prediction)
+    per_sample = _check_step_control(step_control, info.name, args.options, adjoint)
     if args.prediction != "velocity" and not info.needs_path:
         field = ConvertedField(field, args.path, args.prediction, "velocity")
     if callable(getattr(field, "on_interval", None)):
         field = field.on_interval(min(t0, t1), max(t0, t1))
+    if per_sample:
+        return solve_per_sample(field, x0, info, args)
     return BACKENDS[info.library](field, x0, info, args)
+
+
+def _check_step_control(step_control: str, solver: str, options: dict | None,
+                        adjoint: bool) -> bool:
+    """Whether the solve steps per sample; ValueError for a value, solver or option that
+    per-sample control does not take."""
+    if step_control not in STEP_CONTROLS:
+        raise ValueError(f"step_control={step_control!r}; accepted: {', '.join(STEP_CONTROLS)}")
+    if step_control == "shared":
+        return False
+    if solver not in EMBEDDED_TABLEAUS:
+        raise ValueError(
+            f"step_control='per_sample' runs the adaptive Runge-Kutta pairs whose last stage "
+            f"is the next step's first (FSAL); got solver={solver!r}. Accepted: "
+            f"{', '.join(EMBEDDED_TABLEAUS)}")
+    if adjoint:
+        raise ValueError("step_control='per_sample' has no adjoint: gradients flow through "
+                         "its steps (create_graph); pass adjoint=False")
+    unknown = sorted(set(options or {}) - set(PER_SAMPLE_OPTIONS))
+    if unknown:
+        raise ValueError(f"options {unknown} are not taken with step_control='per_sample'; "
+                         f"accepted: {', '.join(PER_SAMPLE_OPTIONS)}")
+    return True

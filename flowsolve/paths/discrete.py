@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._core.checks import as_time, check_unit_interval
+from .._core.types import restrict_rows
 from .affine import AffineGaussianPath, canonical_prediction
 from .schedules import Scheduler
 
@@ -317,6 +318,11 @@ class DiscreteTimeModel:
     def path(self) -> AffineGaussianPath:
         """The :class:`~flowsolve.paths.affine.AffineGaussianPath` of the scheduler."""
         return AffineGaussianPath(self.scheduler)
+
+    def rows(self, index: Tensor) -> DiscreteTimeModel:
+        """The field of the samples ``index`` (see :func:`~flowsolve._core.types.restrict_rows`)."""
+        return DiscreteTimeModel(restrict_rows(self.model, index), self.scheduler,
+                                 self.prediction)
 
     def timesteps(self, t: Tensor | float) -> Tensor:
         """``T (1 - t) - 1``: the model's timesteps at ``t``."""

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .._core.checks import as_time
-from .._core.types import Field
+from .._core.types import Field, restrict_rows
 from .affine import AffineGaussianPath
 
 __all__ = ["Field", "ConvertedField", "convert_field", "as_velocity", "as_score",
@@ -138,6 +138,14 @@ class ConvertedField:
         """The same field, checked once on ``[t_lo, t_hi]`` (either order) instead of per call."""
         return ConvertedField(self.model, self.path, self.from_kind, self.to_kind,
                               interval=(t_lo, t_hi))
+
+    def rows(self, index: Tensor) -> ConvertedField:
+        """The field for the samples ``index`` (:func:`~flowsolve._core.types.restrict_rows`
+        of the model)."""
+        out = ConvertedField(restrict_rows(self.model, index), self.path, self.from_kind,
+                             self.to_kind)
+        out.interval, out._checked_dtypes = self.interval, self._checked_dtypes
+        return out
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x)
@@ -241,6 +249,11 @@ class GuidedField:
 
     def __repr__(self) -> str:
         return f"GuidedField({self.model!r}, w={self.w:g}, null_label={self.null_label!r})"
+
+    def rows(self, index: Tensor) -> GuidedField:
+        """The guided field of the samples ``index``: their labels."""
+        return GuidedField(restrict_rows(self.model, index), self.labels[index], self.w,
+                           null_label=self.null_label)
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         b = x.shape[0] if torch.is_tensor(x) and x.dim() else -1

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .._core.checks import as_time, check_same_shape, per_sample
+from .._core.types import restrict_rows
 from .affine import AffineGaussianPath
 
 __all__ = ["EDMCoefficients", "edm_coefficients", "EDMPreconditioned"]
@@ -105,6 +106,10 @@ class EDMPreconditioned:
 
     def __repr__(self) -> str:
         return f"EDMPreconditioned({self.network!r}, {self.path!r}, sigma_data={self.sigma_data!r})"
+
+    def rows(self, index: Tensor) -> EDMPreconditioned:
+        """The field of the samples ``index`` (see :func:`~flowsolve._core.types.restrict_rows`)."""
+        return EDMPreconditioned(restrict_rows(self.network, index), self.path, self.sigma_data)
 
     def coefficients(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip / alpha_t, c_out, c_in / alpha_t, c_noise)`` at ``t`` (0-d or ``(B,)``):

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .._core.checks import as_time, first_singular_time, per_sample
+from .._core.types import restrict_rows
 from .schedules import Scheduler
 
 __all__ = ["TransferredField", "transfer"]
@@ -71,6 +72,12 @@ class TransferredField:
 
     def __repr__(self) -> str:
         return f"transfer({self.field!r}, source={self.source!r}, target={self.target!r})"
+
+    def rows(self, index: Tensor) -> TransferredField:
+        """The transferred field of the samples ``index`` (see
+        :func:`~flowsolve._core.types.restrict_rows`)."""
+        return TransferredField(restrict_rows(self.field, index), self.source, self.target,
+                                check=self.check)
 
     def time_map(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``(t_r, s_r)``: the source time and the scale matching target time r."""
