@@ -48,6 +48,30 @@ def test_likelihood_exact_and_hutchinson_agree(model_file, tmp_path, capsys):
         assert abs(e - float(h)) < 5 * float(se) + 1e-9
 
 
+def test_likelihood_with_a_step_size_a_point(model_file, tmp_path, capsys):
+    """--step-control per_sample: each point's log p and NFE as log_likelihood gives them for
+    that point alone; a solver without an embedded FSAL pair is refused."""
+    out = tmp_path / "ps.csv"
+    assert main(["likelihood", "--model", str(model_file), "--n", "12", "--rtol", "1e-6",
+                 "--atol", "1e-6", "--step-control", "per_sample", "--out", str(out)]) == 0
+    assert "NFE per point (step size a point): median" in capsys.readouterr().out
+    header, *rows = out.read_text().split()
+    assert header == "log_prob,nfe"
+    model, _ = flowsolve.cli.common.load_model(str(model_file), "cpu")
+    net = model.double()
+    x = flowsolve.training.data.sample_dataset(
+        "moons", 12, generator=flowsolve.cli.common.seeded_generator(0)).double()
+    for i in (0, 7):
+        alone = flowsolve.log_likelihood(lambda z, t: net(z, t), x[i:i + 1], rtol=1e-6,
+                                         atol=1e-6)
+        lp, nfe = rows[i].split(",")
+        assert abs(float(lp) - alone.log_prob.item()) < 1e-8 and int(nfe) == alone.nfe
+    with pytest.raises(SystemExit):
+        main(["likelihood", "--model", str(model_file), "--solver", "RK45",
+              "--step-control", "per_sample"])
+    assert "--step-control per_sample runs dopri8, dopri5, bosh3" in capsys.readouterr().err
+
+
 def test_transfer_prints_each_scheduler(model_file, capsys):
     assert main(["transfer", "--model", str(model_file), "--n", "100", "--steps", "2",
                  "--target", "cosine"]) == 0

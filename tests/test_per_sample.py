@@ -210,7 +210,7 @@ def test_hutchinson_probes_follow_the_samples_still_running():
     assert len(set(res.nfe_per_sample.tolist())) > 2
     probes = make_probes(x.shape, 3, kind="rademacher", generator=gen(5), dtype=F64)
     quad = torch.einsum("kbi,ij,kbj->kb", probes, a, probes) * c  # (k, B)
-    x0 = torch.stack([torch.linalg.matrix_exp(-ci * a) @ xi for ci, xi in zip(c, x)])
+    x0 = torch.stack([torch.linalg.matrix_exp(-ci * a) @ xi for ci, xi in zip(c, x, strict=True)])
     prior = -0.5 * (x0 ** 2).sum(1) - math.log(2 * math.pi)
     assert (res.x0 - x0).abs().max() < 1e-7
     assert (res.log_prob - (prior - quad.mean(0))).abs().max() < 1e-7

@@ -138,16 +138,24 @@ def solver_kwargs(args: argparse.Namespace) -> dict:
     from ..ode.solve import ODE_SOLVERS
 
     if ODE_SOLVERS[args.solver].adaptive:
-        return {"rtol": args.rtol, "atol": args.atol}
+        control = getattr(args, "step_control", "shared")
+        return {"rtol": args.rtol, "atol": args.atol,
+                **({"step_control": control} if control != "shared" else {})}
     return {"steps": args.steps}
 
 
 def check_solver_options(args: argparse.Namespace) -> None:
     """--steps is for fixed-step solvers, --rtol / --atol for adaptive ones: the other kind
     would ignore them."""
+    from ..ode.backends import EMBEDDED_TABLEAUS
     from ..ode.solve import ODE_SOLVERS
 
     adaptive = ODE_SOLVERS[args.solver].adaptive
+    if getattr(args, "step_control", "shared") == "per_sample" and \
+            args.solver not in EMBEDDED_TABLEAUS:
+        raise CliError(f"--step-control per_sample runs {', '.join(EMBEDDED_TABLEAUS)} with a "
+                       f"step size a point; {args.solver} is not one of them: choose one with "
+                       "--solver, or drop --step-control")
     if adaptive and was_given(args, "steps"):
         raise CliError(f"--steps sets the steps of a fixed-step solver; {args.solver} is "
                        "adaptive and chooses its steps by --rtol and --atol: drop --steps, or "

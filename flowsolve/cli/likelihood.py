@@ -87,6 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
                              divergence=args.divergence, n_probes=args.probes, generator=gen,
                              **solver_kwargs(args))
         log_prob, stderr, method, nfe = res.log_prob, res.stderr, res.divergence, f"{res.nfe}"
+        per_point = res.nfe_per_sample
     else:  # one batch a process; Hutchinson probes seeded by --seed + the slice's first index
         got = dataset_log_likelihood(lambda z, t: net(z, t), x, batch_size=-(-args.n // world),
                                      seed=args.seed, progress=False, solver=args.solver,
@@ -97,6 +98,7 @@ def run_command(args: argparse.Namespace) -> int:
         log_prob, stderr = got["log_prob"], got.get("stderr")
         method = f"{args.divergence} sharded over {world} processes"
         nfe = f"{int(got['nfe'].max())} (the most of one process)"
+        per_point = got["nfe"] if args.step_control == "per_sample" else None
     mean = log_prob.mean().item()
     spread = (f" +- {log_prob.std().item() / args.n**0.5:.4f} nats (mean +- s.e.)"
               if args.n > 1 else " nats (one point: no standard error)")
@@ -107,12 +109,19 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"= {bpd:.4f} bits/dim (D = {dims}, continuous density)")
     if stderr is not None:
         print(f"mean Hutchinson standard error per point: {stderr.mean().item():.4f}")
+    if per_point is not None:
+        nfe_f = per_point.double()
+        print(f"NFE per point (step size a point): median {nfe_f.median().item():.0f}, "
+              f"max {nfe_f.max().item():.0f}, total {nfe_f.sum().item():.0f}")
     if out is not None:
-        rows = ["log_prob" + (",stderr" if stderr is not None else "")]
+        rows = ["log_prob" + (",stderr" if stderr is not None else "")
+                + (",nfe" if per_point is not None else "")]
         for i in range(args.n):
             row = f"{log_prob[i].item():.10g}"
             if stderr is not None:
                 row += f",{stderr[i].item():.10g}"
+            if per_point is not None:
+                row += f",{int(per_point[i])}"
             rows.append(row)
         text = ("\n".join(rows) + "\n").encode()
         write_atomically(out, lambda file: file.write(text), overwrite=args.force)

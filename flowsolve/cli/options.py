@@ -164,7 +164,8 @@ def model_option(p: argparse.ArgumentParser) -> None:
 
 
 def solver_options(p: argparse.ArgumentParser, solver: str) -> None:
-    """``--solver`` (default ``solver``), ``--steps``, ``--rtol``, ``--atol``."""
+    """``--solver`` (default ``solver``), ``--steps``, ``--rtol``, ``--atol``,
+    ``--step-control``."""
     p.add_argument("--solver", default=solver, choices=solver_names(), metavar="NAME",
                    help="the ODE solver, fixed-step or adaptive: %(choices)s")
     p.add_argument("--steps", type=int, default=20,
@@ -175,6 +176,10 @@ def solver_options(p: argparse.ArgumentParser, solver: str) -> None:
     p.add_argument("--atol", type=float, default=1e-5,
                    help="absolute tolerance of an adaptive solver (refused with a fixed-step "
                         "one)")
+    p.add_argument("--step-control", default="shared", choices=["shared", "per_sample"],
+                   help="adaptive solvers: one step size for the batch (shared), or one a "
+                        "point (per_sample: dopri5, dopri8, bosh3; a point's result does not "
+                        "depend on the others)")
 
 
 def common_options(p: argparse.ArgumentParser, out_help: str | None = None) -> None:

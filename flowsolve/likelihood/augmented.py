@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._core.types import Field, restrict_rows
+from ..ode.solve import ODE_SOLVERS
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "prior_log_prob",
     "check_points",
     "check_interval",
+    "check_gradient_options",
     "divergence_setup",
     "divergence_label",
     "probe_stderr",
@@ -115,6 +117,24 @@ def check_interval(t_interval: tuple[float, float]) -> tuple[float, float]:
     if not (0.0 <= t_lo < t_hi <= 1.0):
         raise ValueError(f"t_interval must satisfy 0 <= t_lo < t_hi <= 1; got {t_interval!r}")
     return t_lo, t_hi
+
+
+def check_gradient_options(field: Field, solver: str, create_graph: bool,
+                           adjoint: bool) -> None:
+    """``create_graph`` needs a differentiable solver (scipy's return detached results);
+    ``adjoint`` needs ``create_graph`` and the ``nn.Module`` holding the parameters."""
+    if create_graph and ODE_SOLVERS[solver].library == "scipy":
+        differentiable = ", ".join(n for n, i in ODE_SOLVERS.items()
+                                   if i.library in ("torchdiffeq", "flowsolve")
+                                   and not i.needs_path)
+        raise ValueError(
+            f"create_graph=True needs a differentiable solver; {solver!r} is scipy's (its result "
+            f"is detached). Accepted: {differentiable}")
+    if adjoint and not create_graph:
+        raise ValueError("adjoint=True is for gradients: pass create_graph=True with it")
+    if adjoint and not isinstance(field, nn.Module):
+        raise ValueError("adjoint=True needs field to be the nn.Module holding the parameters "
+                         f"(a lambda or function hides them); got {type(field).__name__}")
 
 
 def divergence_setup(x: Tensor, divergence: str, n_probes: int, probe: str,

@@ -39,11 +39,12 @@ from torch import Tensor, nn
 from .._core.files import checksum
 from .._core.threads import intra_op_threads
 from .._core.types import Field
-from ..ode.solve import ODE_SOLVERS, sample
+from ..ode.solve import sample
 from ..paths.affine import AffineGaussianPath
 from ..paths.fields import probability_flow
 from .augmented import AugmentedSystem as _Augmented
 from .augmented import Prior, standard_normal_log_prob
+from .augmented import check_gradient_options as _check_gradient_options
 from .augmented import check_interval as _check_interval
 from .augmented import check_points as _check_points
 from .augmented import divergence_label as _divergence_label
@@ -247,23 +248,6 @@ def log_likelihood(
         delta_log_prob=channels.mean(1), nfe=sol.nfe, divergence=label, solver=solver,
         nfe_per_sample=sol.nfe_per_sample,
     )
-
-
-def _check_gradient_options(field: Field, solver: str, create_graph: bool,
-                            adjoint: bool) -> None:
-    """``create_graph`` needs a differentiable solver; ``adjoint`` needs ``create_graph`` and
-    a module field."""
-    if create_graph and ODE_SOLVERS[solver].library == "scipy":
-        raise ValueError(
-            f"create_graph=True needs a differentiable solver; {solver!r} is scipy's (its result "
-            "is detached). Accepted: torchdiffeq's "
-            f"({', '.join(n for n, i in ODE_SOLVERS.items() if i.library == 'torchdiffeq')}) and "
-            f"{', '.join(n for n, i in ODE_SOLVERS.items() if i.library == 'flowsolve')}")
-    if adjoint and not create_graph:
-        raise ValueError("adjoint=True is for gradients: pass create_graph=True with it")
-    if adjoint and not isinstance(field, nn.Module):
-        raise ValueError("adjoint=True needs field to be the nn.Module holding the parameters; "
-                         f"got {type(field).__name__}")
 
 
 def score_log_likelihood(

@@ -14,6 +14,15 @@ The divergence is exact or Hutchinson's estimate with ``k`` fixed probes carried
 channels (result: their mean, with its standard error across channels), as in
 :func:`flowsolve.likelihood.cnf.log_likelihood`, which computes the same number from the
 other end (data -> noise).
+
+With ``create_graph=True`` both the samples and their log-density stay differentiable with
+respect to the field's parameters and to ``x0`` (the reparameterisation gradient), e.g. for
+a Boltzmann generator trained by the reverse KL divergence
+
+    KL(p_1 || p*) = E_{x_0 ~ p_0}[log p_1(x_1(x_0)) - log p*(x_1(x_0))]
+
+(an unnormalised target shifts it by the constant log Z), whose Monte-Carlo estimate over
+one batch of ``x0`` is differentiated through both ``x_1(x_0)`` and ``log p_1``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..ode.solve import ODE_SOLVERS, sample
 from .augmented import (
     AugmentedSystem,
     Prior,
+    check_gradient_options,
     check_interval,
     divergence_setup,
     prior_log_prob,
@@ -102,6 +112,9 @@ def sample_log_likelihood(
     probe: str = "rademacher",
     generator: torch.Generator | None = None,
     t_interval: tuple[float, float] = (0.0, 1.0),
+    create_graph: bool = False,
+    adjoint: bool = False,
+    chunk_size: int | None = None,
     **solver_options: Any,
 ) -> GeneratedLikelihood:
     r"""Generate ``x = x_{t_hi}`` from ``x0`` and return ``log p_{t_hi}(x) = log p_0(x0) -
@@ -119,6 +132,19 @@ def sample_log_likelihood(
         divergence, n_probes, probe, generator: as :func:`~flowsolve.likelihood.cnf.log_likelihood`
             (Hutchinson's probes drawn once from ``generator`` and fixed for the solve).
         t_interval: ``(t_lo, t_hi)``, ``0 <= t_lo < t_hi <= 1``.
+        create_graph: keep the graph through the solve and the divergence, so that ``x``
+            and ``log_prob`` can be differentiated with respect to the field's parameters
+            and to ``x0`` (and the prior's parameters): the reverse-KL loss
+            ``mean_i [log p_1(x_i) - log p*(x_i)]`` of a Boltzmann generator, or a
+            maximum-likelihood objective. torchdiffeq's and the ``fast_*`` solvers, and
+            ``step_control="per_sample"`` (backpropagation through its steps); scipy's:
+            ValueError. Otherwise every result is detached.
+        adjoint: with ``create_graph``: differentiate by the adjoint method (memory
+            independent of the number of steps; torchdiffeq solvers, shared step control;
+            ``field`` must be the ``nn.Module`` holding the parameters). The backward
+            solve's evaluations are not in ``nfe``.
+        chunk_size: cotangents per backward / vmap chunk of the exact divergence (bounds
+            memory), as :func:`~flowsolve.likelihood.divergence.value_and_divergence`.
 
     Returns:
         :class:`GeneratedLikelihood`.
@@ -138,13 +164,16 @@ def sample_log_likelihood(
     _check_solver(solver)
     t_lo, t_hi = check_interval(t_interval)
     probes, method, label = divergence_setup(x0, divergence, n_probes, probe, generator)
+    check_gradient_options(field, solver, create_graph, adjoint)
     k = n_probes if probes is not None else 1
-    system = AugmentedSystem(field, x0.shape, method, probes, False, None)
-    prior_lp = prior_log_prob(prior, x0)  # before the solve: a bad prior fails fast
+    system = AugmentedSystem(field, x0.shape, method, probes, create_graph, chunk_size)
+    context = torch.enable_grad() if create_graph else torch.no_grad()
+    with context:  # before the solve: a bad prior fails fast
+        prior_lp = prior_log_prob(prior, x0)
     z0 = torch.cat([x0.flatten(1), x0.new_zeros(x0.shape[0], k)], dim=1)
-    with torch.no_grad():
+    with context:
         sol = sample(system, z0, solver=solver, steps=steps, t0=t_lo, t1=t_hi, rtol=rtol,
-                     atol=atol, **solver_options)
+                     atol=atol, adjoint=adjoint, **solver_options)
     z1 = sol.x
     x1 = z1[:, : system.d].reshape(x0.shape)
     channels = -z1[:, system.d:]  # -int div, one column per probe
