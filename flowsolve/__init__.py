@@ -55,6 +55,7 @@ _HOMES: dict[str, str] = {name: home for home, names in {
                          "epsilon_loss", "flow_matching_loss", "label_dropout",
                          "regression_loss", "sample_time"),
     ".training.nets": ("MLP", "SinusoidalTimeEmbedding", "initial_weights_from"),
+    ".training.score_flow": ("FlowAndScore", "score_flow_matching_loss"),
     ".training.unet": ("UNet",),
     ".truth.analytic": ("Gaussian", "GaussianMixture", "StandardNormal"),
 }.items() for name in names}
@@ -126,7 +127,7 @@ __all__ = [
     # losses and training
     "flow_matching_loss", "denoising_score_matching_loss", "epsilon_loss", "regression_loss",
     "bridge_matching_loss", "sample_time", "label_dropout", "MLP", "SinusoidalTimeEmbedding",
-    "initial_weights_from",
+    "initial_weights_from", "FlowAndScore", "score_flow_matching_loss",
     "UNet", "train", "TrainConfig", "TrainResult", "EMA", "load_weights",
     # couplings and metrics
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("likelihood", [{"divergence", "bits", "dataset", "reweighting"}, {"augmented"},
                     {"cnf", "generated"}]),
     ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
-                  {"pipeline"}, {"loop"}]),
+                  {"pipeline", "score_flow"}, {"loop"}]),
     ("metrics", []),
     ("studies", [{"results", "specs"}, {"references", "sde_runs"}, {"runs", "grid_search"},
                  {"front", "compare"}]),

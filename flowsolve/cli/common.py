@@ -97,8 +97,6 @@ def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
     """``(model in eval mode on device, the saved dict)`` of a ``--model`` file written by
     ``flowsolve train`` (format ``MODEL_FORMAT``); CliError for a missing, damaged or foreign
     file."""
-    from ..training.nets import MLP
-
     if not Path(path).is_file():
         raise CliError(f"--model {path}: no such file (make one with `flowsolve train`)")
     try:
@@ -107,9 +105,20 @@ def load_model(path: str, device: str) -> tuple[torch.nn.Module, dict]:
         raise CliError(f"--model {exc}") from None
     if saved.get("format") != MODEL_FORMAT:
         raise CliError(f"--model {path}: not a {MODEL_FORMAT} file written by `flowsolve train`")
-    model = MLP(**saved["arch"]).to(device)
+    model = build_model(saved["trained"].get("method", "cfm"), saved["arch"]).to(device)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
+
+
+def build_model(method: str, arch: dict) -> torch.nn.Module:
+    """The network of ``flowsolve train --method``: an MLP velocity, or for ``sf2m`` a
+    :class:`~flowsolve.training.score_flow.FlowAndScore` of two MLPs of that shape."""
+    from ..training.nets import MLP
+    from ..training.score_flow import FlowAndScore
+
+    if method == "sf2m":
+        return FlowAndScore(MLP(**arch), MLP(**arch))
+    return MLP(**arch)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ import argparse
 
 from .._core.files import save_atomically, write_atomically
 from .common import (
+    CliError,
     beside,
     check_solver_options,
     load_model,
@@ -17,6 +18,7 @@ from .common import (
     seeded_generator,
     solver_kwargs,
     source_points,
+    was_given,
 )
 from .options import common_options, model_option, solver_options, subcommand
 
@@ -30,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "ODE solver, and report the function evaluations (NFE).")
     model_option(p)
     p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--sde", action="store_true",
+                   help="a model of --method sf2m: sample its bridge as the SDE dX = [v + "
+                        "sigma^2/2 s] dt + sigma dW (Euler-Maruyama, --steps steps) instead of "
+                        "its ODE")
     solver_options(p, "rk4")
     common_options(p, "the samples as a .pt file (torch.save of x and nfe); a CSV of them "
                       "and, for 2-D data, a scatter plot beside the training data are "
@@ -38,7 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The solver options: ``--steps`` or ``--rtol`` / ``--atol``, as ``--solver`` takes."""
+    """The solver options: ``--steps`` or ``--rtol`` / ``--atol``, as ``--solver`` takes;
+    ``--sde`` takes ``--steps`` only."""
+    if args.sde:
+        given = [f"--{f.replace('_', '-')}" for f in ("solver", "rtol", "atol", "step_control")
+                 if was_given(args, f)]
+        if given:
+            raise CliError(f"--sde integrates the SDE by Euler-Maruyama in --steps steps; "
+                           f"{', '.join(given)} set an ODE solve: drop them, or drop --sde")
+        return
     check_solver_options(args)
 
 
@@ -55,10 +69,16 @@ def run_command(args: argparse.Namespace) -> int:
     if out is not None:
         csv, png = beside(out, ".csv", args.force), beside(out, ".png", args.force)
     model, saved = load_model(args.model, args.device)
-    x0 = source_points(saved, args.n, seeded_generator(args.seed), args.device)
+    gen = seeded_generator(args.seed)
+    x0 = source_points(saved, args.n, gen, args.device)
     with torch.no_grad():
-        res = sample(lambda x, t: model(x, t), x0, args.solver, **solver_kwargs(args))
-    print(f"{args.n} samples with {args.solver}: NFE {res.nfe}")
+        if args.sde:
+            res = _sample_sde(model, saved, x0, args.steps, gen)
+            method = f"the SDE (Euler-Maruyama, {args.steps} steps)"
+        else:
+            res = sample(lambda x, t: model(x, t), x0, args.solver, **solver_kwargs(args))
+            method = args.solver
+    print(f"{args.n} samples with {method}: NFE {res.nfe}")
     if out is None:
         return 0
     x = res.x.detach().cpu()
@@ -72,11 +92,29 @@ def run_command(args: argparse.Namespace) -> int:
         name = saved["trained"]["data"]
         data = sample_dataset(name, args.n, generator=seeded_generator(args.seed + 1))
         try:
+            label = "SDE" if args.sde else args.solver
             plots.scatter_panels(png, [(f"{name} (training data)", data),
-                                       (f"model: {args.solver}, NFE {res.nfe}", x)],
+                                       (f"model: {label}, NFE {res.nfe}", x)],
                                  overwrite=args.force)
             written.append(png)
         except ImportError:
             print(no_plot_message(png, args.force))
     print(f"wrote {', '.join(map(str, written))}")
     return 0
+
+
+def _sample_sde(model, saved: dict, x0, steps: int, gen):
+    """The learned bridge of an ``sf2m`` model as its SDE, noise ``sigma`` of the file."""
+    import torch
+
+    from ..sde.solve import sample_sde
+
+    if saved["trained"].get("method") != "sf2m":
+        raise CliError(f"--sde needs a model trained with --method sf2m (a score beside the "
+                       f"velocity); {saved['trained'].get('method')!r} models have no score: "
+                       "drop --sde")
+    sigma = float(saved["trained"]["sigma"])
+    noise = torch.Generator(device=x0.device).manual_seed(int(torch.randint(
+        2**62, (), generator=gen)))
+    return sample_sde(lambda x, t: model(x, t), x0, score=lambda x, t: model.score(x, t),
+                      diffusion=sigma, steps=steps, generator=noise)

@@ -1,5 +1,6 @@
 """``flowsolve train``: a small MLP velocity trained on a built-in 2-D data set by
-conditional flow matching (CFM, I-CFM, OT-CFM, SB-CFM), written with how it was trained to
+conditional flow matching (CFM, I-CFM, OT-CFM, SB-CFM; [SF]2M adds a score network),
+written with how it was trained to
 one model file (``flowsolve.cli-model/1``). Under torchrun every process trains its share
 (DDP) and rank 0 alone writes the file.
 """
@@ -10,7 +11,7 @@ import argparse
 import math
 
 from .._core.files import save_checked
-from .common import MODEL_FORMAT, CliError, out_path, seeded_generator, was_given
+from .common import MODEL_FORMAT, CliError, build_model, out_path, seeded_generator, was_given
 from .options import common_options, dataset_names, subcommand
 
 __all__ = ["METHODS", "add_parser", "check_args", "run_command"]
@@ -21,6 +22,8 @@ METHODS = {
     "icfm": "constant-sigma bridge, independent pairs (Tong et al. I-CFM)",
     "otcfm": "constant-sigma bridge, exact minibatch OT pairs (OT-CFM)",
     "sbcfm": "Brownian bridge, entropic OT with reg = 2 sigma^2 (SB-CFM)",
+    "sf2m": "as sbcfm, with a score network beside the velocity: the Schrodinger bridge as "
+            "an SDE ([SF]2M; sample it with flowsolve sample --sde)",
 }
 
 
@@ -63,10 +66,10 @@ def check_args(args: argparse.Namespace) -> None:
                            "cfm has none (it trains on the CondOT path, sigma = 0): drop "
                            "--sigma, or choose one of those methods")
         args.sigma = 0.0  # what the model file records: no bridge noise
-    elif args.method == "sbcfm" and args.sigma == 0:
-        raise CliError("--method sbcfm needs --sigma > 0: sigma sets both its Brownian bridge "
-                       "noise and its entropic OT regularisation (2 sigma^2); for exact OT "
-                       "pairs without noise use --method otcfm --sigma 0")
+    elif args.method in ("sbcfm", "sf2m") and args.sigma == 0:
+        raise CliError(f"--method {args.method} needs --sigma > 0: sigma sets both its "
+                       "Brownian bridge noise and its entropic OT regularisation (2 sigma^2); "
+                       "for exact OT pairs without noise use --method otcfm --sigma 0")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -82,7 +85,6 @@ def run_command(args: argparse.Namespace) -> int:
     from ..paths.schedules import CondOTScheduler
     from ..training.couplings import IndependentCoupling, OTCoupling
     from ..training.loop import TrainConfig, train
-    from ..training.nets import MLP
 
     out = out_path(args.out, args.force)
     device = args.device
@@ -91,7 +93,7 @@ def run_command(args: argparse.Namespace) -> int:
     rank, world = ensure_process_group(device)
     if args.method == "cfm":
         path, coupling = AffineGaussianPath(CondOTScheduler()), IndependentCoupling()
-    elif args.method == "sbcfm":
+    elif args.method in ("sbcfm", "sf2m"):
         path = GaussianBridge(args.sigma, "brownian")
         # reg = 2 sigma^2 on the unnormalised cost: small regularisations need thousands of
         # iterations (moons, sigma 0.1: about 1200), cheap on the kernel (0.1 s a batch)
@@ -101,7 +103,7 @@ def run_command(args: argparse.Namespace) -> int:
         path = GaussianBridge(args.sigma, "constant")
         coupling = OTCoupling("exact") if args.method == "otcfm" else IndependentCoupling()
     arch = {"dim": 2, "hidden": args.hidden, "depth": args.depth}
-    model = MLP(**arch).to(device)
+    model = build_model(args.method, arch).to(device)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ema_decay=0.999 if args.steps >= 2000 else 0.99, progress=True,
                       log_every=max(1, args.steps // 10))

@@ -105,6 +105,7 @@ from .losses import (
     sample_time,
 )
 from .pipeline import STEP_STREAM, Batch, BatchProducer, mix_seed, seeded_generator
+from .score_flow import FlowAndScore, score_flow_matching_loss
 
 __all__ = ["TrainConfig", "TrainLog", "TrainResult", "Batch", "BatchProducer", "train",
            "load_weights"]
@@ -292,6 +293,13 @@ def _check_setup(model: Any, path: Any, cfg: TrainConfig, source: Any, coupling:
     if isinstance(path, GaussianBridge) and cfg.prediction != "velocity":
         raise ValueError(f"a GaussianBridge trains velocity models; got prediction="
                          f"{cfg.prediction!r} (use an AffineGaussianPath for score / epsilon)")
+    if isinstance(model, FlowAndScore) and not (isinstance(path, GaussianBridge)
+                                                 and path.sigma > 0):
+        raise ValueError(
+            "a FlowAndScore model ([SF]2M) learns the velocity and the score of a bridge with "
+            f"noise: pass path=GaussianBridge(sigma > 0, 'brownian'); got {path!r} (on an "
+            "AffineGaussianPath velocity and score are conversions of one model: use one "
+            "network and TrainConfig(prediction=...))")
     if cfg.prediction in ("score", "epsilon") and (source is not None or coupling is not None):
         raise ValueError(f"prediction={cfg.prediction!r} regresses on the noise x0, which must "
                          "be N(0, I) and independent of x1: pass source=None and coupling=None "
@@ -400,7 +408,9 @@ class _Run:
         if isinstance(path, GaussianBridge):
             if path.schedule == "brownian":
                 t = t.clamp(1e-5, 1 - 1e-5)
-            return bridge_matching_loss(net, path, batch.x0, batch.x1, t, generator=g, **kwargs)
+            loss = (score_flow_matching_loss if isinstance(self.model, FlowAndScore)
+                    else bridge_matching_loss)
+            return loss(net, path, batch.x0, batch.x1, t, generator=g, **kwargs)
         if cfg.prediction == "score":
             return denoising_score_matching_loss(net, path, batch.x0, batch.x1, t,
                                                  weighting=cfg.dsm_weighting, **kwargs)

@@ -1,0 +1,93 @@
+"""[SF]2M: the score-and-flow loss on a bridge, the FlowAndScore model, its training and its
+CLI (flowsolve/training/score_flow.py)."""
+
+import pytest
+import torch
+
+import flowsolve as fs
+from flowsolve.cli.main import main
+from flowsolve.training.score_flow import FlowAndScore, score_flow_matching_loss
+from tests._cases import F64, gen
+
+
+class Exact(torch.nn.Module):
+    """The marginal velocity and score of a bridge between the point masses x0 = x1 = 0:
+    x_t = sigma_t eps, so v = (sigma'_t / sigma_t) x and s = -x / sigma_t^2."""
+
+    def __init__(self, bridge, scale_v=1.0, scale_s=1.0):
+        super().__init__()
+        self.bridge, self.scale_v, self.scale_s = bridge, scale_v, scale_s
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, with_score=False):
+        s, ds = self.bridge.sigma_t(torch.as_tensor(t, dtype=x.dtype))
+        s, ds = s.reshape(-1, 1), ds.reshape(-1, 1)
+        v = self.scale_v * ds / s * x
+        return (v, -self.scale_s * x / s**2) if with_score else v
+
+
+@pytest.mark.parametrize("schedule", ["brownian", "constant"])
+def test_the_exact_marginal_fields_have_zero_loss(schedule):
+    """Between point masses the conditional and marginal fields coincide: the exact pair has
+    loss 0 to round-off, and scaling either field by 1.01 does not."""
+    bridge = fs.GaussianBridge(0.7, schedule)
+    z = torch.zeros(64, 3, dtype=F64)
+    t = torch.rand(64, generator=gen(0), dtype=F64).clamp(0.01, 0.99)
+    assert float(score_flow_matching_loss(Exact(bridge), bridge, z, z, t,
+                                          generator=gen(1))) < 1e-28
+    # (the constant bridge has sigma' = 0: its velocity is 0 whatever the scale)
+    for kw in ({"scale_v": 1.01}, {"scale_s": 1.01})[schedule == "constant":]:
+        bad = score_flow_matching_loss(Exact(bridge, **kw), bridge, z, z, t, generator=gen(1))
+        assert float(bad) > 1e-6
+
+
+def test_the_loss_is_the_flow_plus_the_weighted_score_regression():
+    bridge = fs.GaussianBridge(0.5, "brownian")
+    x0, x1 = torch.randn(2, 32, 2, generator=gen(2), dtype=F64)
+    t = torch.rand(32, generator=gen(3), dtype=F64).clamp(0.05, 0.95)
+    model = FlowAndScore(fs.MLP(2, hidden=8, depth=1), fs.MLP(2, hidden=8, depth=1)).double()
+    got = score_flow_matching_loss(model, bridge, x0, x1, t, generator=gen(4), reduction="none")
+    eps = torch.randn(32, 2, generator=gen(4), dtype=F64)  # the loss's draw
+    sig = 0.5 * torch.sqrt(t * (1 - t))[:, None]
+    dsig = 0.5 * (1 - 2 * t)[:, None] / (2 * torch.sqrt(t * (1 - t)))[:, None]
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * x1 + sig * eps
+    with torch.no_grad():
+        v, s = model.flow(x_t, t), model.score(x_t, t)
+    want = ((v - (x1 - x0 + dsig * eps)) ** 2).mean(1) + ((sig * s + eps) ** 2).mean(1)
+    assert torch.allclose(got.detach(), want, atol=1e-12)
+    assert model(x_t, t).shape == (32, 2)  # the velocity alone: a field
+
+
+def test_refusals_say_what_is_accepted():
+    model = FlowAndScore(fs.MLP(2, hidden=8, depth=1), fs.MLP(2, hidden=8, depth=1))
+    z = torch.zeros(8, 2)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        score_flow_matching_loss(model, fs.GaussianBridge(0.0, "brownian"), z, z)
+    with pytest.raises(TypeError, match=r"\(velocity, score\).*FlowAndScore"):
+        score_flow_matching_loss(fs.MLP(2, hidden=8, depth=1), fs.GaussianBridge(0.5), z, z)
+    with pytest.raises(TypeError, match="nn.Module"):
+        FlowAndScore(lambda x, t: x, fs.MLP(2, hidden=8, depth=1))
+    cfg = fs.TrainConfig(steps=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="GaussianBridge"):
+        fs.train(model, "moons", cfg)
+    with pytest.raises(ValueError, match="GaussianBridge"):
+        fs.train(model, "moons", cfg, path=fs.GaussianBridge(0.0, "brownian"))
+
+
+def test_cli_trains_sf2m_and_samples_its_sde(tmp_path, capsys):
+    out = tmp_path / "sf.pt"
+    assert main(["train", "--data", "moons", "--method", "sf2m", "--sigma", "1.0", "--steps",
+                 "20", "--batch-size", "64", "--hidden", "16", "--out", str(out)]) == 0
+    assert main(["sample", "--model", str(out), "--sde", "--steps", "10", "--n", "50"]) == 0
+    assert "the SDE (Euler-Maruyama, 10 steps): NFE 20" in capsys.readouterr().out
+    assert main(["sample", "--model", str(out), "--n", "50", "--steps", "5"]) == 0
+    assert "with rk4: NFE 20" in capsys.readouterr().out  # the ODE: the velocity alone
+    cfm = tmp_path / "cfm.pt"
+    assert main(["train", "--data", "moons", "--method", "cfm", "--steps", "5",
+                 "--batch-size", "32", "--hidden", "8", "--out", str(cfm)]) == 0
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(cfm), "--sde"])
+    assert "--sde needs a model trained with --method sf2m" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "sf2m", "--sigma", "0", "--out", str(tmp_path / "x.pt")])
+    assert "--method sf2m needs --sigma > 0" in capsys.readouterr().err
