@@ -58,6 +58,7 @@ _HOMES: dict[str, str] = {name: home for home, names in {
     ".training.score_flow": ("FlowAndScore", "score_flow_matching_loss"),
     ".training.unet": ("UNet",),
     ".truth.analytic": ("Gaussian", "GaussianMixture", "StandardNormal"),
+    ".truth.gaussian_bridge": ("GaussianSchrodingerBridge",),
 }.items() for name in names}
 
 # The module names documented before the regrouping and the modules that hold them now:
@@ -123,7 +124,7 @@ __all__ = [
     "PolynomialScheduler", "CosineScheduler", "LinearVPScheduler", "VEScheduler",
     "AffineGaussianPath", "PathSample", "PREDICTIONS", "GaussianBridge",
     # ground truth
-    "GaussianMixture", "Gaussian", "StandardNormal",
+    "GaussianMixture", "Gaussian", "StandardNormal", "GaussianSchrodingerBridge",
     # losses and training
     "flow_matching_loss", "denoising_score_matching_loss", "epsilon_loss", "regression_loss",
     "bridge_matching_loss", "sample_time", "label_dropout", "MLP", "SinusoidalTimeEmbedding",

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
                                      "threads", "progress", "distributed"}]),
     ("paths", [{"schedules"}, {"affine"},
                {"discrete", "preconditioning", "fields", "transfer", "bridges"}]),
-    ("truth", [{"analytic"}]),
+    ("truth", [{"analytic"}, {"gaussian_bridge"}]),
     ("ode", [{"grids", "systems", "fixed_step", "per_sample", "semilinear"},
              {"dpm_solver", "unipc", "edm"},
              {"samplers", "args"}, {"backends"}, {"solve"}]),

@@ -91,3 +91,54 @@ def test_cli_trains_sf2m_and_samples_its_sde(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--method", "sf2m", "--sigma", "0", "--out", str(tmp_path / "x.pt")])
     assert "--method sf2m needs --sigma > 0" in capsys.readouterr().err
+
+
+def test_sf2m_learns_the_gaussian_schrodinger_bridge():
+    """Trained on N(m0, S0) -> N(m1, S1) with SB-CFM's pairs (entropic OT, reg = 2 sigma^2)
+    and the Brownian bridge, the learned bridge's SDE and ODE samples at t = 0.25 .. 1 have
+    the closed-form marginals, and its velocity, score and SDE drift are the closed-form
+    ones on them. Measured (1000 steps): means within 0.015, covariances 0.065; relative
+    RMS errors velocity 1.4 %, drift 1.5 %, score 10 %."""
+    from flowsolve.truth.gaussian_bridge import GaussianSchrodingerBridge
+
+    g = gen(0)
+    m0, m1 = torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 1.0])
+    l0 = torch.tensor([[1.0, 0.0], [0.5, 0.8]])
+    l1 = torch.tensor([[0.6, 0.0], [-0.4, 1.2]])
+    sigma = 0.5
+    sb = GaussianSchrodingerBridge(m0.double(), (l0 @ l0.T).double(), m1.double(),
+                                   (l1 @ l1.T).double(), sigma)
+    with fs.initial_weights_from(gen(7)):
+        model = FlowAndScore(fs.MLP(2, hidden=64, depth=3), fs.MLP(2, hidden=64, depth=3))
+    cfg = fs.TrainConfig(steps=1000, batch_size=256, lr=2e-3, ema_decay=0.99, progress=False)
+    run = fs.train(model, lambda n, generator=None: m1 + torch.randn(n, 2, generator=generator)
+                   @ l1.T, cfg, source=lambda n, generator=None: m0 + torch.randn(
+                       n, 2, generator=generator) @ l0.T,
+                   path=fs.GaussianBridge(sigma, "brownian"),
+                   coupling=fs.OTCoupling("sinkhorn", reg=2 * sigma**2, normalize=None,
+                                          max_iter=20_000), generator=g, threads=1)
+    net = run.ema_model.eval().double()
+    x0 = (m0 + torch.randn(4000, 2, generator=g) @ l0.T).double()
+    times = [0.25, 0.5, 0.75, 1.0]
+    with torch.no_grad():
+        sde = fs.sample_sde(net, x0, score=net.score, diffusion=sigma, steps=200,
+                            generator=g, times=times)
+        ode = fs.sample(net, x0, "rk4", steps=40, times=times)
+        for k, t in enumerate(times):
+            m, cov = sb.marginal(t)
+            for x in (sde.trajectory[k], ode.trajectory[k]):
+                assert (x.mean(0) - m).abs().max() < 0.05, (t, x.mean(0), m)
+                assert (torch.cov(x.T) - cov).abs().max() < 0.15, (t, torch.cov(x.T), cov)
+        for t in times[:3]:
+            m, cov = sb.marginal(t)
+            x = m + torch.randn(4000, 2, generator=g, dtype=F64) @ torch.linalg.cholesky(cov).T
+            tv = torch.full((4000,), t, dtype=F64)
+
+            def rel(a, b):
+                return float((a - b).norm(dim=1).pow(2).mean().sqrt()
+                             / b.norm(dim=1).pow(2).mean().sqrt())
+
+            v, s = net(x, tv, with_score=True)
+            assert rel(v, sb.velocity(x, tv)) < 0.05
+            assert rel(v + sigma**2 / 2 * s, sb.drift(x, tv)) < 0.05
+            assert rel(s, sb.score(x, tv)) < 0.2
