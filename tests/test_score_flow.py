@@ -142,3 +142,32 @@ def test_sf2m_learns_the_gaussian_schrodinger_bridge():
             assert rel(v, sb.velocity(x, tv)) < 0.05
             assert rel(v + sigma**2 / 2 * s, sb.drift(x, tv)) < 0.05
             assert rel(s, sb.score(x, tv)) < 0.2
+
+
+def test_an_sf2m_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """The trainer's checkpoints hold both networks: stopped after its checkpoint at step 6
+    and resumed, a run ends with the weights and losses of the uninterrupted one."""
+    cfg = fs.TrainConfig(steps=12, batch_size=32, ema_decay=0.9, checkpoint_every=6,
+                         log_every=1, progress=False)
+    kwargs = dict(path=fs.GaussianBridge(0.5, "brownian"),
+                  coupling=fs.OTCoupling("sinkhorn", reg=0.5, normalize=None))
+
+    def model(seed):
+        with fs.initial_weights_from(gen(seed)):
+            return FlowAndScore(fs.MLP(2, hidden=8, depth=1), fs.MLP(2, hidden=8, depth=1))
+
+    whole = fs.train(model(0), "moons", cfg, generator=gen(1), **kwargs)
+
+    def stop(log):
+        if log.step > 8:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "sf2m.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fs.train(model(0), "moons", cfg, generator=gen(1), checkpoint=ckpt, callback=stop,
+                 **kwargs)
+    resumed = fs.train(model(5), "moons", cfg, checkpoint=ckpt, **kwargs)
+    assert resumed.start_step == 6 and resumed.losses == whole.losses
+    for a, b in zip(whole.ema_model.parameters(), resumed.ema_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert any(n.startswith("score.") for n, _ in resumed.model.named_parameters())
