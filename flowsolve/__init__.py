@@ -47,8 +47,10 @@ _HOMES: dict[str, str] = {name: home for home, names in {
     ".studies.compare": ("Study", "compare_solvers"),
     ".studies.front": ("Front", "low_nfe_front"),
     ".studies.grid_search": ("GridSearch", "load_grid", "optimize_grid"),
-    ".training.couplings": ("ClassConditionalOT", "CouplingResult", "IndependentCoupling",
-                            "OTCoupling", "PairedCoupling", "get_coupling"),
+    ".training.couplings": ("ClassConditionalOT", "ConditionalCouplingResult", "ConditionalOT",
+                            "CouplingResult", "IndependentCoupling", "OTCoupling",
+                            "PairedCoupling", "PartialOTCoupling", "RelaxedCouplingResult",
+                            "UnbalancedOTCoupling", "get_coupling"),
     ".training.ema": ("EMA",),
     ".training.loop": ("TrainConfig", "TrainResult", "load_weights", "train"),
     ".training.losses": ("bridge_matching_loss", "denoising_score_matching_loss",
@@ -132,7 +134,8 @@ __all__ = [
     "UNet", "train", "TrainConfig", "TrainResult", "EMA", "load_weights",
     # couplings and metrics
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",
-    "CouplingResult", "get_coupling", "wasserstein2", "mmd", "path_energy", "straightness",
+    "CouplingResult", "get_coupling", "UnbalancedOTCoupling", "PartialOTCoupling",
+    "RelaxedCouplingResult", "ConditionalOT", "ConditionalCouplingResult", "wasserstein2", "mmd", "path_energy", "straightness",
     "normalized_path_energy",
     # fields and transfer
     "as_velocity", "as_score", "convert_field", "guided", "GuidedField", "probability_flow",

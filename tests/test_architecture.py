@@ -24,7 +24,9 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset", "reweighting"}, {"augmented"},
                     {"cnf", "generated"}]),
-    ("training", [{"ema", "nets", "couplings", "checkpoint"}, {"losses", "data", "unet"},
+    ("training", [{"ema", "nets", "coupling_base", "checkpoint"},
+                  {"losses", "data", "unet", "ot_couplings"},
+                  {"relaxed_couplings", "conditional_couplings"}, {"couplings"},
                   {"pipeline", "score_flow"}, {"loop"}]),
     ("metrics", []),
     ("studies", [{"results", "specs"}, {"references", "sde_runs"}, {"runs", "grid_search"},
@@ -34,7 +36,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
              {"main"}]),
 ]
 THIRD_PARTY_OWNERS = {
-    "ot": {"training.couplings", "metrics"},
+    "ot": {"training.ot_couplings", "training.relaxed_couplings", "metrics"},
     "torchdiffeq": {"ode.systems", "ode.backends", "ode.solve"},
     "torchsde": {"sde.solve", "sde.brownian"},
 }

@@ -12,7 +12,7 @@ import torch
 from _cases import batches as _batches
 from scipy.optimize import linear_sum_assignment
 
-import flowsolve.training.couplings as couplings_module
+import flowsolve.training.ot_couplings as ot_module
 from flowsolve.training.couplings import (
     COUPLINGS,
     ClassConditionalOT,
@@ -229,10 +229,10 @@ def test_pots_numerical_error_exit_is_read_from_its_warning_on_the_last_iteratio
     # the kernel's iterates break down at iteration 1024 (POT's "numerical errors at
     # iteration 1023", counted from 0): a limit of 1024 ends there with n_iter == max_iter,
     # which could not be told from running out of iterations by the count
-    plan, n_iter, err, numerical = couplings_module._sinkhorn_pot(
+    plan, n_iter, err, numerical = ot_module._sinkhorn_pot(
         _U3, _U3, c, 1 / 800, "sinkhorn", 1024, 1e-4)
     assert (n_iter, numerical) == (1024, True) and err > 1
-    plan, n_iter, err, numerical = couplings_module._sinkhorn_pot(
+    plan, n_iter, err, numerical = ot_module._sinkhorn_pot(
         _U3, _U3, c, 1 / 800, "sinkhorn", 1000, 1e-4)
     assert (n_iter, numerical) == (1000, False) and err > 0.5  # merely out of iterations
 
@@ -270,8 +270,8 @@ def test_a_kernel_that_merely_runs_out_of_iterations_is_not_retried_in_the_log_d
         calls.append(args[4])
         return solve(*args)
 
-    solve = couplings_module._sinkhorn_pot
-    monkeypatch.setattr(couplings_module, "_sinkhorn_pot", counted)
+    solve = ot_module._sinkhorn_pot
+    monkeypatch.setattr(ot_module, "_sinkhorn_pot", counted)
     with pytest.warns(CouplingWarning, match=r"Sinkhorn \(sinkhorn_knopp\) did not converge .* "
                                              r"after 10 iterations \(max_iter=10\)"):
         res = OTCoupling("sinkhorn", reg=0.01, max_iter=10).plan(x0, x1, generator=gen)
@@ -292,14 +292,14 @@ def _fallback_that_needs_the_emd_retry(monkeypatch, device):
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(128, 2, generator=gen, device=device, dtype=F64)
     x1 = torch.randn(100, 2, generator=gen, device=device, dtype=F64) + 3
-    emd, limits = couplings_module._emd, []
+    emd, limits = ot_module._emd, []
 
     def once_at_its_limit(a, b, c, limit):
         limits.append(limit)
         plan, code = emd(a, b, c, limit)
         return plan, (3 if len(limits) == 1 else code)
 
-    monkeypatch.setattr(couplings_module, "_emd", once_at_its_limit)
+    monkeypatch.setattr(ot_module, "_emd", once_at_its_limit)
     coupling = OTCoupling("sinkhorn", reg=1e-3, normalize=None, max_iter=20)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -483,7 +483,8 @@ def test_independent_and_paired(gen):
 
 
 def test_registry_and_argument_errors(gen):
-    assert set(COUPLINGS) == {"independent", "paired", "ot", "class_ot"}
+    assert set(COUPLINGS) == {"independent", "paired", "ot", "class_ot", "conditional_ot",
+                              "unbalanced_ot", "partial_ot"}
     assert get_coupling("ot", method="sinkhorn", reg=0.1).reg == 0.1
     with pytest.raises(ValueError, match="unknown coupling 'emd'; accepted: independent"):
         get_coupling("emd")
