@@ -99,6 +99,7 @@ from .losses import (
     DSM_WEIGHTINGS,
     TIME_DISTRIBUTIONS,
     bridge_matching_loss,
+    clamp_bridge_time,
     denoising_score_matching_loss,
     label_dropout,
     regression_loss,
@@ -406,8 +407,7 @@ class _Run:
         t = sample_time(batch.x1.shape[0], generator=g, dtype=self.dtype, device=self.device,
                         distribution=cfg.time_distribution)
         if isinstance(path, GaussianBridge):
-            if path.schedule == "brownian":
-                t = t.clamp(1e-5, 1 - 1e-5)
+            t = clamp_bridge_time(path, t)
             loss = (score_flow_matching_loss if isinstance(self.model, FlowAndScore)
                     else bridge_matching_loss)
             return loss(net, path, batch.x0, batch.x1, t, generator=g, **kwargs)

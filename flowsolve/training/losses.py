@@ -58,6 +58,7 @@ __all__ = [
     "epsilon_loss",
     "label_dropout",
     "bridge_matching_loss",
+    "clamp_bridge_time",
 ]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -455,6 +456,12 @@ def label_dropout(
 
 
 # -- bridges -----------------------------------------------------------------------------
+def clamp_bridge_time(bridge: GaussianBridge, t: Tensor) -> Tensor:
+    """``t`` clamped to ``[1e-5, 1 - 1e-5]`` for the Brownian bridge (its velocity is
+    infinite at t = 0 and 1); unchanged for a constant-noise bridge."""
+    return t.clamp(1e-5, 1 - 1e-5) if bridge.schedule == "brownian" else t
+
+
 def bridge_matching_loss(
     model: Callable[..., Tensor],
     bridge: GaussianBridge,
@@ -486,9 +493,8 @@ def bridge_matching_loss(
     check_model_and_samples(model, x0, x1, x0_optional=False)
     generator = generator_or_fresh(generator, x1.device)
     if t is None:
-        t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
-        if bridge.schedule == "brownian":
-            t = t.clamp(1e-5, 1 - 1e-5)
+        t = clamp_bridge_time(bridge, sample_time(x1.shape[0], generator=generator,
+                                                  dtype=x1.dtype, device=x1.device))
     s = bridge.sample(x0, x1, t, generator=generator)
     out = model(s.x_t, s.t, **model_kwargs)
     if not torch.is_tensor(out) or out.shape != x1.shape:

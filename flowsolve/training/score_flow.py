@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .._core.checks import generator_or_fresh, per_sample
 from ..paths.bridges import GaussianBridge
-from .losses import check_model_and_samples, check_reduction, sample_time
+from .losses import check_model_and_samples, check_reduction, clamp_bridge_time, sample_time
 
 __all__ = ["FlowAndScore", "score_flow_matching_loss"]
 
@@ -101,9 +101,8 @@ def score_flow_matching_loss(
     check_model_and_samples(model, x0, x1, x0_optional=False)
     generator = generator_or_fresh(generator, x1.device)
     if t is None:
-        t = sample_time(x1.shape[0], generator=generator, dtype=x1.dtype, device=x1.device)
-        if bridge.schedule == "brownian":
-            t = t.clamp(1e-5, 1 - 1e-5)
+        t = clamp_bridge_time(bridge, sample_time(x1.shape[0], generator=generator,
+                                                  dtype=x1.dtype, device=x1.device))
     eps = torch.randn(x1.shape, generator=generator, dtype=x1.dtype,
                       device=generator.device).to(x1.device)
     s = bridge.sample(x0, x1, t, noise=eps)
