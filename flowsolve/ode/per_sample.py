@@ -25,12 +25,15 @@ holds per-sample data (labels, Hutchinson probes) follows the compaction through
 ``rows(index)`` (:func:`~flowsolve._core.types.restrict_rows`).
 
 Why not torchode, which also steps per sample in PyTorch: it keeps finished samples in the
-batch (every call evaluates all ``B`` rows until the last one finishes) and it would add
-three dependencies (torchode, torchtyping, sympy) with a pinned typeguard < 3; the
-comparison is measured in ``benchmarks/bench_per_sample.py`` and ``docs/benchmarks.md``.
+batch (every call evaluates all ``B`` rows until the last one finishes: 25-52 % more
+sample-evaluations than this loop on the same systems, and level or up to 24 % slower), its
+solver cannot be scripted around an autograd divergence, and it would add torchode,
+torchtyping and a pinned typeguard < 3 (``benchmarks/bench_per_sample.py``,
+``docs/benchmarks.md``).
 
-The loop reads the device once per attempted step (which rows finished, the budget, the
-finiteness of the stages): per-sample control is not synchronisation-free.
+The loop reads the device once per attempted step (one small tensor of flags: which rows
+finished or reached an output time, the budget, the finiteness of the step, a step that no
+longer moves t): per-sample control is not synchronisation-free.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ from .._core.errors import IntegrationError, NonFiniteStateError
 from .._core.types import Field, restrict_rows
 
 __all__ = ["EmbeddedTableau", "PerSampleResult", "PerSampleLoop", "STEP_CONTROLS"]
+
+PER_SAMPLE_TIME = (
+    "step_control='per_sample' calls the field with a (B,) time, one per sample: a field "
+    "written for a 0-d time must broadcast it over the batch (e.g. t.reshape(-1, 1) * x, not "
+    "t * x), as flowsolve's fields do")
 
 STEP_CONTROLS = ("shared", "per_sample")
 """Values of ``step_control=``: one step size for the batch (the library's), or one per
@@ -155,19 +163,39 @@ class PerSampleLoop:
         """``d u(y, d s)`` for the live rows (time run forwards as ``s = d t``)."""
         x = y.reshape(y.shape[0], *self._event)
         t = (s * self._d).to(y.dtype)
-        if self.calls == 0:
-            try:
-                u = self._field(x, t)
-            except (TypeError, ValueError, RuntimeError, IndexError) as err:
-                err.add_note(ARGUMENT_ORDER)
-                raise
-            check_like(u, x)
-        else:
+        try:
             u = self._field(x, t)
+            check_like(u, x)
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            if self.calls == 0:
+                err.add_note(ARGUMENT_ORDER)
+            err.add_note(PER_SAMPLE_TIME)
+            raise
         self.calls += 1
         self._nfe += 1
+        if self._unverified and x.shape[0] > 1 and bool((t != t[0]).any()):
+            self._verify_first_row(x, t, u)
         u = u.reshape(y.shape)
         return u if self._d > 0 else -u
+
+    def _verify_first_row(self, x: Tensor, t: Tensor, u: Tensor) -> None:
+        """The first row of a call with distinct times, evaluated alone with a 0-d time, must
+        agree: a field written for one time (``t * x`` with ``x`` ``(b, d)``) broadcasts a
+        ``(b,)`` time over the wrong axis when ``b`` equals the last dim, silently. One extra
+        single-row call (in ``calls``, not in any sample's NFE) whenever the batch of live
+        rows changes."""
+        with torch.no_grad():
+            alone = restrict_rows(self._base, self._index[:1])(x[:1], t[0])
+        self.calls += 1
+        self._unverified = False
+        want = u[:1].detach()
+        scale = float(want.abs().max()) + float(alone.abs().max())
+        if not torch.allclose(alone.to(want.dtype), want, rtol=1e-4, atol=1e-4 * scale + 1e-30):
+            raise ValueError(
+                f"the field gives sample {int(self._index[0])} another value when called with "
+                f"a ({x.shape[0]},) time, one per sample, than with its own 0-d time "
+                f"(largest difference {float((alone - want).abs().max()):.3g}). "
+                + PER_SAMPLE_TIME)
 
     def _initial_step(self, y: Tensor, f0: Tensor, s: Tensor) -> Tensor:
         """Hairer-Norsett-Wanner's starting step, row by row (torchdiffeq's rule; one call)."""
@@ -197,7 +225,7 @@ class PerSampleLoop:
         tab = self.tableau
         b_all = x0.shape[0]
         self._batch, self._event, self._d = b_all, x0.shape[1:], 1.0 if t1 > t0 else -1.0
-        self._base, self.calls = field, 0
+        self._base, self.calls, self._unverified = field, 0, True
         d = self._d
         targets = [d * t for t in out_times if t != t0]
         if not targets or targets[-1] != d * t1:
@@ -230,9 +258,7 @@ class PerSampleLoop:
             land = s_new > target
             s_new = torch.where(land, target, s_new)
             h = torch.where(land, target - s, h)
-            if bool((s_new <= s).any()):
-                self._fail("step_underflow", s_new <= s, s,
-                           f"the step h={float(h.min()):.3g} no longer moves t")
+            stuck = s_new <= s  # the step no longer moves t (read with the other flags)
             hy = h.to(y.dtype)[:, None]
             ks = [f0]
             for i in range(1, tab.stages):
@@ -245,9 +271,6 @@ class PerSampleLoop:
                 tol = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
                 ratio = _rms(err.detach() / tol)
                 bad = ~torch.isfinite(ratio)
-                if bool(bad.any()):
-                    self._fail("non_finite", bad, s, "the field or the state became "
-                               "non-finite (inf or NaN) in a step from there")
                 accept = ratio <= 1
                 exponent = -1.0 / tab.order
                 shrink = torch.where(ratio < 1, torch.ones_like(ratio),
@@ -256,26 +279,36 @@ class PerSampleLoop:
                                      max=self.ifactor)
                 factor = torch.where(ratio == 0, torch.full_like(ratio, self.ifactor), factor)
                 h_next = h * factor
+            s_old, h_old = s, h
             a2 = accept[:, None]
             y = torch.where(a2, y_new, y)
             f0 = torch.where(a2, ks[-1], f0)
             s = torch.where(accept, s_new, s)
             accepted = accepted + accept
             rejected = rejected + ~accept
+            over = accepted + rejected > self.max_steps
             reached = accept & (s_new >= target)
-            if keep_out and bool(reached.any()):
-                for k, i in keep_out.items():
-                    rows = reached & (ptr == k)
-                    if bool(rows.any()):
-                        saved[i].append((self._index[rows], y[rows]))
             ptr = ptr + reached
             h = h_next
-            if bool((accepted + rejected > self.max_steps).any()):
-                self._fail("max_steps", accepted + rejected > self.max_steps, s,
-                           f"the step budget max_steps={self.max_steps} (attempted steps per "
-                           "sample) was used up")
             done = ptr == len(targets)
-            if bool(done.any()):
+            # the one host read of the step
+            flags = torch.stack([stuck.any(), bad.any(), over.any(), done.any(),
+                                 reached.any()]).tolist()
+            if flags[0]:
+                self._fail("step_underflow", stuck, s_old,
+                           f"its step h={float(h_old[stuck][0]):.3g} no longer moves t")
+            if flags[1]:
+                self._fail("non_finite", bad, s_old, "the field or the state became "
+                           "non-finite (inf or NaN) in a step from there")
+            if flags[2]:
+                self._fail("max_steps", over, s, f"the step budget max_steps={self.max_steps} "
+                           "(attempted steps per sample) was used up")
+            if keep_out and flags[4]:
+                for k, i in keep_out.items():
+                    rows = reached & (ptr == k + 1)
+                    if bool(rows.any()):
+                        saved[i].append((self._index[rows], y[rows]))
+            if flags[3]:
                 finals.append((self._index[done], y[done], self._nfe[done], accepted[done],
                                rejected[done]))
                 live = ~done
@@ -284,6 +317,7 @@ class PerSampleLoop:
                 self._index, self._nfe = self._index[live], self._nfe[live]
                 if y.shape[0]:
                     self._field = restrict_rows(self._base, self._index)
+                    self._unverified = True
         index = torch.cat([f[0] for f in finals])
         order = torch.argsort(index)
 
