@@ -1,8 +1,9 @@
 r"""The 2-D experiments of OT-CFM (Tong et al., TMLR 2024) as re-run in [SF]2M (Table 2).
 
-I-CFM, OT-CFM and SB-CFM on N->8gaussians, moons->8gaussians, N->moons and N->scurve.
-For every (method, task, seed) a velocity network is trained with flowsolve's training
-loop and evaluated on fresh test sets:
+I-CFM, OT-CFM, SB-CFM and [SF]2M on N->8gaussians, moons->8gaussians, N->moons and
+N->scurve. For every (method, task, seed) a velocity network is trained with flowsolve's
+training loop ([SF]2M: a velocity and a score network together, SB-CFM's bridge and plan)
+and evaluated on fresh test sets:
 
 * **W2**: exact 2-Wasserstein distance (POT's network simplex) between the samples of the
   learned ODE (Euler, 100 steps, from the test source points) and the test target points;
@@ -10,7 +11,10 @@ loop and evaluated on fresh test sets:
   points of ``int_0^1 |v(x_t, t)|^2 dt`` along the learned ODE (the Euler left Riemann sum,
   :func:`flowsolve.metrics.path_energy`), ``W2^2(q0, q1)`` between the test source and
   target sets: 0 for the dynamic optimal transport;
-* **W2 at low NFE**: W2 of the samples of 1, 2, 4 and 8 Euler steps.
+* **W2 at low NFE**: W2 of the samples of 1, 2, 4 and 8 Euler steps;
+* **W2 (SDE)**, [SF]2M only: W2 of the samples of the learned bridge's SDE
+  ``dX = [v(X, t) + sigma^2/2 s(X, t)] dt + sigma dW`` (Euler-Maruyama, 100 steps, from the
+  same test source points, the noise from its own seeded generator).
 
 The paper's setup (``--protocol paper``): an MLP of three 64-wide SELU layers on ``[x, t]``
 (torchcfm's ``MLP(dim, w=64, time_varying=True)``; flowsolve's ``MLP`` with the raw time and
@@ -19,8 +23,11 @@ which is also the OT batch; 1000 epochs over 10,000 training points (19 batches 
 epoch, the remainder dropped: 19,000 steps); sigma = 0.1 (constant) for I-CFM and OT-CFM,
 exact minibatch OT for OT-CFM; SB-CFM: the Brownian bridge ``sigma sqrt(t (1 - t))`` with
 sigma = 1 and the entropic plan of regularisation ``2 sigma^2`` on the unnormalised squared
-distance; Euler with 100 steps; 10,000-point test sets; seeds 42-46. The N sources are fresh
-N(0, I) draws at every step; the moons source is a 10,000-point training set like the target.
+distance; [SF]2M: SB-CFM's bridge and plan, a second network of the same MLP for the
+score (its loss weighted by ``sigma_t^2``; flowsolve's score_flow_matching_loss); Euler with
+100 steps (and Euler-Maruyama with 100 steps for [SF]2M's SDE); 10,000-point test sets;
+seeds 42-46. The N sources are fresh N(0, I) draws at every step; the moons source is a
+10,000-point training set like the target.
 
 Each run writes ``OUT/runs/<task>__<method>__seed<k>.json`` atomically, and trains with a
 checkpoint ``OUT/checkpoints/...pt`` (:func:`flowsolve.training.loop.train` resumes from it, bit for
@@ -31,7 +38,7 @@ run in ``OUT`` and trains nothing (so several processes can each run a seed).
 
 Usage::
 
-    python examples/ot_cfm_2d.py                      # the quick protocol (about a minute)
+    python examples/ot_cfm_2d.py                      # the quick protocol (about two minutes)
     python examples/ot_cfm_2d.py --protocol reduced    # what docs/ot_cfm_2d.md reports
     python examples/ot_cfm_2d.py --protocol paper --out runs/ot_cfm_2d/paper   # hours
     python examples/ot_cfm_2d.py --tasks N-8gaussians --methods icfm otcfm --epochs 50
@@ -62,10 +69,12 @@ from torch import Tensor, nn
 from flowsolve.metrics import normalized_path_energy, path_energy, wasserstein2
 from flowsolve.ode.solve import sample
 from flowsolve.paths.bridges import GaussianBridge
+from flowsolve.sde.solve import sample_sde
 from flowsolve.training.couplings import Coupling, OTCoupling
 from flowsolve.training.data import sample_dataset
 from flowsolve.training.loop import TrainConfig, train
 from flowsolve.training.nets import MLP
+from flowsolve.training.score_flow import FlowAndScore
 
 # -- what is compared --------------------------------------------------------------------------
 #: task name -> (source data set or None for N(0, I), target data set),
@@ -80,18 +89,23 @@ TASKS: dict[str, tuple[str | None, str]] = {
 
 @dataclass(frozen=True)
 class Method:
-    """A conditional flow-matching variant: bridge ``sigma`` / schedule and its coupling."""
+    """A conditional flow-matching variant: bridge ``sigma`` / schedule and its coupling;
+    ``score``: a score network is trained beside the velocity ([SF]2M) and the learned
+    bridge is also sampled as an SDE of diffusion ``sigma``."""
 
     label: str
     sigma: float
     schedule: str  # GaussianBridge schedule: "constant" or "brownian"
     coupling: str  # "independent", "exact" (minibatch OT) or "entropic" (reg = 2 sigma^2)
+    score: bool = False
 
 
 METHODS: dict[str, Method] = {
     "icfm": Method("I-CFM", 0.1, "constant", "independent"),
     "otcfm": Method("OT-CFM", 0.1, "constant", "exact"),
     "sbcfm": Method("SB-CFM", 1.0, "brownian", "entropic"),
+    # [SF]2M: SB-CFM's bridge and plan, a velocity and a score network learned together
+    "sf2m": Method("[SF]2M", 1.0, "brownian", "entropic", score=True),
 }
 
 
@@ -132,6 +146,16 @@ def make_model() -> nn.Module:
     return MLP(2, hidden=64, depth=3, time_embedding_dim=None, activation="selu")
 
 
+def make_method_model(method: Method, seed: int) -> nn.Module:
+    """The velocity network, initialised from ``seed`` (the same weights for every method
+    of a seed); with ``method.score`` a :class:`FlowAndScore` whose score network, the same
+    MLP, takes the next weights of the same stream."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = make_model()
+        return FlowAndScore(model, make_model()) if method.score else model
+
+
 def make_coupling(method: Method) -> Coupling | None:
     if method.coupling == "independent":
         return None  # the batch producer's independent draws
@@ -165,6 +189,10 @@ def task_data(task: str, seed: int, proto: Protocol) -> dict[str, Tensor | None]
         "x0_test": draw(src, proto.test_size, 4),
         "x1_other": draw(tgt, proto.w2_size, 5),
     }
+
+
+#: the generator stream of the SDE samples' Brownian increments (after task_data's 1-5)
+SDE_NOISE_STREAM = 6
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -203,7 +231,12 @@ def reference(task: str, seed: int, proto: Protocol, data: dict, out: Path) -> d
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: dict, proto: Protocol, ref: dict) -> dict:
+def evaluate(model: nn.Module, data: dict, proto: Protocol, ref: dict, *,
+             diffusion: float | None = None, generator: torch.Generator | None = None) -> dict:
+    """The ODE metrics of the velocity ``model(x, t)``; with ``diffusion`` (a
+    :class:`FlowAndScore` model) also ``w2_sde``, the W2 of ``dX = [v + g^2/2 s] dt + g dW``
+    (g = ``diffusion``, Euler-Maruyama, ``proto.euler_steps`` steps, noise from
+    ``generator``) from the first ``w2_size`` test source points."""
     model.eval()
     x0, x1, n = data["x0_test"], data["x1_test"], proto.w2_size
     k = proto.euler_steps
@@ -213,8 +246,17 @@ def evaluate(model: nn.Module, data: dict, proto: Protocol, ref: dict) -> dict:
     npe = float(normalized_path_energy(sol.trajectory, ref["w2sq_q0_q1"]))
     w2_low = {str(s): float(wasserstein2(sample(model, x0[:n], "fast_euler", steps=s).x, x1[:n]))
               for s in proto.low_nfe}
+    sde = {}
+    if diffusion is not None:
+        tick = time.perf_counter()
+        x = sample_sde(model, x0[:n], score=model.score, diffusion=diffusion, solver="euler",
+                       steps=k, generator=generator).x
+        sde = {"w2_sde": float(wasserstein2(x, x1[:n])),
+               "sde": {"solver": "euler", "steps": k, "diffusion": diffusion,
+                       "noise_stream": SDE_NOISE_STREAM, "finite": bool(x.isfinite().all()),
+                       "seconds": time.perf_counter() - tick}}
     return {"w2": float(wasserstein2(sol.x[:n], x1[:n])), "pe": pe, "npe": npe,
-            "w2_low_nfe": w2_low, **ref}
+            "w2_low_nfe": w2_low, **sde, **ref}
 
 
 def run_one(task: str, name: str, seed: int, proto: Protocol, out: Path, quiet: bool) -> dict:
@@ -224,9 +266,7 @@ def run_one(task: str, name: str, seed: int, proto: Protocol, out: Path, quiet: 
     if result_path.exists():
         return {**json.loads(result_path.read_text()), "status": "skipped"}
     method, data = METHODS[name], task_data(task, seed, proto)
-    with torch.random.fork_rng():  # same initial weights for every method of a seed
-        torch.manual_seed(seed)
-        model = make_model()
+    model = make_method_model(method, seed)
     config = TrainConfig(steps=proto.total_steps, batch_size=proto.batch_size, lr=proto.lr,
                          weight_decay=proto.weight_decay, ema_decay=None, log_every=100,
                          checkpoint_every=500, progress=not quiet)
@@ -236,7 +276,9 @@ def run_one(task: str, name: str, seed: int, proto: Protocol, out: Path, quiet: 
     res = train(model, data["x1_train"], config, source=data["x0_train"],
                 path=GaussianBridge(method.sigma, method.schedule), coupling=coupling,
                 checkpoint=ckpt, generator=torch.Generator().manual_seed(seed))
-    metrics = evaluate(res.model, data, proto, reference(task, seed, proto, data, out))
+    sde = ({"diffusion": method.sigma, "generator": _generator(seed, SDE_NOISE_STREAM)}
+           if method.score else {})
+    metrics = evaluate(res.model, data, proto, reference(task, seed, proto, data, out), **sde)
     result = {
         "task": task, "method": name, "label": method.label, "seed": seed,
         "protocol": asdict(proto), "steps": res.step, "resumed_from_step": res.start_step,
@@ -257,11 +299,12 @@ def machine() -> str:
 
 
 # -- the table ---------------------------------------------------------------------------------
-COLUMNS = ["w2", "npe", "pe", *(f"w2_nfe{s}" for s in (1, 2, 4, 8))]
+COLUMNS = ["w2", "w2_sde", "npe", "pe", *(f"w2_nfe{s}" for s in (1, 2, 4, 8))]
 
 
 def _flat(r: dict) -> dict:
-    return {"w2": r["w2"], "npe": r["npe"], "pe": r["pe"],
+    return {"w2": r["w2"], **({"w2_sde": r["w2_sde"]} if "w2_sde" in r else {}),
+            "npe": r["npe"], "pe": r["pe"],
             **{f"w2_nfe{s}": v for s, v in r["w2_low_nfe"].items()}}
 
 
@@ -303,12 +346,15 @@ def _pm(row: dict, col: str, digits: int) -> str:
 
 def markdown(rows: list[dict]) -> str:
     nfe = [c for c in COLUMNS if c.startswith("w2_nfe") and f"{c}_mean" in rows[0]]
-    head = (["task", "method", "seeds", "W2 (100 Euler)", "NPE", "PE", "W2^2(q0,q1)"]
+    sde = any("w2_sde_mean" in r for r in rows)  # the column only when an SDE was sampled
+    head = (["task", "method", "seeds", "W2 (100 Euler)", *["W2 (SDE 100)"] * sde, "NPE", "PE",
+             "W2^2(q0,q1)"]
             + [f"W2 @{c[6:]} step{'s' * (c != 'w2_nfe1')}" for c in nfe]
             + ["W2 floor", "train s"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["task"], r["method"], str(r["seeds"]), _pm(r, "w2", 3), _pm(r, "npe", 4),
+        cells = [r["task"], r["method"], str(r["seeds"]), _pm(r, "w2", 3),
+                 *[_pm(r, "w2_sde", 3)] * sde, _pm(r, "npe", 4),
                  _pm(r, "pe", 2), f"{r['w2sq_q0_q1']:.2f}", *(_pm(r, c, 3) for c in nfe),
                  f"{r['w2_floor']:.3f}", f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -380,8 +426,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r = run_one(task, name, seed, proto, out, args.quiet)
         results.append(r)
         low = " ".join(f"{v:.3f}" for v in r["w2_low_nfe"].values())
+        sde = f"  W2 (SDE) {r['w2_sde']:.3f}" if "w2_sde" in r else ""
         print(f"[{i}/{len(grid)}] {task} {r['label']} seed {seed}: {r['status']} "
-              f"({time.perf_counter() - tick:.0f} s)  W2 {r['w2']:.3f}  NPE {r['npe']:.3f}  "
+              f"({time.perf_counter() - tick:.0f} s)  W2 {r['w2']:.3f}{sde}  NPE {r['npe']:.3f}  "
               f"W2@{','.join(map(str, proto.low_nfe))} {low}", flush=True)
     rows = summarise(results, out)
     if rows:

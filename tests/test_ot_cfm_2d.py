@@ -3,13 +3,19 @@
 One task (N->8gaussians), one seed, 300 steps of batch 256, 1,000-point test sets: OT-CFM
 must show the paper's effect against I-CFM trained on the same data, batches, times and
 initial weights (only the coupling differs), and a second invocation must skip the
-finished runs.
+finished runs. [SF]2M on N->moons at the same budget: its velocity must be SB-CFM's, and
+its SDE must reach the thin moons as well as its ODE, which it cannot without the score.
 """
 
 import json
 
 import pytest
+import torch
 from _examples import load_example
+
+from flowsolve.metrics import wasserstein2
+from flowsolve.sde.solve import sample_sde
+from flowsolve.training.loop import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +91,50 @@ def test_report_tabulates_every_finished_run_and_trains_nothing(example, first, 
         (out / "runs" / "N-8gaussians__otcfm__seed1.json").unlink()
     with pytest.raises(SystemExit, match="no protocol.json"):
         example.main(["--quick", "--out", str(tmp_path / "empty"), "--report"])
+
+
+@pytest.fixture(scope="module")
+def bridges(example, tmp_path_factory):
+    """SB-CFM and [SF]2M on N->moons, one seed, the quick protocol (about 10 s of training)."""
+    out = tmp_path_factory.mktemp("ot_cfm_2d_sf2m")
+    argv = ["--quick", "--tasks", "N-moons", "--methods", "sbcfm", "sf2m", "--seeds", "0",
+            "--out", str(out), "--quiet"]
+    return out, argv, {r["method"]: r for r in example.main(argv)}
+
+
+def test_sf2m_velocity_is_sb_cfms_and_its_sde_reaches_the_data(example, bridges):
+    out, _, runs = bridges
+    sb, sf = runs["sbcfm"], runs["sf2m"]
+    assert sb["status"] == sf["status"] == "trained"
+    # the same seed, batches, plan, times and bridge noise, and a flow loss that does not see
+    # the score network: [SF]2M's velocity is SB-CFM's, weight for weight
+    for key in ("w2", "npe", "pe", "w2_low_nfe"):
+        assert sf[key] == sb[key], key
+    assert "w2_sde" not in sb and sf["sde"]["finite"]
+    # dX = [v + s/2] dt + dW lands as close to the thin moons as the ODE (0.50 and 0.50 at
+    # seed 0); without the score term the unit noise blurs them (0.77), with -s more (1.54)
+    assert sf["w2_sde"] < sf["w2"] + 0.1, (sf["w2_sde"], sf["w2"])
+    proto = example.PROTOCOLS["quick"][0]
+    data = example.task_data("N-moons", 0, proto)
+    model = example.make_method_model(example.METHODS["sf2m"], 0)
+    load_weights(model, out / "checkpoints" / "N-moons__sf2m__seed0.pt")
+    with torch.no_grad():
+        x = sample_sde(model, data["x0_test"], score=lambda x, t: torch.zeros_like(x),
+                       diffusion=1.0, steps=100,
+                       generator=example._generator(0, example.SDE_NOISE_STREAM)).x
+    unscored = float(wasserstein2(x, data["x1_test"]))
+    assert unscored > sf["w2_sde"] + 0.15, (unscored, sf["w2_sde"])
+    # the table: the SDE column, empty for the ODE-only method
+    table = (out / "results.md").read_text().splitlines()
+    assert "| W2 (100 Euler) | W2 (SDE 100) | NPE |" in table[0]
+    assert f"| {sb['w2']:.3f} |  | {sb['npe']:.4f} |" in next(r for r in table if "SB-CFM" in r)
+    assert f"| {sf['w2_sde']:.3f} |" in next(r for r in table if "[SF]2M" in r)
+
+
+def test_sf2m_sde_noise_is_seeded(example, bridges):
+    out, argv, runs = bridges
+    result = out / "runs" / "N-moons__sf2m__seed0.json"
+    result.unlink()  # re-evaluated from the finished checkpoint: the same noise, same W2
+    again = {r["method"]: r for r in example.main(argv)}
+    assert again["sf2m"]["status"] == "resumed"
+    assert again["sf2m"]["w2_sde"] == runs["sf2m"]["w2_sde"]
