@@ -135,7 +135,8 @@ __all__ = [
     # couplings and metrics
     "OTCoupling", "IndependentCoupling", "PairedCoupling", "ClassConditionalOT",
     "CouplingResult", "get_coupling", "UnbalancedOTCoupling", "PartialOTCoupling",
-    "RelaxedCouplingResult", "ConditionalOT", "ConditionalCouplingResult", "wasserstein2", "mmd", "path_energy", "straightness",
+    "RelaxedCouplingResult", "ConditionalOT", "ConditionalCouplingResult", "wasserstein2",
+    "mmd", "path_energy", "straightness",
     "normalized_path_energy",
     # fields and transfer
     "as_velocity", "as_score", "convert_field", "guided", "GuidedField", "probability_flow",
