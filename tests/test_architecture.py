@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
              {"samplers", "args"}, {"backends"}, {"solve"}]),
     ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset", "reweighting"}, {"augmented"},
-                    {"cnf", "generated"}]),
+                    {"cnf", "generated"}, {"dataset_likelihood"}]),
     ("training", [{"ema", "nets", "coupling_base", "checkpoint"},
                   {"losses", "data", "unet", "ot_couplings"},
                   {"relaxed_couplings", "conditional_couplings"}, {"couplings"},

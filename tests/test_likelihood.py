@@ -10,13 +10,12 @@ from _cases import random_mixture as mixture
 import flowsolve as fs
 from flowsolve import analytic
 from flowsolve._core.files import save_checked
-from flowsolve.likelihood.cnf import (
+from flowsolve.likelihood.cnf import log_likelihood, score_log_likelihood
+from flowsolve.likelihood.dataset_likelihood import (
     DatasetLikelihood,
     dataset_bits_per_dim,
     dataset_log_likelihood,
     field_fingerprint,
-    log_likelihood,
-    score_log_likelihood,
 )
 
 F64 = torch.float64

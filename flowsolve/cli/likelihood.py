@@ -67,7 +67,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     from .._core.distributed import ensure_process_group
     from ..likelihood.bits import continuous_bits_per_dim
-    from ..likelihood.cnf import dataset_log_likelihood, log_likelihood
+    from ..likelihood.cnf import log_likelihood
+    from ..likelihood.dataset_likelihood import dataset_log_likelihood
     from ..training.data import sample_dataset
 
     out = out_path(args.out, args.force)

@@ -11,7 +11,7 @@ A checkpoint records what its numbers depend on, and a resume refuses any differ
 than merge two evaluations into one result: the data (a SHA-256 chained over the batches
 already evaluated, re-read and compared on resume), the number of samples, the batch size,
 the slice of the rank, and the caller's ``fingerprint`` (the model's weights and every
-setting, see :func:`flowsolve.likelihood.cnf.dataset_log_likelihood`).
+setting, see :func:`flowsolve.likelihood.dataset_likelihood.dataset_log_likelihood`).
 """
 
 from __future__ import annotations
