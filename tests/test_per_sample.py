@@ -160,14 +160,17 @@ def test_a_stiff_sample_no_longer_sets_everyones_step():
     assert int(ps.nfe_per_sample[0]) == alone.nfe
 
 
-def test_times_are_landed_on_as_torchdiffeq_does_with_step_t():
-    times = [0.0, 0.25, 0.6, 1.0]
-    x0 = noise(6, 9)
-    ps = fs.sample(U_RING, x0, "dopri5", rtol=1e-6, atol=1e-6, times=times, step_control=PS)
+@pytest.mark.parametrize("times", [[0.0, 0.25, 0.6, 1.0], [1.0, 0.7, 0.3, 0.0]])
+def test_times_are_landed_on_as_torchdiffeq_does_with_step_t(times):
+    """Forwards from noise and backwards from the data: the trajectory and the NFE of each
+    sample equal torchdiffeq's for it alone with ``step_t`` at the output times."""
+    t0, t1 = times[0], times[-1]
+    x0 = noise(6, 9) if t0 < t1 else RING.sample(6, generator=gen(9)).to(F64)
+    kw = dict(t0=t0, t1=t1, rtol=1e-6, atol=1e-6, times=times)
+    ps = fs.sample(U_RING, x0, "dopri5", step_control=PS, **kw)
     step_t = torch.tensor(times[1:], dtype=F64)
     for i in range(6):
-        alone = fs.sample(U_RING, x0[i:i + 1], "dopri5", rtol=1e-6, atol=1e-6, times=times,
-                          options={"step_t": step_t})
+        alone = fs.sample(U_RING, x0[i:i + 1], "dopri5", options={"step_t": step_t}, **kw)
         assert (ps.trajectory[:, i] - alone.trajectory[:, 0]).abs().max() < 1e-12
         assert int(ps.nfe_per_sample[i]) == alone.nfe
     assert ps.trajectory.shape == (4, 6, 2) and torch.equal(ps.trajectory[0], x0)
