@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("training", [{"ema", "nets", "coupling_base", "checkpoint"},
                   {"losses", "data", "unet", "ot_couplings"},
                   {"relaxed_couplings", "conditional_couplings"}, {"couplings"},
-                  {"pipeline", "score_flow"}, {"loop"}]),
+                  {"pipeline", "score_flow", "config"}, {"loop"}]),
     ("metrics", []),
     ("studies", [{"results", "specs"}, {"references", "sde_runs"}, {"runs", "grid_search"},
                  {"front", "compare"}]),
