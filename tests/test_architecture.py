@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
     ("ode", [{"grids", "systems", "fixed_step", "per_sample", "semilinear"},
              {"dpm_solver", "unipc", "edm"},
              {"samplers", "args"}, {"backends"}, {"solve"}]),
-    ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"solve"}]),
+    ("sde", [{"brownian", "diffusions"}, {"samplers"}, {"backends"}, {"solve"}]),
     ("likelihood", [{"divergence", "bits", "dataset", "reweighting"}, {"augmented"},
                     {"cnf", "generated"}, {"dataset_likelihood"}]),
     ("training", [{"ema", "nets", "coupling_base", "checkpoint"},
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, list[set[str]]]] = [
 THIRD_PARTY_OWNERS = {
     "ot": {"training.ot_couplings", "training.relaxed_couplings", "metrics"},
     "torchdiffeq": {"ode.systems", "ode.backends", "ode.solve"},
-    "torchsde": {"sde.solve", "sde.brownian"},
+    "torchsde": {"sde.solve", "sde.backends", "sde.brownian"},
 }
 
 

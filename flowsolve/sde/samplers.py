@@ -318,7 +318,7 @@ class EDMStochastic(Sampler):
 
 SAMPLERS: tuple[Sampler, ...] = (Ancestral(), DPMSolverPP2MSDE(), EDMStochastic())
 """The stochastic samplers with their default options, registered in
-:data:`flowsolve.sde.solve.SDE_SOLVERS` (library ``"flowsolve"``, ``stochastic=True``,
+:data:`flowsolve.sde.backends.SDE_SOLVERS` (library ``"flowsolve"``, ``stochastic=True``,
 ``needs_path=True``)."""
 
 _CLASSES = {type(s).name: type(s) for s in SAMPLERS}

@@ -122,7 +122,7 @@ def compare_solvers(
             device of the study).
         solvers: names of :data:`~flowsolve.ode.solve.ODE_SOLVERS` (fixed-step, the low-NFE
             samplers among them, and adaptive) and ``"sde:<name>"`` for
-            :data:`~flowsolve.sde.solve.SDE_SOLVERS`; ValueError lists them. A solver whose
+            :data:`~flowsolve.sde.backends.SDE_SOLVERS`; ValueError lists them. A solver whose
             registry entry has ``needs_path`` (``"ddim"``, ``"dpmpp_2m"``, ...; stochastic
             samplers as ``"sde:<name>"``) needs ``path`` (ValueError without it) and
             ``t0 < t1``.
