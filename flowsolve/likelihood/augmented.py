@@ -24,13 +24,14 @@ import functools
 import math
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._core.types import Field, restrict_rows
-from ..ode.solve import ODE_SOLVERS
+from ..ode.solve import ODE_SOLVERS, sample
 from .divergence import EXACT_METHODS, PROBE_KINDS, make_probes, value_and_divergence
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "prior_fn",
     "prior_log_prob",
     "check_points",
+    "AugmentedSolve",
+    "solve_augmented",
     "check_interval",
     "check_gradient_options",
     "divergence_setup",
@@ -103,12 +106,55 @@ class AugmentedSystem(nn.Module):
         return torch.cat([res.value.flatten(1), div.to(z.dtype)], dim=1)
 
 
-def check_points(x: Tensor) -> None:
+def check_points(x: Tensor, name: str = "x") -> None:
     if not (torch.is_tensor(x) and x.dim() >= 2 and x.is_floating_point()):
         raise ValueError(
-            "x must be a floating tensor shaped (B, *event_shape) with at least one event "
-            f"dim; got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
+            f"{name} must be a floating tensor shaped (B, *event_shape) with at least one "
+            f"event dim; got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class AugmentedSolve:
+    """What :func:`solve_augmented` returns.
+
+    Attributes:
+        x: the state at ``t1``, shaped like the input.
+        integral: ``int_{t0}^{t1} div u_t(x_t) dt``, ``(B, k)``: one column per Hutchinson
+            probe, one for the exact divergence (negative of the change of log-density).
+        hutchinson: whether the columns are Hutchinson estimates.
+        divergence: the label (``"exact (<method>)"``, ``"hutchinson (<probe>, k=<k>)"``).
+        nfe, nfe_per_sample: as :class:`~flowsolve.ode.backends.Solution`.
+    """
+
+    x: Tensor
+    integral: Tensor
+    hutchinson: bool
+    divergence: str
+    nfe: int
+    nfe_per_sample: Tensor | None
+
+
+def solve_augmented(field: Field, x: Tensor, t0: float, t1: float, *, solver: str,
+                    steps: int | None, rtol: float | None, atol: float | None,
+                    divergence: str, n_probes: int, probe: str,
+                    generator: torch.Generator | None, create_graph: bool, adjoint: bool,
+                    chunk_size: int | None, solver_options: dict) -> AugmentedSolve:
+    """Integrate ``[x, l]``, ``dl/dt = div u_t(x)``, ``l_{t0} = 0``, from ``t0`` to ``t1``
+    (either direction) through :func:`~flowsolve.ode.solve.sample`: the one solve behind
+    both :func:`~flowsolve.likelihood.cnf.log_likelihood` (data -> noise) and
+    :func:`~flowsolve.likelihood.generated.sample_log_likelihood` (noise -> data). The
+    result keeps its graph with ``create_graph`` and is detached otherwise."""
+    probes, method, label = divergence_setup(x, divergence, n_probes, probe, generator)
+    check_gradient_options(field, solver, create_graph, adjoint)
+    k = n_probes if probes is not None else 1
+    system = AugmentedSystem(field, x.shape, method, probes, create_graph, chunk_size)
+    z = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], k)], dim=1)
+    with torch.enable_grad() if create_graph else torch.no_grad():
+        sol = sample(system, z, solver=solver, steps=steps, t0=t0, t1=t1, rtol=rtol,
+                     atol=atol, adjoint=adjoint, **solver_options)
+    return AugmentedSolve(sol.x[:, : system.d].reshape(x.shape), sol.x[:, system.d:],
+                          probes is not None, label, sol.nfe, sol.nfe_per_sample)
 
 
 def check_interval(t_interval: tuple[float, float]) -> tuple[float, float]:

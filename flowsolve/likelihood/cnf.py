@@ -28,17 +28,14 @@ import torch
 from torch import Tensor
 
 from .._core.types import Field
-from ..ode.solve import sample
 from ..paths.affine import AffineGaussianPath
 from ..paths.fields import probability_flow
-from .augmented import AugmentedSystem as _Augmented
 from .augmented import Prior, standard_normal_log_prob
-from .augmented import check_gradient_options as _check_gradient_options
 from .augmented import check_interval as _check_interval
 from .augmented import check_points as _check_points
-from .augmented import divergence_setup as _divergence_setup
 from .augmented import prior_log_prob as _prior_log_prob
 from .augmented import probe_stderr as _probe_stderr
+from .augmented import solve_augmented as _solve_augmented
 
 __all__ = ["LikelihoodResult", "log_likelihood", "score_log_likelihood"]
 
@@ -127,25 +124,19 @@ def log_likelihood(
     """
     _check_points(x)
     t_lo, t_hi = _check_interval(t_interval)
-    probes, method, label = _divergence_setup(x, divergence, n_probes, probe, generator)
-    _check_gradient_options(field, solver, create_graph, adjoint)
-    k = n_probes if probes is not None else 1
-    system = _Augmented(field, x.shape, method, probes, create_graph, chunk_size)
-    z1 = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], k)], dim=1)
-    context = torch.enable_grad() if create_graph else torch.no_grad()
-    with context:
-        sol = sample(system, z1, solver=solver, steps=steps, t0=t_hi, t1=t_lo, rtol=rtol,
-                     atol=atol, adjoint=adjoint, **solver_options)
-    z0 = sol.x
-    x0 = z0[:, : system.d].reshape(x.shape)
-    channels = z0[:, system.d:]  # l_0 = -int div, one column per probe
-    prior_lp = _prior_log_prob(prior, x0)
+    res = _solve_augmented(field, x, t_hi, t_lo, solver=solver, steps=steps, rtol=rtol,
+                           atol=atol, divergence=divergence, n_probes=n_probes, probe=probe,
+                           generator=generator, create_graph=create_graph, adjoint=adjoint,
+                           chunk_size=chunk_size, solver_options=solver_options)
+    channels = res.integral  # int_{t_hi}^{t_lo} div = -int_{t_lo}^{t_hi} div, per probe
+    with torch.enable_grad() if create_graph else torch.no_grad():
+        prior_lp = _prior_log_prob(prior, res.x)
     per_channel = prior_lp[:, None] + channels
-    stderr = _probe_stderr(per_channel, prior_lp, probes is not None)
+    stderr = _probe_stderr(per_channel, prior_lp, res.hutchinson)
     return LikelihoodResult(
-        log_prob=per_channel.mean(1), stderr=stderr, x0=x0, prior_log_prob=prior_lp,
-        delta_log_prob=channels.mean(1), nfe=sol.nfe, divergence=label, solver=solver,
-        nfe_per_sample=sol.nfe_per_sample,
+        log_prob=per_channel.mean(1), stderr=stderr, x0=res.x, prior_log_prob=prior_lp,
+        delta_log_prob=channels.mean(1), nfe=res.nfe, divergence=res.divergence,
+        solver=solver, nfe_per_sample=res.nfe_per_sample,
     )
 
 

@@ -34,15 +34,14 @@ import torch
 from torch import Tensor
 
 from .._core.types import Field
-from ..ode.solve import ODE_SOLVERS, sample
+from ..ode.solve import ODE_SOLVERS
 from .augmented import (
-    AugmentedSystem,
     Prior,
-    check_gradient_options,
     check_interval,
-    divergence_setup,
+    check_points,
     prior_log_prob,
     probe_stderr,
+    solve_augmented,
 )
 
 __all__ = ["GeneratedLikelihood", "sample_log_likelihood"]
@@ -157,30 +156,20 @@ def sample_log_likelihood(
     >>> bool(torch.allclose(res.log_prob, exact, atol=1e-8)), res.solver
     (True, 'dopri5')
     """
-    if not (torch.is_tensor(x0) and x0.dim() >= 2 and x0.is_floating_point()):
-        raise ValueError(
-            "x0 must be a floating tensor shaped (B, *event_shape) with at least one event "
-            f"dim; got {tuple(x0.shape) if torch.is_tensor(x0) else type(x0).__name__}")
+    check_points(x0, "x0")
     _check_solver(solver)
     t_lo, t_hi = check_interval(t_interval)
-    probes, method, label = divergence_setup(x0, divergence, n_probes, probe, generator)
-    check_gradient_options(field, solver, create_graph, adjoint)
-    k = n_probes if probes is not None else 1
-    system = AugmentedSystem(field, x0.shape, method, probes, create_graph, chunk_size)
-    context = torch.enable_grad() if create_graph else torch.no_grad()
-    with context:  # before the solve: a bad prior fails fast
+    with torch.enable_grad() if create_graph else torch.no_grad():  # a bad prior fails fast
         prior_lp = prior_log_prob(prior, x0)
-    z0 = torch.cat([x0.flatten(1), x0.new_zeros(x0.shape[0], k)], dim=1)
-    with context:
-        sol = sample(system, z0, solver=solver, steps=steps, t0=t_lo, t1=t_hi, rtol=rtol,
-                     atol=atol, adjoint=adjoint, **solver_options)
-    z1 = sol.x
-    x1 = z1[:, : system.d].reshape(x0.shape)
-    channels = -z1[:, system.d:]  # -int div, one column per probe
+    res = solve_augmented(field, x0, t_lo, t_hi, solver=solver, steps=steps, rtol=rtol,
+                          atol=atol, divergence=divergence, n_probes=n_probes, probe=probe,
+                          generator=generator, create_graph=create_graph, adjoint=adjoint,
+                          chunk_size=chunk_size, solver_options=solver_options)
+    channels = -res.integral  # -int div, one column per probe
     per_channel = prior_lp[:, None] + channels
     return GeneratedLikelihood(
-        x=x1, log_prob=per_channel.mean(1),
-        stderr=probe_stderr(per_channel, prior_lp, probes is not None), x0=x0,
-        prior_log_prob=prior_lp, delta_log_prob=channels.mean(1), nfe=sol.nfe,
-        divergence=label, solver=solver, nfe_per_sample=sol.nfe_per_sample,
+        x=res.x, log_prob=per_channel.mean(1),
+        stderr=probe_stderr(per_channel, prior_lp, res.hutchinson), x0=x0,
+        prior_log_prob=prior_lp, delta_log_prob=channels.mean(1), nfe=res.nfe,
+        divergence=res.divergence, solver=solver, nfe_per_sample=res.nfe_per_sample,
     )
